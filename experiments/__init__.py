@@ -1,0 +1,1 @@
+"""Everything around a run: data sets, configs, sweeps, results and plots."""

@@ -1,0 +1,183 @@
+"""One training run: config -> data + network -> trainer -> outcome -> files."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import mlp
+from experiments.config import ConfigError, TrainConfig, format_hidden, resolve
+from experiments.datasets import Dataset, make_2d
+from mlp.network import Network, atomic_write_bytes, build_mlp
+from mlp.optim import Schedule, make_optimizer
+from mlp.train import HISTORY_COLUMNS, Callback, TrainResult, train
+
+RUN_FILES = ("model.npz", "metrics.csv", "config.json")
+
+
+@dataclass
+class RunOutcome:
+    config: TrainConfig
+    network: Network
+    result: TrainResult
+    final: dict          # final_train_loss, final_train_acc, final_val_loss, final_val_acc
+    seconds: float
+    dataset: Dataset
+
+    @property
+    def status(self) -> str:
+        return self.result.status
+
+
+def load_data(config: TrainConfig) -> Dataset:
+    """The data set a resolved config asks for."""
+    if config.is_image:
+        from experiments.cifar10 import load_cifar10_dataset
+        return load_cifar10_dataset(config)
+    return make_2d(config.data, config.points, config.classes, config.noise, config.data_seed,
+                   config.val_fraction)
+
+
+def build_network(config: TrainConfig, data: Dataset) -> Network:
+    """The untrained network for a resolved config, initialised from ``config.seed``."""
+    if config.model is not None:
+        from mlp.arch import build_network as build_conv
+        try:
+            net = build_conv(config.model, data.input_shape, data.num_classes, seed=config.seed,
+                             dtype=np.dtype(config.dtype), loss=config.loss, reg=config.reg,
+                             init="he" if config.init == "auto" else config.init,
+                             weight_scale=config.weight_scale)
+        except ValueError as exc:
+            raise ConfigError("model", str(exc)) from None
+    else:
+        net = build_mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes,
+                        activation=config.activation, init=config.init,
+                        weight_scale=config.weight_scale, dropout=config.dropout,
+                        loss=config.loss, reg=config.reg, seed=config.seed,
+                        dtype=np.dtype(config.dtype), input_shape=data.input_shape)
+    net.label_smoothing = config.label_smoothing
+    net.metadata.update({"data": config.data, "class_names": data.class_names,
+                         "config": config.to_dict(), **data.metadata})
+    return net
+
+
+def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
+    return Schedule(config.schedule, config.lr, total=epochs, step_size=config.step_size,
+                    gamma=config.gamma, warmup=config.warmup, min_lr=config.min_lr)
+
+
+def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | None = None
+        ) -> RunOutcome:
+    """Train one network as ``config`` says; pass ``data`` to reuse a loaded data set."""
+    config = resolve(config)
+    data = data if data is not None else load_data(config)
+    net = build_network(config, data)
+    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
+    n_batches = math.ceil(len(data.X_train) / (config.batch_size or len(data.X_train)))
+    epochs = config.epochs if config.iterations is None else config.iterations / n_batches
+    augment = None
+    if config.augment:
+        from experiments.cifar10 import augment_flip_shift
+        augment = augment_flip_shift
+    started = time.perf_counter()
+    result = train(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
+                   epochs=config.epochs, iterations=config.iterations,
+                   batch_size=config.batch_size, schedule=make_schedule(config, epochs),
+                   seed=config.seed, callback=callback, patience=config.patience,
+                   augment=augment)
+    seconds = time.perf_counter() - started
+    return RunOutcome(config, net, result, final_metrics(net, data, result), seconds, data)
+
+
+def final_metrics(net: Network, data: Dataset, result: TrainResult) -> dict:
+    """Evaluation-mode loss and accuracy of the final model on train and validation."""
+    nan = float("nan")
+    final = {"final_train_loss": nan, "final_train_acc": nan,
+             "final_val_loss": nan, "final_val_acc": nan}
+    if result.status != "ok":
+        if result.history:
+            final["final_train_loss"] = result.history[-1]["train_loss"]
+        return final
+    with np.errstate(all="ignore"):
+        final["final_train_loss"], final["final_train_acc"] = net.evaluate(data.X_train, data.y_train)
+        if len(data.X_val):
+            final["final_val_loss"], final["final_val_acc"] = net.evaluate(data.X_val, data.y_val)
+    return final
+
+
+# ---- files ---------------------------------------------------------------------
+def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
+    arch = config.model or f"mlp{format_hidden(config.hidden)}"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{config.data}-{arch}-seed{config.seed}-{stamp}"
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Check ``path`` can take a run before any work is done; create it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("out", f"{path} is a file, not a directory")
+    existing = [name for name in RUN_FILES if (path / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError("out", f"{path} already holds a run ({', '.join(existing)}); "
+                                 "pass --overwrite to replace it or choose another --out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def history_csv(history: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+    return buf.getvalue()
+
+
+def run_record(outcome: RunOutcome) -> dict:
+    """Everything config.json holds: the resolved config, the command to rerun it, the outcome."""
+    return {"nnx_version": mlp.__version__, "config": outcome.config.to_dict(),
+            "command": rerun_command(outcome.config), "status": outcome.status,
+            "epochs_run": outcome.result.epochs_run, "stopped_early": outcome.result.stopped_early,
+            "seconds": outcome.seconds, **outcome.final,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def save_run(path: str | Path, outcome: RunOutcome) -> None:
+    """Write model.npz, metrics.csv and config.json into ``path``, each atomically."""
+    path = Path(path)
+    outcome.network.save(path / "model.npz")
+    atomic_write_bytes(path / "metrics.csv", history_csv(outcome.result.history).encode())
+    text = json.dumps(run_record(outcome), indent=2, default=_json_default) + "\n"
+    atomic_write_bytes(path / "config.json", text.encode())
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in JSON")
+
+
+def rerun_command(config: TrainConfig) -> str:
+    """The ``nnx train`` command line that reproduces ``config``."""
+    args = ["nnx", "train"]
+    for name, value in config.to_dict().items():
+        if value is None or name == "extra":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif name == "hidden":
+            args += [flag, format_hidden(value).replace("x", ",")]
+        else:
+            args += [flag, str(value)]
+    return " ".join(args)
+
+

@@ -1,0 +1,47 @@
+"""Losses on class scores: each returns (mean loss over the batch, dscores)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray,
+                          label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
+    """Softmax cross-entropy. scores: (N, C), y: (N,) ints in [0, C).
+
+    Subtracting each row's max before exponentiating keeps exp() from
+    overflowing without changing the softmax. With ``label_smoothing`` e the
+    target is (1 - e) * onehot + e / C.
+    """
+    n, c = scores.shape
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.arange(n)
+    if label_smoothing:
+        target = np.full_like(scores, label_smoothing / c)
+        target[rows, y] += 1.0 - label_smoothing
+        loss = -float(np.sum(target * log_probs)) / n
+        return loss, (np.exp(log_probs) - target) / n
+    loss = -float(np.sum(log_probs[rows, y])) / n
+    dscores = np.exp(log_probs)
+    dscores[rows, y] -= 1
+    dscores /= n
+    return loss, dscores
+
+
+def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0) -> tuple[float, np.ndarray]:
+    """Multiclass SVM (Weston-Watkins) hinge: mean_i sum_{j != y_i} max(0, s_j - s_{y_i} + margin).
+
+    scores: (N, C), y: (N,).
+    """
+    n = scores.shape[0]
+    rows = np.arange(n)
+    margins = np.maximum(0, scores - scores[rows, y][:, None] + margin)
+    margins[rows, y] = 0
+    loss = float(margins.sum()) / n
+    dscores = (margins > 0).astype(scores.dtype)
+    dscores[rows, y] = -dscores.sum(axis=1)
+    dscores /= n
+    return loss, dscores
+
+
+LOSSES = {"softmax": softmax_cross_entropy, "svm": svm_hinge}

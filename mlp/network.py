@@ -1,0 +1,248 @@
+"""The network: an ordered container of layers, a loss, and L2 regularization."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from mlp.layers import ACTIVATIONS, Dropout, Layer, Linear, layer_from_spec
+from mlp.losses import LOSSES
+
+FORMAT = "nnx-model"
+FORMAT_VERSION = 1
+_META_KEY = "__nnx__"
+
+
+class ModelFileError(ValueError):
+    """A file that is not a readable nnx model."""
+
+
+class Network:
+    """A sequence of layers ending in class scores, trained with ``loss``.
+
+    L2 regularization follows the cs231n convention: ``0.5 * reg * sum(W**2)``
+    over every weight matrix (never biases), so its gradient is ``reg * W``.
+    Parameters are named ``"{index}.{kind}.{name}"``, e.g. ``"0.linear.W"``.
+    """
+
+    def __init__(self, layers: list[Layer], loss: str = "softmax", reg: float = 0.0,
+                 label_smoothing: float = 0.0, input_shape: tuple[int, ...] | None = None,
+                 dtype=np.float64, metadata: dict | None = None):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        if reg < 0:
+            raise ValueError(f"reg must be >= 0, got {reg}")
+        self.layers = list(layers)
+        self.loss_name, self.reg, self.label_smoothing = loss, float(reg), float(label_smoothing)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.dtype = np.dtype(dtype)
+        self.metadata = dict(metadata or {})
+
+    # ---- forward / backward ---------------------------------------------------
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        """x: (N, *input_shape) -> scores: (N, C)."""
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dscores: np.ndarray) -> np.ndarray:
+        """dscores: (N, C) -> dx: (N, *input_shape); fills every layer's grads."""
+        for layer in reversed(self.layers):
+            dscores = layer.backward(dscores)
+        return dscores
+
+    def data_loss(self, scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        if self.loss_name == "softmax":
+            return LOSSES["softmax"](scores, y, self.label_smoothing)
+        return LOSSES[self.loss_name](scores, y)
+
+    def reg_loss(self) -> float:
+        if not self.reg:
+            return 0.0
+        return 0.5 * self.reg * sum(float(np.sum(w * w)) for w in self.weights())
+
+    def loss(self, X: np.ndarray, y: np.ndarray, train: bool = True
+             ) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss (data + L2) and its gradient on every parameter. X: (N, ...), y: (N,)."""
+        loss, _, grads = self.loss_and_scores(X, y, train)
+        return loss, grads
+
+    def loss_and_scores(self, X, y, train=True):
+        """As ``loss`` but also returns the scores (N, C) of this forward pass."""
+        scores = self.forward(X, train)
+        loss, dscores = self.data_loss(scores, y)
+        self.backward(dscores)
+        if self.reg:
+            for layer in self.layers:
+                for name in layer.regularized:
+                    layer.grads[name] += self.reg * layer.params[name]
+        return loss + self.reg_loss(), scores, self.grads
+
+    # ---- inference -------------------------------------------------------------
+    def scores(self, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Evaluation-mode class scores, in batches. X: (N, ...) -> (N, C)."""
+        X = np.asarray(X)
+        if len(X) <= batch_size:
+            return self.forward(X.astype(self.dtype, copy=False), train=False)
+        return np.concatenate([self.forward(X[i:i + batch_size].astype(self.dtype, copy=False))
+                               for i in range(0, len(X), batch_size)])
+
+    def predict(self, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Predicted class per row. X: (N, ...) -> (N,) ints."""
+        return np.argmax(self.scores(X, batch_size), axis=1)
+
+    def evaluate(self, X, y, batch_size: int = 1024) -> tuple[float, float]:
+        """(loss including L2, accuracy) in evaluation mode."""
+        scores = self.scores(X, batch_size)
+        loss, _ = self.data_loss(scores, y)
+        return loss + self.reg_loss(), float(np.mean(np.argmax(scores, axis=1) == y))
+
+    # ---- parameters ------------------------------------------------------------
+    def _named(self, attr: str) -> dict[str, np.ndarray]:
+        return {f"{i}.{layer.kind}.{name}": arr for i, layer in enumerate(self.layers)
+                for name, arr in getattr(layer, attr).items()}
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Every trainable array by name; the arrays themselves, so updates land."""
+        return self._named("params")
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        return self._named("grads")
+
+    @property
+    def buffers(self) -> dict[str, np.ndarray]:
+        return self._named("buffers")
+
+    def weights(self):
+        for layer in self.layers:
+            for name in layer.regularized:
+                yield layer.params[name]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.output_shape()[-1])
+
+    def output_shape(self) -> tuple[int, ...]:
+        shape = self.input_shape
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+    # ---- save / load -----------------------------------------------------------
+    def spec(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION,
+                "layers": [layer.spec() for layer in self.layers],
+                "loss": self.loss_name, "reg": self.reg, "label_smoothing": self.label_smoothing,
+                "input_shape": list(self.input_shape) if self.input_shape else None,
+                "dtype": self.dtype.name, "metadata": self.metadata}
+
+    def save(self, path) -> None:
+        """Write an ``.npz`` with the spec (JSON) and every parameter and buffer,
+        atomically: a crash leaves either the old file or the new one."""
+        arrays = {_META_KEY: np.array(json.dumps(self.spec()))}
+        arrays.update({f"param:{k}": v for k, v in self.params.items()})
+        arrays.update({f"buffer:{k}": v for k, v in self.buffers.items()})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> Network:
+        """Read a file written by ``save``; anything else raises ModelFileError."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise ModelFileError(f"{path}: no such model file") from None
+        except Exception as exc:  # zip, npy-format and pickle errors alike
+            raise ModelFileError(f"{path}: not an nnx model file ({exc})") from None
+        if _META_KEY not in arrays:
+            raise ModelFileError(f"{path}: not an nnx model file (no {_META_KEY} record)")
+        try:
+            spec = json.loads(str(arrays.pop(_META_KEY)))
+        except json.JSONDecodeError:
+            raise ModelFileError(f"{path}: corrupt nnx model spec") from None
+        if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+            raise ModelFileError(f"{path}: not an nnx model file")
+        if spec.get("version") != FORMAT_VERSION:
+            raise ModelFileError(f"{path}: model format version {spec.get('version')} "
+                                 f"is not supported (this nnx reads {FORMAT_VERSION})")
+        try:
+            net = cls.from_spec(spec)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelFileError(f"{path}: corrupt nnx model spec ({exc})") from None
+        for prefix, named in (("param:", net.params), ("buffer:", net.buffers)):
+            for name, target in named.items():
+                source = arrays.get(prefix + name)
+                if source is None or source.shape != target.shape:
+                    raise ModelFileError(f"{path}: parameter {name} is missing or has the wrong shape")
+                target[...] = source
+        return net
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Network:
+        dtype = np.dtype(spec.get("dtype", "float64"))
+        layers = [layer_from_spec(s, dtype) for s in spec["layers"]]
+        shape = spec.get("input_shape")
+        return cls(layers, loss=spec["loss"], reg=spec["reg"],
+                   label_smoothing=spec.get("label_smoothing", 0.0),
+                   input_shape=tuple(shape) if shape else None, dtype=dtype,
+                   metadata=spec.get("metadata") or {})
+
+    def __repr__(self):
+        layers = ",\n  ".join(map(repr, self.layers))
+        return f"Network(\n  {layers},\n  loss={self.loss_name}, reg={self.reg})"
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build_mlp(input_dim: int, hidden: list[int], num_classes: int, *, activation: str = "relu",
+              init: str = "auto", weight_scale: float = 1e-2, dropout: float = 0.0,
+              loss: str = "softmax", reg: float = 0.0, seed: int = 0, dtype=np.float64,
+              input_shape: tuple[int, ...] | None = None) -> Network:
+    """A fully-connected net: [Linear -> activation (-> Dropout)] * len(hidden) -> Linear.
+
+    ``hidden=[]`` gives a linear classifier. ``init="auto"`` picks He for
+    ReLU-family activations and Xavier for tanh/sigmoid.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+    if init == "auto":
+        init = "xavier" if activation in ("tanh", "sigmoid") else "he"
+    init_rng, dropout_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    layers: list[Layer] = []
+    sizes = [input_dim, *hidden]
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=False):
+        layers.append(Linear(fan_in, fan_out, init=init, weight_scale=weight_scale,
+                             rng=init_rng, dtype=dtype))
+        layers.append(ACTIVATIONS[activation]())
+        if dropout:
+            layers.append(Dropout(dropout, rng=dropout_rng))
+    layers.append(Linear(sizes[-1], num_classes, init=init, weight_scale=weight_scale,
+                         rng=init_rng, dtype=dtype))
+    return Network(layers, loss=loss, reg=reg, input_shape=input_shape or (input_dim,),
+                   dtype=dtype)

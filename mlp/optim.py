@@ -1,0 +1,215 @@
+"""Optimizers with per-parameter state, and learning-rate schedules.
+
+Each optimizer updates parameters in place: ``step(params, grads)`` with the
+dicts ``Network.params`` / ``Network.grads``. ``lr`` is an attribute the
+trainer sets from the schedule before every step.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class Optimizer:
+    default_lr = 1e-2
+
+    def __init__(self, lr: float | None = None):
+        self.lr = self.default_lr if lr is None else float(lr)
+        self.state: dict[str, dict[str, np.ndarray]] = {}
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        for name, w in params.items():
+            if name not in self.state:
+                self.state[name] = self.init_state(w)
+            self.update(w, grads[name], self.state[name])
+
+    def init_state(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        return {}
+
+    def update(self, w: np.ndarray, dw: np.ndarray, state: dict) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Flat ``{"param/slot": array}`` for checkpoints."""
+        return {f"{name}/{slot}": np.asarray(v) for name, s in self.state.items() for slot, v in s.items()}
+
+    def load_state_dict(self, flat: dict[str, np.ndarray]) -> None:
+        self.state = {}
+        for key, value in flat.items():
+            name, slot = key.rsplit("/", 1)
+            self.state.setdefault(name, {})[slot] = np.array(value)
+
+
+class SGD(Optimizer):
+    """w -= lr * dw."""
+
+    default_lr = 1e-1
+
+    def update(self, w, dw, state):
+        w -= self.lr * dw
+
+
+class Momentum(Optimizer):
+    """v = mu * v - lr * dw;  w += v."""
+
+    default_lr = 1e-2
+
+    def __init__(self, lr=None, mu: float = 0.9):
+        super().__init__(lr)
+        self.mu = float(mu)
+
+    def init_state(self, w):
+        return {"v": np.zeros_like(w)}
+
+    def update(self, w, dw, state):
+        v = state["v"]
+        v *= self.mu
+        v -= self.lr * dw
+        w += v
+
+
+class Nesterov(Momentum):
+    """Nesterov momentum in the cs231n form:
+    v_prev = v;  v = mu * v - lr * dw;  w += -mu * v_prev + (1 + mu) * v."""
+
+    def update(self, w, dw, state):
+        v = state["v"]
+        v_prev = v.copy()
+        v *= self.mu
+        v -= self.lr * dw
+        w += (1 + self.mu) * v - self.mu * v_prev
+
+
+class Adagrad(Optimizer):
+    """cache += dw**2;  w -= lr * dw / (sqrt(cache) + eps)."""
+
+    default_lr = 1e-2
+
+    def __init__(self, lr=None, eps: float = 1e-8):
+        super().__init__(lr)
+        self.eps = float(eps)
+
+    def init_state(self, w):
+        return {"cache": np.zeros_like(w)}
+
+    def update(self, w, dw, state):
+        cache = state["cache"]
+        cache += dw * dw
+        w -= self.lr * dw / (np.sqrt(cache) + self.eps)
+
+
+class RMSprop(Optimizer):
+    """cache = decay * cache + (1 - decay) * dw**2;  w -= lr * dw / (sqrt(cache) + eps)."""
+
+    default_lr = 1e-3
+
+    def __init__(self, lr=None, decay: float = 0.99, eps: float = 1e-8):
+        super().__init__(lr)
+        self.decay, self.eps = float(decay), float(eps)
+
+    def init_state(self, w):
+        return {"cache": np.zeros_like(w)}
+
+    def update(self, w, dw, state):
+        cache = state["cache"]
+        cache *= self.decay
+        cache += (1 - self.decay) * dw * dw
+        w -= self.lr * dw / (np.sqrt(cache) + self.eps)
+
+
+class Adam(Optimizer):
+    """Kingma & Ba. The step count t is incremented before the bias correction:
+    m = b1 m + (1-b1) dw;  v = b2 v + (1-b2) dw^2;
+    w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)."""
+
+    default_lr = 1e-3
+
+    def __init__(self, lr=None, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        super().__init__(lr)
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+
+    def init_state(self, w):
+        return {"m": np.zeros_like(w), "v": np.zeros_like(w), "t": np.zeros(())}
+
+    def update(self, w, dw, state):
+        state["t"] += 1
+        t = float(state["t"])
+        m, v = state["m"], state["v"]
+        m *= self.beta1
+        m += (1 - self.beta1) * dw
+        v *= self.beta2
+        v += (1 - self.beta2) * dw * dw
+        m_hat = m / (1 - self.beta1 ** t)
+        v_hat = v / (1 - self.beta2 ** t)
+        w -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+class Adadelta(Optimizer):
+    """Zeiler's Adadelta, as in the ConvNetJS CIFAR-10 demo:
+    g2 = rho g2 + (1-rho) dw^2;  dx = -sqrt(x2 + eps) / sqrt(g2 + eps) * dw;
+    x2 = rho x2 + (1-rho) dx^2;  w += lr * dx.  lr = 1 is Zeiler's (and ConvNetJS's) rule."""
+
+    default_lr = 1.0
+
+    def __init__(self, lr=None, rho: float = 0.95, eps: float = 1e-6):
+        super().__init__(lr)
+        self.rho, self.eps = float(rho), float(eps)
+
+    def init_state(self, w):
+        return {"g2": np.zeros_like(w), "x2": np.zeros_like(w)}
+
+    def update(self, w, dw, state):
+        g2, x2 = state["g2"], state["x2"]
+        g2 *= self.rho
+        g2 += (1 - self.rho) * dw * dw
+        dx = -np.sqrt(x2 + self.eps) / np.sqrt(g2 + self.eps) * dw
+        x2 *= self.rho
+        x2 += (1 - self.rho) * dx * dx
+        w += self.lr * dx
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad,
+    "rmsprop": RMSprop, "adam": Adam, "adadelta": Adadelta,
+}
+
+
+def make_optimizer(name: str, lr: float | None = None, momentum: float = 0.9) -> Optimizer:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    cls = OPTIMIZERS[name]
+    return cls(lr, mu=momentum) if issubclass(cls, Momentum) else cls(lr)
+
+
+# ---- learning-rate schedules -----------------------------------------------------
+SCHEDULES = ("constant", "step", "cosine")
+
+
+class Schedule:
+    """Learning rate as a function of training progress in epochs (fractional).
+
+    constant: base_lr.
+    step:     base_lr * gamma ** floor(epoch / step_size)  (decays once per step_size epochs).
+    cosine:   linear warm-up over ``warmup`` epochs, then half a cosine from
+              base_lr down to min_lr at ``total`` epochs.
+    """
+
+    def __init__(self, kind: str, base_lr: float, total: float = 1.0, step_size: int = 1,
+                 gamma: float = 0.1, warmup: float = 0.0, min_lr: float = 0.0):
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
+        self.kind, self.base_lr, self.total = kind, float(base_lr), float(total)
+        self.step_size, self.gamma = int(step_size), float(gamma)
+        self.warmup, self.min_lr = float(warmup), float(min_lr)
+
+    def __call__(self, epoch: float) -> float:
+        if self.kind == "constant":
+            return self.base_lr
+        if self.kind == "step":
+            return self.base_lr * self.gamma ** math.floor(epoch / self.step_size)
+        if self.warmup and epoch < self.warmup:
+            return self.base_lr * (epoch + 1e-12) / self.warmup
+        span = max(self.total - self.warmup, 1e-12)
+        progress = min(max((epoch - self.warmup) / span, 0.0), 1.0)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
