@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import mlp
@@ -29,7 +30,7 @@ def usage_error(exc: ConfigError) -> typer.BadParameter:
 
 def fail(message: str, code: int = 1):
     """One red line on stderr and a non-zero exit, for errors that are not usage errors."""
-    err_console.print(f"[red]Error:[/red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -192,6 +193,8 @@ def _mount_subcommands():
     except ImportError:  # pragma: no cover - during development only
         return
     app.add_typer(data_app, name="data")
+    from cli.evaluate import evaluate_command
+    app.command("evaluate")(evaluate_command)
 
 
 _mount_subcommands()

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -158,11 +159,13 @@ class Network:
     @classmethod
     def load(cls, path) -> Network:
         """Read a file written by ``save``; anything else raises ModelFileError."""
+        if not os.path.isfile(path):
+            raise ModelFileError(f"{path}: no such model file")
+        if not zipfile.is_zipfile(path):
+            raise ModelFileError(f"{path}: not an nnx model file (not an .npz archive)")
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise ModelFileError(f"{path}: no such model file") from None
         except Exception as exc:  # zip, npy-format and pickle errors alike
             raise ModelFileError(f"{path}: not an nnx model file ({exc})") from None
         if _META_KEY not in arrays:

@@ -1,0 +1,68 @@
+"""`nnx evaluate`: accuracy, per-class accuracy and confusion matrix of a saved model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cli.app import console, fail
+from experiments.datasets import DataError
+from experiments.evaluate import SPLITS, Evaluation, evaluate
+from mlp.network import ModelFileError, Network
+
+
+def evaluate_command(
+    model: Path = typer.Argument(..., help="A model.npz written by nnx train (or a run directory)."),
+    data: str | None = typer.Option(None, help="The data set; must be the one the model was "
+                                       "trained on [default: read from the model]."),
+    split: str = typer.Option("test", help="train, val or test (2D data: a fresh draw)."),
+    data_dir: str | None = typer.Option(None, envvar="NNX_DATA_DIR",
+                                           help="CIFAR-10 location [default: ~/.cache/nnx]."),
+    flip_average: bool = typer.Option(False, "--flip-average", help="Images: average the "
+                                      "predictions on each image and its mirror image."),
+    plot: Path | None = typer.Option(None, help="Also draw the confusion matrix to this "
+                                        "image file (PNG, SVG or PDF by extension)."),
+):
+    """Score a saved model: accuracy, per-class accuracy and the confusion matrix."""
+    if split not in SPLITS:
+        raise typer.BadParameter(f"{split!r} is not one of {', '.join(SPLITS)}", param_hint="'--split'")
+    path = model / "model.npz" if model.is_dir() else model
+    try:
+        net = Network.load(path)
+    except ModelFileError as exc:
+        fail(str(exc))
+    trained_on = net.metadata.get("data")
+    if data is not None and data != trained_on:
+        raise typer.BadParameter(f"the model was trained on {trained_on}, not {data}",
+                                 param_hint="'--data'")
+    try:
+        result = evaluate(net, split, data_dir, flip_average)
+    except (DataError, ValueError) as exc:
+        fail(str(exc))
+    show(result, trained_on)
+    if plot is not None:
+        from experiments.plots import plot_confusion
+        plot_confusion(result.confusion, result.class_names, plot)
+        console.print(f"confusion matrix drawn to {plot}")
+
+
+def show(result: Evaluation, data: str) -> None:
+    console.print(f"[bold]{data}[/bold] {result.split} split: {result.count:,} examples, "
+                  f"accuracy [bold]{result.accuracy:.2%}[/bold]"
+                  + (" (flip-averaged)" if result.flip_averaged else ""), highlight=False)
+    per_class = Table(title="Per-class accuracy")
+    per_class.add_column("class")
+    per_class.add_column("examples", justify="right")
+    per_class.add_column("accuracy", justify="right")
+    for name, total, acc in zip(result.class_names, result.confusion.sum(axis=1),
+                                result.per_class_accuracy, strict=True):
+        per_class.add_row(name, str(total), f"{acc:.2%}")
+    console.print(per_class)
+    confusion = Table(title="Confusion matrix (rows: true class, columns: predicted)")
+    confusion.add_column("")
+    for name in result.class_names:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(result.class_names, result.confusion, strict=True):
+        confusion.add_row(name, *map(str, row))
+    console.print(confusion)

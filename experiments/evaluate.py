@@ -1,0 +1,105 @@
+"""Scoring a saved model on a split of the data it was trained on."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from experiments.config import TrainConfig, resolve
+from experiments.datasets import DataError, make_2d
+from mlp.network import Network
+
+SPLITS = ("train", "val", "test")
+TEST_SEED_OFFSET = 1_000_003   # a 2D test set is a fresh draw, never the training draw
+
+
+@dataclass
+class Evaluation:
+    """accuracy: fraction correct; confusion: (C, C) counts, rows = true class."""
+
+    split: str
+    accuracy: float
+    confusion: np.ndarray
+    class_names: list[str]
+    flip_averaged: bool = False
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        totals = self.confusion.sum(axis=1)
+        return np.divide(np.diag(self.confusion), totals, out=np.full(len(totals), np.nan),
+                         where=totals > 0)
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts; entry [i, j] is how many of class i were predicted j."""
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2
+                       ).reshape(num_classes, num_classes)
+
+
+def model_config(net: Network) -> TrainConfig:
+    """The resolved training config stored with a model by ``nnx train``."""
+    stored = net.metadata.get("config")
+    if not isinstance(stored, dict):
+        raise DataError("the model file does not record the data it was trained on")
+    return resolve(TrainConfig.from_dict(stored))
+
+
+def split_arrays(net: Network, split: str, data_dir: str | None = None):
+    """(X, y, class_names) of ``split`` for the data the model was trained on.
+
+    CIFAR-10 images are normalised with the training statistics saved in the model.
+    A 2D data set's test split is a fresh draw of the same generator.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}")
+    config = model_config(net)
+    if config.is_image:
+        from experiments.cifar10 import default_data_dir, load_cifar10, normalize
+        if data_dir is not None:
+            config.data_dir = data_dir
+        if split == "test":
+            data = load_cifar10(config.data_dir or default_data_dir())
+            X = normalize(data.X_test, net.metadata["mean"], net.metadata["std"])
+            return X, data.y_test, list(data.class_names)
+        from experiments.cifar10 import load_cifar10_dataset
+        ds = load_cifar10_dataset(config)
+        return (ds.X_train, ds.y_train, ds.class_names) if split == "train" else \
+               (ds.X_val, ds.y_val, ds.class_names)
+    if split == "test":
+        ds = make_2d(config.data, config.points, config.classes, config.noise,
+                     config.data_seed + TEST_SEED_OFFSET, 0.0)
+        return ds.X_train, ds.y_train, ds.class_names
+    ds = make_2d(config.data, config.points, config.classes, config.noise, config.data_seed,
+                 config.val_fraction)
+    if split == "val" and not len(ds.X_val):
+        raise DataError("this model was trained without a validation split (--val-fraction 0)")
+    return (ds.X_train, ds.y_train, ds.class_names) if split == "train" else \
+           (ds.X_val, ds.y_val, ds.class_names)
+
+
+def class_scores(net: Network, X: np.ndarray, flip_average: bool = False) -> np.ndarray:
+    """Scores (N, C); with ``flip_average`` the mean of the softmax probabilities of
+    each image and its left-right mirror (test-time augmentation)."""
+    if not flip_average:
+        return net.scores(X)
+    probs = [_softmax(net.scores(x)) for x in (X, X[..., ::-1])]
+    return (probs[0] + probs[1]) / 2
+
+
+def _softmax(scores):
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def evaluate(net: Network, split: str = "test", data_dir: str | None = None,
+             flip_average: bool = False) -> Evaluation:
+    X, y, class_names = split_arrays(net, split, data_dir)
+    if flip_average and X.ndim != 4:
+        raise ValueError("flip averaging needs image data")
+    predictions = class_scores(net, X, flip_average).argmax(axis=1)
+    confusion = confusion_matrix(y, predictions, len(class_names))
+    return Evaluation(split, float(np.mean(predictions == y)), confusion, class_names, flip_average)
