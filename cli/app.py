@@ -11,9 +11,11 @@ from rich.table import Table
 
 import mlp
 from cli.progress import TrainingProgress, fmt
+from experiments.checkpoint import CHECKPOINT, parse_duration
 from experiments.config import ConfigError, TrainConfig, parse_hidden, resolve
 from experiments.datasets import DataError
-from experiments.runner import default_run_dir, prepare_run_dir, run, save_run
+from experiments.runner import default_run_dir, prepare_run_dir, resumable_config, run, save_run, start_run
+from mlp.network import ModelFileError
 
 app = typer.Typer(name="nnx", no_args_is_help=True, add_completion=False,
                   help="Train and study neural networks written from scratch in NumPy.")
@@ -111,6 +113,15 @@ def train(
                                            "validation accuracy.", rich_help_panel=OPTIM),
     seed: int = typer.Option(0, help="Seed of initialisation, shuffling and dropout.",
                              rich_help_panel=OPTIM),
+    time_budget: str | None = typer.Option(None, help="Fit the epochs and the schedule to this "
+                                              "wall time (90s, 45m, 1.5h), measured from the "
+                                              "first batches' speed.", rich_help_panel=OPTIM),
+    checkpoint_every: int | None = typer.Option(None, help="Write checkpoint.npz every N epochs; "
+                                                   "0 = never [default: 1 for cifar10, 0 for 2D].",
+                                                   rich_help_panel=RUN),
+    resume: Path | None = typer.Option(None, help="Continue the killed run in this directory "
+                                          "from its last checkpoint (other options are ignored).",
+                                          rich_help_panel=RUN),
     out: Path | None = typer.Option(None, help="Output directory [default: runs/<data>-<model>-"
                                        "seed<seed>-<time>].", rich_help_panel=RUN),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out.", rich_help_panel=RUN),
@@ -118,6 +129,13 @@ def train(
                                   rich_help_panel=RUN),
 ):
     """Train one network and write model.npz, metrics.csv and config.json."""
+    if resume is not None:
+        resume_run(resume, log_every)
+        return
+    try:
+        budget = parse_duration(time_budget) if time_budget is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--time-budget'") from None
     try:
         config = TrainConfig(
             data=data, points=points, classes=classes, noise=noise, val_fraction=val_fraction,
@@ -128,19 +146,30 @@ def train(
             loss=loss, reg=reg, label_smoothing=label_smoothing, dtype=dtype,
             optimizer=optimizer, lr=lr, momentum=momentum, schedule=schedule,
             step_size=step_size, gamma=gamma, warmup=warmup, min_lr=min_lr, epochs=epochs,
-            iterations=iterations, batch_size=batch_size, patience=patience, seed=seed)
+            iterations=iterations, batch_size=batch_size, patience=patience, seed=seed,
+            time_budget=budget, checkpoint_every=checkpoint_every)
         config = resolve(config)
         run_dir = prepare_run_dir(out or default_run_dir(config), overwrite)
     except ConfigError as exc:
         raise usage_error(exc) from None
+    start_run(run_dir, config)
+    train_and_save(config, run_dir, log_every)
+
+
+def resume_run(run_dir: Path, log_every: int) -> None:
+    try:
+        config = resumable_config(run_dir)
+    except ConfigError as exc:
+        raise usage_error(exc) from None
+    console.print(f"resuming {run_dir} from its last checkpoint", highlight=False)
     train_and_save(config, run_dir, log_every)
 
 
 def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
     try:
         with TrainingProgress(console, log_every) as progress:
-            outcome = run(config, callback=progress)
-    except DataError as exc:
+            outcome = run(config, callback=progress, checkpoint=run_dir / CHECKPOINT)
+    except (DataError, ModelFileError) as exc:
         fail(str(exc))
     except ConfigError as exc:
         raise usage_error(exc) from None

@@ -72,6 +72,8 @@ class TrainConfig:
     iterations: int | None = None
     batch_size: int | None = None
     patience: int | None = None
+    time_budget: float | None = None
+    checkpoint_every: int | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -101,9 +103,9 @@ class TrainConfig:
 # Defaults per data set for the fields left as None. The 2D defaults are the
 # cs231n notes' spiral run: full-batch gradient descent, lr 1, reg 1e-3.
 DEFAULTS_2D = {"hidden": [100], "reg": 1e-3, "optimizer": "sgd", "lr": 1.0, "epochs": 10000,
-               "batch_size": 0, "val_fraction": 0.0}
+               "batch_size": 0, "val_fraction": 0.0, "checkpoint_every": 0}
 DEFAULTS_IMAGE = {"model": "convnetjs", "reg": 1e-4, "optimizer": "adadelta", "lr": 1.0,
-                  "epochs": 10, "batch_size": 128, "val_fraction": 0.0}
+                  "epochs": 10, "batch_size": 128, "val_fraction": 0.0, "checkpoint_every": 1}
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -157,13 +159,15 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("model", "conv models need image data (--data cifar10); "
                                    "use --hidden for 2D data")
     for option, low in (("points", 1), ("classes", 2), ("epochs", 1), ("iterations", 1),
-                        ("step_size", 1), ("patience", 1), ("val_size", 0), ("limit", 1)):
+                        ("step_size", 1), ("patience", 1), ("val_size", 0), ("limit", 1),
+                        ("checkpoint_every", 0)):
         _at_least(option, getattr(c, option), low)
     for option in ("noise", "reg", "weight_scale", "dropout", "label_smoothing", "momentum",
                    "warmup", "min_lr", "batch_size", "data_seed", "seed"):
         _at_least(option, getattr(c, option), 0)
     _at_least("lr", c.lr, 0, inclusive=False)
     _at_least("gamma", c.gamma, 0, inclusive=False)
+    _at_least("time_budget", c.time_budget, 0, inclusive=False)
     if c.dropout >= 1:
         raise ConfigError("dropout", f"is the drop probability and must be < 1, got {c.dropout}")
     if c.label_smoothing >= 1:

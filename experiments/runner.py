@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 import mlp
+from experiments.checkpoint import Checkpointer, TimeBudget, estimate_epoch_seconds, load_checkpoint
 from experiments.config import ConfigError, TrainConfig, format_hidden, resolve
 from experiments.datasets import Dataset, make_2d
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
-from mlp.train import HISTORY_COLUMNS, Callback, TrainResult, train
+from mlp.train import HISTORY_COLUMNS, Callback, Callbacks, TrainResult, train
 
 RUN_FILES = ("model.npz", "metrics.csv", "config.json")
 
@@ -73,27 +74,45 @@ def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
                     gamma=config.gamma, warmup=config.warmup, min_lr=config.min_lr)
 
 
-def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | None = None
-        ) -> RunOutcome:
-    """Train one network as ``config`` says; pass ``data`` to reuse a loaded data set."""
+def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | None = None,
+        checkpoint: Path | None = None) -> RunOutcome:
+    """Train one network as ``config`` says; pass ``data`` to reuse a loaded data set.
+
+    With ``checkpoint`` (a path), progress is saved there every
+    ``config.checkpoint_every`` epochs, and a checkpoint already there is
+    resumed, giving the numbers an uninterrupted run gives.
+    """
     config = resolve(config)
     data = data if data is not None else load_data(config)
-    net = build_network(config, data)
     optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
-    n_batches = math.ceil(len(data.X_train) / (config.batch_size or len(data.X_train)))
-    epochs = config.epochs if config.iterations is None else config.iterations / n_batches
+    if checkpoint is not None and Path(checkpoint).exists():
+        net, state = load_checkpoint(checkpoint, optimizer)
+    else:
+        net, state = build_network(config, data), TrainResult()
     augment = None
     if config.augment:
         from experiments.cifar10 import augment_flip_shift
         augment = augment_flip_shift
+    n_batches = math.ceil(len(data.X_train) / (config.batch_size or len(data.X_train)))
+    epochs, iterations = config.epochs, config.iterations
+    if config.time_budget is not None:
+        per_epoch = estimate_epoch_seconds(net, optimizer, data.X_train, data.y_train, data.X_val,
+                                           config.batch_size, augment)
+        epochs, iterations = max(1, int(config.time_budget / per_epoch)), None
+    schedule = make_schedule(config, epochs if iterations is None else iterations / n_batches)
+    callbacks = Callbacks(callback)
+    if checkpoint is not None and config.checkpoint_every:
+        callbacks.callbacks.append(Checkpointer(checkpoint, net, optimizer, state,
+                                                config.checkpoint_every))
+    if config.time_budget is not None:
+        callbacks.callbacks.append(TimeBudget(config.time_budget, schedule, epochs))
     started = time.perf_counter()
-    result = train(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
-                   epochs=config.epochs, iterations=config.iterations,
-                   batch_size=config.batch_size, schedule=make_schedule(config, epochs),
-                   seed=config.seed, callback=callback, patience=config.patience,
-                   augment=augment)
+    train(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
+          epochs=epochs, iterations=iterations, batch_size=config.batch_size, schedule=schedule,
+          seed=config.seed, callback=callbacks, patience=config.patience, augment=augment,
+          state=state)
     seconds = time.perf_counter() - started
-    return RunOutcome(config, net, result, final_metrics(net, data, result), seconds, data)
+    return RunOutcome(config, net, state, final_metrics(net, data, state), seconds, data)
 
 
 def final_metrics(net: Network, data: Dataset, result: TrainResult) -> dict:
@@ -130,6 +149,30 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
                                  "pass --overwrite to replace it or choose another --out")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def start_run(path: Path, config: TrainConfig) -> None:
+    """Record the run's config before training, so a killed run can be resumed."""
+    record = {"nnx_version": mlp.__version__, "config": config.to_dict(),
+              "command": rerun_command(config), "status": "running"}
+    atomic_write_bytes(Path(path) / "config.json", (json.dumps(record, indent=2) + "\n").encode())
+
+
+def resumable_config(path: Path) -> TrainConfig:
+    """The config of the unfinished run in ``path``; ConfigError when there is none."""
+    path = Path(path)
+    try:
+        record = json.loads((path / "config.json").read_text())
+        config = TrainConfig.from_dict(record["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError("resume", f"{path} holds no nnx run (no readable config.json)") from None
+    if record.get("status") != "running":
+        raise ConfigError("resume", f"the run in {path} already finished "
+                                    f"(status {record.get('status')})")
+    if not config.checkpoint_every:
+        raise ConfigError("resume", f"the run in {path} wrote no checkpoints "
+                                    "(it was started with --checkpoint-every 0)")
+    return config
 
 
 def history_csv(history: list[dict]) -> str:

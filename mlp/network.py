@@ -82,6 +82,14 @@ class Network:
                     layer.grads[name] += self.reg * layer.params[name]
         return loss + self.reg_loss(), scores, self.grads
 
+    def reseed(self, make_rng) -> None:
+        """Give every stochastic layer (one with an ``rng``) the generator
+        ``make_rng(layer_index)``; the trainer does this each epoch so that
+        dropout masks depend only on (seed, epoch), which makes resumed runs exact."""
+        for i, layer in enumerate(self.layers):
+            if hasattr(layer, "rng"):
+                layer.rng = make_rng(i)
+
     # ---- inference -------------------------------------------------------------
     def scores(self, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Evaluation-mode class scores, in batches. X: (N, ...) -> (N, C)."""
@@ -146,12 +154,15 @@ class Network:
                 "input_shape": list(self.input_shape) if self.input_shape else None,
                 "dtype": self.dtype.name, "metadata": self.metadata}
 
-    def save(self, path) -> None:
+    def save(self, path, extra: dict[str, np.ndarray] | None = None) -> None:
         """Write an ``.npz`` with the spec (JSON) and every parameter and buffer,
-        atomically: a crash leaves either the old file or the new one."""
+        atomically: a crash leaves either the old file or the new one. ``extra``
+        arrays (a checkpoint's optimizer state) are stored beside them under
+        their own names and ignored by ``load``."""
         arrays = {_META_KEY: np.array(json.dumps(self.spec()))}
         arrays.update({f"param:{k}": v for k, v in self.params.items()})
         arrays.update({f"buffer:{k}": v for k, v in self.buffers.items()})
+        arrays.update(extra or {})
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())

@@ -35,12 +35,18 @@ class Callback:
 
 @dataclass
 class TrainResult:
-    """status: "ok", or "diverged" when the loss became NaN or infinite."""
+    """What training produced so far; pass it back to ``train`` to continue a run.
+
+    status: "ok", or "diverged" when the loss became NaN or infinite.
+    ``best_params`` is the snapshot early stopping restores (None without it).
+    """
 
     history: list[dict] = field(default_factory=list)
     status: str = "ok"
     stopped_early: bool = False
     best_epoch: int | None = None
+    best_val_acc: float = -1.0
+    best_params: dict[str, np.ndarray] | None = None
     iterations: int = 0
 
     @property
@@ -49,7 +55,8 @@ class TrainResult:
 
 
 def epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
-    """The generator for one epoch's shuffle (stream 0) or augmentation (stream 1)."""
+    """The generator for one epoch's shuffle (stream 0), augmentation (stream 1) or
+    stochastic layers (stream 2 and up)."""
     return np.random.default_rng([seed, epoch, stream])
 
 
@@ -59,15 +66,17 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
           epochs: int | None = 10, iterations: int | None = None, batch_size: int = 0,
           schedule: Schedule | None = None, seed: int = 0, callback: Callback | None = None,
           patience: int | None = None, augment: Callable | None = None,
-          eval_batch_size: int = 1024, start_epoch: int = 0,
-          history: list[dict] | None = None) -> TrainResult:
+          eval_batch_size: int = 1024, state: TrainResult | None = None) -> TrainResult:
     """Train ``net`` in place. X: (N, ...), y: (N,); validation arrays alike.
 
     batch_size 0 (or >= N) is full-batch gradient descent. ``iterations``, when
     given, overrides ``epochs`` (the last epoch may be partial). ``patience``
     stops after that many epochs without a better validation accuracy and
     restores the best parameters. ``augment(xb, rng) -> xb`` transforms each
-    training batch. ``start_epoch``/``history`` continue a resumed run.
+    training batch. ``state``, a TrainResult from an interrupted run (with the
+    network and optimizer restored alongside), continues it where it stopped,
+    with the numbers an uninterrupted run would have produced; it is updated in
+    place and returned.
     """
     n = len(X)
     bs = n if batch_size <= 0 or batch_size >= n else batch_size
@@ -78,17 +87,18 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
     else:
         total_iterations = epochs * batches_per_epoch
     callback = callback or Callback()
-    result = TrainResult(history=list(history or []))
-    result.iterations = start_epoch * batches_per_epoch
+    result = state if state is not None else TrainResult()
+    start_epoch = result.epochs_run
     callback.on_train_begin(epochs, batches_per_epoch, start_epoch)
     X = X.astype(net.dtype, copy=False)
-    best_acc, best_params = -1.0, None
     params = net.params
+    validate = X_val is not None and len(X_val) > 0
 
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         order = None if bs == n else epoch_rng(seed, epoch, 0).permutation(n)
         aug_rng = epoch_rng(seed, epoch, 1) if augment else None
+        net.reseed(lambda i, e=epoch: epoch_rng(seed, e, 2 + i))
         loss_sum, correct, seen = 0.0, 0, 0
         for b in range(batches_per_epoch):
             if result.iterations >= total_iterations:
@@ -117,26 +127,43 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_loss": math.nan, "val_acc": math.nan, "lr": optimizer.lr,
                   "seconds": 0.0}
-        if X_val is not None and len(X_val):
+        if validate:
             record["val_loss"], record["val_acc"] = net.evaluate(X_val, y_val, eval_batch_size)
             if not math.isfinite(record["val_loss"]):
                 result.status = "diverged"
         record["seconds"] = time.perf_counter() - started
         result.history.append(record)
-        stop = callback.on_epoch_end(record)
         if result.status == "diverged":
+            callback.on_epoch_end(record)
             break
-        if patience is not None and X_val is not None and len(X_val):
-            if record["val_acc"] > best_acc:
-                best_acc, result.best_epoch = record["val_acc"], epoch + 1
-                best_params = {k: v.copy() for k, v in params.items()}
-            elif epoch + 1 - result.best_epoch >= patience:
-                result.stopped_early = True
-                break
-        if stop:
+        out_of_patience = False
+        if patience is not None and validate:
+            if record["val_acc"] > result.best_val_acc:
+                result.best_val_acc, result.best_epoch = record["val_acc"], epoch + 1
+                result.best_params = {k: v.copy() for k, v in params.items()}
+            out_of_patience = epoch + 1 - result.best_epoch >= patience
+        if callback.on_epoch_end(record) or out_of_patience:
             result.stopped_early = True
             break
-    if result.stopped_early and best_params is not None:
-        for name, value in best_params.items():
+    if result.stopped_early and result.best_params is not None:
+        for name, value in result.best_params.items():
             params[name][...] = value
     return result
+
+
+class Callbacks(Callback):
+    """Several callbacks as one; training stops when any asks to."""
+
+    def __init__(self, *callbacks: Callback | None):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_train_begin(self, epochs, batches_per_epoch, start_epoch):
+        for c in self.callbacks:
+            c.on_train_begin(epochs, batches_per_epoch, start_epoch)
+
+    def on_batch_end(self, epoch, batch, batches, samples, loss):
+        for c in self.callbacks:
+            c.on_batch_end(epoch, batch, batches, samples, loss)
+
+    def on_epoch_end(self, record):
+        return any([bool(c.on_epoch_end(record)) for c in self.callbacks])

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import flat
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -16,10 +17,6 @@ QUICK = ["--data", "spiral", "--hidden", "20", "--epochs", "30"]
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
-
-def flat(output: str) -> str:
-    """The output with Rich's box drawing and line wrapping undone."""
-    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 def test_train_writes_model_metrics_and_config(tmp_path):

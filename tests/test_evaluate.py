@@ -1,6 +1,7 @@
 """`nnx evaluate` on 2D models; the CIFAR-10 path is covered in test_cifar_training.py."""
 import numpy as np
 import pytest
+from helpers import flat
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -9,9 +10,6 @@ from mlp.network import Network
 
 runner = CliRunner()
 
-
-def flat(output: str) -> str:
-    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,131 @@
+"""Checkpoints of a training run, and fitting a run to a wall-clock budget.
+
+A checkpoint is a model file (``Network.save``) with the optimizer state and
+the trainer's progress stored beside the parameters, rewritten atomically after
+every ``every`` epochs, so a killed run loses at most that much work and resumes
+to the same numbers an uninterrupted run gives.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlp.network import ModelFileError, Network
+from mlp.optim import Optimizer, Schedule
+from mlp.train import Callback, TrainResult
+
+CHECKPOINT = "checkpoint.npz"
+_STATE_KEY = "__train_state__"
+
+
+class Checkpointer(Callback):
+    """Writes ``path`` after every ``every``-th epoch and after the last one."""
+
+    def __init__(self, path: Path, net: Network, optimizer: Optimizer, state: TrainResult,
+                 every: int = 1):
+        self.path, self.net, self.optimizer, self.state = Path(path), net, optimizer, state
+        self.every = every
+
+    def on_train_begin(self, epochs, batches_per_epoch, start_epoch):
+        self.epochs = epochs
+
+    def on_epoch_end(self, record):
+        if record["epoch"] % self.every == 0 or record["epoch"] == self.epochs:
+            save_checkpoint(self.path, self.net, self.optimizer, self.state)
+
+
+def save_checkpoint(path: Path, net: Network, optimizer: Optimizer, state: TrainResult) -> None:
+    progress = {"history": state.history, "status": state.status, "iterations": state.iterations,
+                "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
+                "lr": optimizer.lr}
+    extra = {_STATE_KEY: np.array(json.dumps(progress))}
+    extra.update({f"optim:{k}": v for k, v in optimizer.state_dict().items()})
+    extra.update({f"best:{k}": v for k, v in (state.best_params or {}).items()})
+    net.save(path, extra)
+
+
+def load_checkpoint(path: Path, optimizer: Optimizer) -> tuple[Network, TrainResult]:
+    """The network and trainer state in ``path``; ``optimizer`` gets its saved state."""
+    net = Network.load(path)
+    with np.load(path, allow_pickle=False) as data:
+        if _STATE_KEY not in data.files:
+            raise ModelFileError(f"{path}: a model file, not a training checkpoint")
+        progress = json.loads(str(data[_STATE_KEY]))
+        optimizer.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("optim:")})
+        best = {k[5:]: data[k] for k in data.files if k.startswith("best:")}
+    optimizer.lr = progress["lr"]
+    state = TrainResult(history=progress["history"], status=progress["status"],
+                        iterations=progress["iterations"], best_epoch=progress["best_epoch"],
+                        best_val_acc=progress["best_val_acc"], best_params=best or None)
+    return net, state
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '45m', '1.5h' or a plain number of seconds -> seconds."""
+    text = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 45m or 1.5h") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
+class TimeBudget(Callback):
+    """Fits the run into ``budget`` seconds of wall time.
+
+    After every epoch it re-plans from the mean epoch time so far: when the
+    planned number of epochs no longer fits, it shortens the plan and the
+    schedule with it (a cosine schedule still anneals to its end), and stops
+    training once the plan is done.
+    """
+
+    def __init__(self, budget: float, schedule: Schedule, planned_epochs: int):
+        self.budget, self.schedule, self.planned = budget, schedule, planned_epochs
+        self.started = time.perf_counter()
+        self.done = 0
+
+    def on_train_begin(self, epochs, batches_per_epoch, start_epoch):
+        self.first_epoch = start_epoch
+
+    def on_epoch_end(self, record):
+        self.done = record["epoch"]
+        elapsed = time.perf_counter() - self.started
+        per_epoch = elapsed / max(1, self.done - self.first_epoch)
+        fits = self.done + int((self.budget - elapsed) / per_epoch)
+        if fits < self.planned:
+            self.planned = max(self.done, fits)
+            self.schedule.total = self.planned
+        return self.done >= self.planned
+
+
+def estimate_epoch_seconds(net: Network, optimizer: Optimizer, X, y, X_val, batch_size: int,
+                           augment=None, probe_batches: int = 6) -> float:
+    """Seconds one epoch (training plus validation) takes, from timing a few
+    batches on a copy of ``net``: the real network and optimizer are untouched."""
+    import copy
+
+    from mlp.train import train
+    net, optimizer = copy.deepcopy(net), copy.deepcopy(optimizer)
+    bs = len(X) if batch_size <= 0 else min(batch_size, len(X))
+    batches_per_epoch = math.ceil(len(X) / bs)
+    probe = min(probe_batches, batches_per_epoch)
+    subset = slice(0, probe * bs)
+    train(net, optimizer, X[:bs], y[:bs], epochs=1, batch_size=bs, augment=augment)   # warm-up
+    started = time.perf_counter()
+    train(net, optimizer, X[subset], y[subset], epochs=1, batch_size=bs, augment=augment)
+    per_batch = (time.perf_counter() - started) / probe
+    eval_seconds = 0.0
+    if X_val is not None and len(X_val):
+        sample = X_val[:min(len(X_val), 1000)]
+        started = time.perf_counter()
+        net.scores(sample)
+        eval_seconds = (time.perf_counter() - started) * len(X_val) / len(sample)
+    return per_batch * batches_per_epoch + eval_seconds
