@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from experiments.datasets import FIXED_CLASSES, GENERATORS
+from mlp.arch import parse_arch, resolve_arch
 from mlp.init import INIT_SCHEMES
 from mlp.layers import ACTIVATIONS
 from mlp.losses import LOSSES
@@ -155,9 +156,14 @@ def validate(c: TrainConfig) -> None:
         for size in c.hidden:
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
                 raise ConfigError("hidden", f"hidden sizes must be positive integers, got {size!r}")
-    if c.model is not None and not c.is_image:
-        raise ConfigError("model", "conv models need image data (--data cifar10); "
-                                   "use --hidden for 2D data")
+    if c.model is not None:
+        if not c.is_image:
+            raise ConfigError("model", "conv models need image data (--data cifar10); "
+                                       "use --hidden for 2D data")
+        try:
+            parse_arch(resolve_arch(c.model))
+        except ValueError as exc:
+            raise ConfigError("model", str(exc)) from None
     for option, low in (("points", 1), ("classes", 2), ("epochs", 1), ("iterations", 1),
                         ("step_size", 1), ("patience", 1), ("val_size", 0), ("limit", 1),
                         ("checkpoint_every", 0)):

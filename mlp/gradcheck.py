@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlp.conv import gradcheck_cases as conv_gradcheck_cases
 from mlp.layers import Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from mlp.losses import softmax_cross_entropy, svm_hinge
 from mlp.network import Network, build_mlp
@@ -117,17 +118,11 @@ def _layer_cases(rng):
     ]
 
 
-# Other modules (conv layers) append factories ``rng -> [(name, layer, x, before_forward)]``.
-EXTRA_LAYER_CASES: list[Callable] = []
-
-
 def run_all_checks(seed: int = 0) -> list[CheckResult]:
     """Every layer type, every loss and a small network with and without reg."""
     rng = np.random.default_rng(seed)
     results = []
-    cases = _layer_cases(rng)
-    for factory in EXTRA_LAYER_CASES:
-        cases += factory(rng)
+    cases = _layer_cases(rng) + conv_gradcheck_cases(rng)
     for name, layer, x, reset in cases:
         errors = check_layer(layer, x, rng, reset)
         results.append(CheckResult(name, "layer", max(errors.values())))
@@ -145,3 +140,4 @@ def run_all_checks(seed: int = 0) -> list[CheckResult]:
                 results.append(CheckResult(f"MLP 3-6-5-3 {activation}, {loss}, reg={reg}",
                                            "network", max(errors.values())))
     return results
+

@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 
+import mlp.conv  # noqa: F401  registers the conv layer types, so load() can rebuild them
 from mlp.layers import ACTIVATIONS, Dropout, Layer, Linear, layer_from_spec
 from mlp.losses import LOSSES
 
@@ -260,3 +261,4 @@ def build_mlp(input_dim: int, hidden: list[int], num_classes: int, *, activation
                          rng=init_rng, dtype=dtype))
     return Network(layers, loss=loss, reg=reg, input_shape=input_shape or (input_dim,),
                    dtype=dtype)
+

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from helpers import PER_BATCH, make_batches, write_batches
 from typer.testing import CliRunner
 
 from cli.data import data_app
@@ -40,30 +41,6 @@ from experiments.cifar10 import (
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-PER_BATCH = 8
-
-
-# ---- a tiny CIFAR-10 in the official layout --------------------------------------------
-def make_batches(seed: int = 0) -> dict[str, dict]:
-    """The six pickled dicts of the official archive, PER_BATCH images each."""
-    rng = np.random.default_rng(seed)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    batches = {}
-    for name in names:
-        batches[name] = {b"batch_label": name.encode(),
-                         b"data": rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8),
-                         b"labels": [int(v) for v in rng.integers(0, 10, size=PER_BATCH)]}
-    batches["batches.meta"] = {b"label_names": [c.encode() for c in CLASSES],
-                               b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072}
-    return batches
-
-
-def write_batches(data_dir: Path, batches: dict[str, dict]) -> Path:
-    folder = data_dir / BATCHES_DIR
-    folder.mkdir(parents=True)
-    for name, obj in batches.items():
-        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
-    return folder
 
 
 def make_archive(files: dict[str, bytes]) -> bytes:

@@ -1,0 +1,162 @@
+"""Compact convnet architectures: a dash-separated spec such as ``conv16x5-pool2-fc10``.
+
+Tokens, left to right (input is (C, H, W) images):
+
+  convFxK        conv layer, F filters of KxK, stride 1, "same" padding (K-1)//2
+  convFxKsSpP    ... with stride S and/or padding P, e.g. conv32x3s2p1, conv8x5p0
+  poolK          max-pool KxK, stride K (poolKsS for another stride)
+  bn             batch normalization of the previous layer's features/channels
+  fcN            fully-connected layer with N outputs (flattens its input)
+  relu, tanh     an explicit activation
+  dropoutP       dropout with drop probability P, e.g. dropout0.5
+  flatten        flatten (N, C, H, W) to (N, C*H*W); optional, fc flattens anyway
+
+A ReLU follows every conv and fc automatically, except the final fc (the class
+scores). If ``bn`` directly follows a conv/fc, the ReLU goes after the bn
+(conv-bn-relu). An explicit ``relu``/``tanh`` right after a conv/fc (or its bn)
+replaces the automatic ReLU. The spec's last fc must have num_classes outputs;
+a spec that does not end in fc gets ``fc{num_classes}`` appended.
+
+Presets (pass the name instead of a spec):
+  convnetjs       conv16x5-pool2-conv20x5-pool2-conv20x5-pool2-fc10  (ConvNetJS CIFAR-10 demo)
+  cs231n-3layer   conv32x7-pool2-fc100-fc10  (cs231n ThreeLayerConvNet: conv-relu-pool-fc-relu-fc)
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from mlp.conv import BatchNorm, Conv2D, MaxPool2D
+from mlp.layers import Dropout, Flatten, Layer, Linear, ReLU, Tanh
+from mlp.network import Network
+
+PRESETS = {
+    "convnetjs": "conv16x5-pool2-conv20x5-pool2-conv20x5-pool2-fc10",
+    "cs231n-3layer": "conv32x7-pool2-fc100-fc10",
+}
+
+_TOKENS = [
+    ("conv", re.compile(r"conv(\d+)x(\d+)(?:s(\d+))?(?:p(\d+))?")),
+    ("pool", re.compile(r"pool(\d+)(?:s(\d+))?")),
+    ("fc", re.compile(r"fc(\d+)")),
+    ("dropout", re.compile(r"dropout(\d*\.?\d+)")),
+    ("bn", re.compile(r"bn")),
+    ("relu", re.compile(r"relu")),
+    ("tanh", re.compile(r"tanh")),
+    ("flatten", re.compile(r"flatten")),
+]
+
+
+def resolve_arch(name_or_spec: str) -> str:
+    """A preset's spec, or the argument itself (stripped) when it is not a preset name."""
+    name_or_spec = name_or_spec.strip()
+    return PRESETS.get(name_or_spec, name_or_spec)
+
+
+def parse_arch(spec: str) -> list[tuple[str, tuple]]:
+    """``"conv16x5-pool2-fc10"`` -> [("conv", (16, 5, 1, 2)), ("pool", (2, 2)), ("fc", (10,))].
+
+    conv args are (filters, kernel, stride, padding); pool args (size, stride).
+    Raises ValueError naming the bad token.
+    """
+    tokens = []
+    for raw in spec.strip().lower().split("-"):
+        for kind, pattern in _TOKENS:  # noqa: B007  the matching kind is used below
+            m = pattern.fullmatch(raw)
+            if m:
+                break
+        else:
+            raise ValueError(f"bad architecture token {raw!r} in {spec!r}; expected convFxK[sS][pP], "
+                             f"poolK[sS], fcN, bn, relu, tanh, dropoutP or flatten")
+        if kind == "conv":
+            f, k = int(m[1]), int(m[2])
+            args = (f, k, int(m[3] or 1), int(m[4]) if m[4] is not None else (k - 1) // 2)
+            if f < 1 or k < 1 or args[2] < 1:
+                raise ValueError(f"bad architecture token {raw!r}: filters, kernel and stride must be >= 1")
+        elif kind == "pool":
+            args = (int(m[1]), int(m[2] or m[1]))
+            if min(args) < 1:
+                raise ValueError(f"bad architecture token {raw!r}: pool size and stride must be >= 1")
+        elif kind == "fc":
+            args = (int(m[1]),)
+            if args[0] < 1:
+                raise ValueError(f"bad architecture token {raw!r}: fc needs at least 1 output")
+        elif kind == "dropout":
+            args = (float(m[1]),)
+            if not 0 <= args[0] < 1:
+                raise ValueError(f"bad architecture token {raw!r}: dropout probability must be in [0, 1)")
+        else:
+            args = ()
+        tokens.append((kind, args))
+    if not tokens:
+        raise ValueError("empty architecture spec")
+    return tokens
+
+
+def build_network(arch: str, input_shape: tuple, num_classes: int, *, seed: int = 0,
+                  dtype=np.float32, loss: str = "softmax", reg: float = 0.0, init: str = "he",
+                  weight_scale: float = 1e-2) -> Network:
+    """The network a spec (or preset name) describes, for inputs of ``input_shape`` (C, H, W).
+
+    Shapes are propagated layer by layer, so a conv whose sizes do not divide
+    or a pool larger than its input raises ValueError naming the layer. The
+    first conv skips its input gradient (``Conv2D(input_grad=False)``): images
+    are data, not parameters, so ``Network.backward`` then returns None.
+    The resolved spec is kept in ``net.metadata["arch"]``.
+    """
+    spec = resolve_arch(arch)
+    tokens = parse_arch(spec)
+    if tokens[-1][0] != "fc":
+        tokens.append(("fc", (num_classes,)))
+        spec = f"{spec}-fc{num_classes}"
+    if tokens[-1][1][0] != num_classes:
+        raise ValueError(f"the last layer of {spec!r} is fc{tokens[-1][1][0]}, but the data has "
+                         f"{num_classes} classes: end the spec with fc{num_classes}")
+    init_rng, dropout_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    shape = tuple(int(d) for d in input_shape)
+    layers: list[Layer] = []
+    pending_relu = False  # a conv/fc's ReLU waits: a bn may come first, or an explicit activation
+
+    def add(layer, name):
+        nonlocal shape
+        try:
+            shape = layer.output_shape(shape)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"layer {len(layers) + 1} ({name}) of {spec!r} on input {shape}: "
+                             f"{exc}") from None
+        layers.append(layer)
+
+    for i, (kind, args) in enumerate(tokens):
+        name = kind + "x".join(str(a) for a in args[:2])
+        if kind == "bn":
+            if len(shape) not in (1, 3):
+                raise ValueError(f"bn in {spec!r} needs (D,) or (C, H, W) features, got {shape}")
+            add(BatchNorm(shape[0], dtype=dtype), name)  # a pending ReLU stays pending: conv-bn-relu
+            continue
+        if kind in ("relu", "tanh"):
+            pending_relu = False  # the explicit activation replaces the automatic one
+            layers.append(ReLU() if kind == "relu" else Tanh())
+            continue
+        if pending_relu:  # any other token ends the conv/fc (+ bn) block
+            layers.append(ReLU())
+            pending_relu = False
+        if kind in ("conv", "pool") and len(shape) != 3:
+            raise ValueError(f"{name} in {spec!r} needs (C, H, W) input, got {shape}")
+        if kind == "conv":
+            f, k, s, p = args
+            add(Conv2D(shape[0], f, k, s, p, init=init, weight_scale=weight_scale, rng=init_rng,
+                       dtype=dtype, input_grad=bool(layers)), name)
+            pending_relu = True
+        elif kind == "pool":
+            add(MaxPool2D(*args), name)
+        elif kind == "fc":
+            add(Linear(int(np.prod(shape)), args[0], init=init, weight_scale=weight_scale,
+                       rng=init_rng, dtype=dtype), name)
+            pending_relu = i != len(tokens) - 1  # the final fc gives the scores: no ReLU
+        elif kind == "dropout":
+            add(Dropout(args[0], rng=dropout_rng), name)
+        elif kind == "flatten":
+            add(Flatten(), name)
+    return Network(layers, loss=loss, reg=reg, input_shape=tuple(input_shape), dtype=dtype,
+                   metadata={"arch": spec})

@@ -1,0 +1,77 @@
+"""ConvNets and MLPs on CIFAR-10 end to end, on a tiny stand-in in the official layout."""
+import json
+
+import numpy as np
+import pytest
+from helpers import flat, make_batches, write_batches
+from typer.testing import CliRunner
+
+from cli.app import app
+from experiments.config import TrainConfig
+from experiments.evaluate import evaluate
+from experiments.runner import run
+from mlp.network import Network
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_batches(root, make_batches(seed=1, per_batch=24))
+    return root
+
+
+def test_train_convnetjs_with_augmentation_then_evaluate(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", "cifar10", "--model", "convnetjs", "--augment",
+                                 "--data-dir", str(data_dir), "--val-size", "20", "--epochs", "2",
+                                 "--batch-size", "25", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["optimizer"] == "adadelta" and record["config"]["dtype"] == "float32"
+    assert (out / "checkpoint.npz").exists()
+    net = Network.load(out / "model.npz")
+    assert net.metadata["arch"].startswith("conv16x5") and len(net.metadata["mean"]) == 3
+    assert all(p.dtype == np.float32 for p in net.params.values())
+    plot = tmp_path / "confusion.png"
+    result = runner.invoke(app, ["evaluate", str(out), "--data", "cifar10", "--split", "test",
+                                 "--data-dir", str(data_dir), "--flip-average", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    expected = evaluate(net, "test", str(data_dir), flip_average=True)
+    assert f"accuracy {expected.accuracy:.2%}" in result.output and "(flip-averaged)" in result.output
+    assert expected.count == 24 and plot.stat().st_size > 0
+
+
+def test_mlp_on_flattened_cifar(data_dir):
+    outcome = run(TrainConfig(data="cifar10", hidden=[32], data_dir=str(data_dir), val_size=20,
+                              epochs=2, batch_size=20, optimizer="adam", lr=1e-3))
+    assert outcome.status == "ok" and outcome.network.input_shape == (3, 32, 32)
+    assert outcome.config.model is None and outcome.network.layers[0].in_features == 3072
+
+
+def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
+    from test_resume import KillAt, without_seconds
+    config = dict(data="cifar10", model="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10", augment=True,
+                  data_dir=str(data_dir), val_size=20, epochs=4, batch_size=25, optimizer="nesterov",
+                  lr=0.05, schedule="cosine", label_smoothing=0.1, seed=2)
+    whole = run(TrainConfig(**config))
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(**config), callback=KillAt(2), checkpoint=tmp_path / "checkpoint.npz")
+    resumed = run(TrainConfig(**config), checkpoint=tmp_path / "checkpoint.npz")
+    assert without_seconds(resumed.result.history) == without_seconds(whole.result.history)
+    for name, value in whole.network.buffers.items():       # BatchNorm running statistics too
+        np.testing.assert_array_equal(resumed.network.buffers[name], value)
+
+
+def test_a_bad_architecture_is_a_usage_error_before_any_data_is_read(tmp_path):
+    result = runner.invoke(app, ["train", "--data", "cifar10", "--model", "conv16x5-blah",
+                                 "--data-dir", str(tmp_path), "--epochs", "1"])
+    assert result.exit_code == 2 and "Invalid value for '--model'" in flat(result.output)
+
+
+def test_missing_cifar_data_says_what_to_run(tmp_path):
+    result = runner.invoke(app, ["train", "--data", "cifar10", "--data-dir", str(tmp_path),
+                                 "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "nnx data download cifar10" in flat(result.output)
+    assert "Traceback" not in result.output
