@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# The default sweep: hidden size x L2 strength x seeds on the spiral (resumes if interrupted).
 demo: install
-	$(NNX) train --data spiral --hidden 100 --reg 1e-3 --optimizer sgd --lr 1 --batch-size 0 \
-		--epochs 10000 --log-every 1000 --out runs/demo-spiral --overwrite
+	$(NNX) sweep
+
+# The cs231n notes' three claims, reproduced: figures and report in docs/cs231n/.
+figures: install
+	$(NNX) reproduce cs231n --out docs/cs231n
 
 lint: install
 	$(VENV)/bin/ruff check mlp experiments cli tests bench
@@ -31,6 +35,7 @@ lint: install
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/bench_mlp.py
+	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_conv.py
 
 clean:

@@ -224,6 +224,10 @@ def _mount_subcommands():
     app.add_typer(data_app, name="data")
     from cli.evaluate import evaluate_command
     app.command("evaluate")(evaluate_command)
+    from cli.sweep import sweep
+    app.command()(sweep)
+    from cli.plots import register_plot_commands
+    register_plot_commands(app)
 
 
 _mount_subcommands()

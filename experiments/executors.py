@@ -1,0 +1,172 @@
+"""Where a sweep's trials run: in the driver, in local worker processes, or on Dask.
+
+Every backend calls the same top-level ``run_trial(config) -> record``, which
+never raises and returns plain data (metrics, history, model bytes); only the
+driver writes files. A trial's numbers depend on its config alone, so they are
+bit-identical whichever backend and however many workers ran it.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from experiments.config import ConfigError, TrainConfig
+from experiments.runner import RunOutcome, run
+
+# Workers are one process per core: each must use one BLAS thread or they
+# oversubscribe the cores. The variables are read when numpy loads, so they
+# are set in the environment the spawned workers inherit.
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+MAX_IMAGE_MODEL_PARAMS = 1_000_000     # image models this big are not kept per trial
+CONNECT_TIMEOUT = "10s"                # to reach a Dask scheduler
+
+
+def run_trial(config: dict) -> dict:
+    """Train one trial from its resolved config (``TrainConfig.to_dict()``).
+
+    Returns status (ok, diverged or failed), final_* metrics, epochs_run,
+    seconds, error (``Type: message``, empty unless failed), history (list of
+    per-epoch dicts) and model (``.npz`` bytes or None).
+    """
+    started = time.perf_counter()
+    try:
+        outcome = run(TrainConfig.from_dict(config))
+        record = {"status": outcome.status, **outcome.final, "epochs_run": outcome.result.epochs_run,
+                  "error": "", "history": outcome.result.history, "model": model_bytes(outcome)}
+    except Exception as exc:            # a failed trial is a result, not the end of the sweep
+        record = {"status": "failed", "epochs_run": 0, "error": error_line(exc), "history": [],
+                  "model": None}
+    record["seconds"] = time.perf_counter() - started
+    return record
+
+
+def error_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def model_bytes(outcome: RunOutcome) -> bytes | None:
+    """The trained network as ``.npz`` bytes: for ok trials, on 2D data always, on
+    images when it is small enough to keep one per trial."""
+    if outcome.status != "ok":
+        return None
+    if outcome.config.is_image and outcome.network.num_params >= MAX_IMAGE_MODEL_PARAMS:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.npz"
+        outcome.network.save(path)
+        return path.read_bytes()
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def execute(configs: list[dict], workers: int = 1, scheduler: str | None = None
+            ) -> Iterator[tuple[int, dict]]:
+    """Run ``run_trial`` on each config; yield (index in ``configs``, record) as each finishes.
+
+    ``scheduler``: a Dask scheduler address; else ``workers`` local processes,
+    or 0 to run in this process, one after another.
+    """
+    if not configs:
+        return
+    if scheduler is None and workers == 0:
+        with _one_blas_thread_here():
+            for index, config in enumerate(configs):
+                yield index, run_trial(config)
+        return
+    opener = dask_executor(scheduler) if scheduler else process_executor(min(workers, len(configs)))
+    with opener as executor:       # on an early exit, the opener stops what is still queued
+        futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
+        for future in as_completed(futures):
+            yield futures[future], _result(future)
+
+
+def _result(future) -> dict:
+    """A trial's record; an error of the backend itself (a lost Dask worker) fails that trial."""
+    try:
+        return future.result()
+    except Exception as exc:
+        if isinstance(exc, BrokenProcessPool):   # every queued trial would fail the same way
+            raise RuntimeError("a worker process died (out of memory?); the finished trials are "
+                               "saved: run the same command again to resume") from exc
+        return {"status": "failed", "epochs_run": 0, "seconds": float("nan"), "history": [],
+                "model": None, "error": error_line(exc)}
+
+
+@contextlib.contextmanager
+def process_executor(workers: int) -> Iterator[Executor]:
+    """``workers`` spawned processes with one BLAS thread each."""
+    with _environment({name: "1" for name in BLAS_THREAD_VARS}):
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_ignore_sigint)
+        try:
+            yield pool
+        except BaseException:
+            # Interrupted: the trials in flight are lost anyway, so stop them rather than
+            # wait (``_processes`` is private, but the pool's only handle on its workers).
+            for process in dict(getattr(pool, "_processes", None) or {}).values():
+                process.terminate()
+            pool.shutdown(wait=False)
+            raise
+        pool.shutdown(wait=True)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group; the driver alone handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def dask_executor(address: str) -> Iterator[Executor]:
+    """The ``concurrent.futures`` interface of an existing Dask cluster at ``address``."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ConfigError("scheduler", "needs Dask: pip install 'nnx[dask]'") from None
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError("scheduler", f"cannot connect to {address}: {exc}") from None
+    try:
+        yield client.get_executor(pure=False)
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _one_blas_thread_here():
+    """In-process trials on one BLAS thread too, when threadpoolctl is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

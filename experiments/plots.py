@@ -1,0 +1,519 @@
+"""Every figure nnx draws, from run directories (``nnx train``) and sweep
+directories (``nnx sweep``).
+
+Each ``plot_*`` function builds a matplotlib Figure, saves it to ``path``
+(PNG, SVG or PDF by the file's extension) and returns it, so tests can read
+the plotted numbers back from the artists. Figures are built without pyplot:
+no global figure list to leak from a long-running process.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # headless: nnx draws to files, never to a window
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import ListedColormap, to_rgb  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from experiments.boundary import (  # noqa: E402
+    DEFAULT_MARGIN,
+    DEFAULT_RESOLUTION,
+    NotDrawableError,
+    Regions,
+    check_2d,
+    decision_regions,
+)
+from experiments.config import TrainConfig, parse_hidden  # noqa: E402
+from experiments.store import GROUP_COLUMNS, OPTION_COLUMNS  # noqa: E402
+from mlp.network import ModelFileError, Network  # noqa: E402
+
+# Okabe & Ito's colour-blind-safe palette (black left out: it marks edges and text).
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+FORMATS = ("png", "svg", "pdf")
+DPI = 120
+
+
+def colour(i: int) -> str:
+    return OKABE_ITO[i % len(OKABE_ITO)]
+
+
+def save(fig: Figure, path: str | Path) -> Figure:
+    """Write ``fig`` to ``path`` (format from the extension), creating its folder."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: choose a .png, .svg or .pdf file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight")
+    return fig
+
+
+# ---- reading runs and sweeps ------------------------------------------------------
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / "results.csv").is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "metrics.csv").is_file() or (Path(path) / "model.npz").is_file()
+
+
+def check_dir(path: str | Path, want: str = "run or sweep") -> Path:
+    """``path`` as a Path if it is a directory of the wanted kind, else NotDrawableError."""
+    path = Path(path)
+    if not path.exists():
+        raise NotDrawableError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise NotDrawableError(f"{path} is a file; give a {want} directory")
+    sweep, run = is_sweep_dir(path), is_run_dir(path)
+    if (want == "sweep" and not sweep) or not (sweep or run):
+        what = "results.csv (written by nnx sweep)" if want == "sweep" else \
+            "metrics.csv (nnx train) or results.csv (nnx sweep)"
+        raise NotDrawableError(f"{path} is not a {want} directory: it has no {what}")
+    return path
+
+
+def read_results(sweep_dir: str | Path) -> pd.DataFrame:
+    """results.csv with option columns as written (strings) and metrics as numbers."""
+    path = check_dir(sweep_dir, "sweep")
+    frame = pd.read_csv(path / "results.csv", dtype=str, keep_default_na=False)
+    if frame.empty:
+        raise NotDrawableError(f"{path}: the sweep has no finished trials yet")
+    for column in frame.columns:
+        if column.startswith("final_") or column in ("epochs_run", "seconds"):
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def varying_options(results: pd.DataFrame, include_seed: bool = False) -> list[str]:
+    """The option columns whose value differs between trials: the sweep's axes."""
+    names = OPTION_COLUMNS if include_seed else GROUP_COLUMNS
+    return [c for c in names if c in results and results[c].nunique() > 1]
+
+
+def sort_key(name: str, text: str):
+    """Order axis values as numbers (hidden by its sizes), not as text."""
+    if name == "hidden":
+        try:
+            sizes = parse_hidden(text)
+            return (len(sizes), sizes)
+        except ValueError:
+            return (math.inf, text)
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)
+
+
+def axis_values(results: pd.DataFrame, name: str) -> list[str]:
+    return sorted(results[name].unique(), key=lambda v: sort_key(name, v))
+
+
+def check_axis(results: pd.DataFrame, name: str) -> None:
+    if name not in results.columns:
+        raise NotDrawableError(f"{name!r} is not an option column of this sweep")
+
+
+def settings_label(row, names: list[str]) -> str:
+    return " ".join(f"{n}={row[n]}" for n in names)
+
+
+def read_run_record(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_model(path: str | Path) -> Network:
+    """A model file, or the model.npz of a run directory; refusals as NotDrawableError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.npz"
+    try:
+        return Network.load(path)
+    except ModelFileError as exc:
+        raise NotDrawableError(str(exc)) from None
+
+
+def training_points(net: Network) -> tuple[np.ndarray, np.ndarray]:
+    """The 2D training set ``net`` was trained on, regenerated from its stored config.
+    -> X: (N, 2), y: (N,)."""
+    check_2d(net)
+    from experiments.runner import load_data
+    stored = net.metadata.get("config")
+    if not stored:
+        raise NotDrawableError("the model does not record the data it was trained on")
+    data = load_data(TrainConfig.from_dict(stored))
+    return data.X_train, data.y_train
+
+
+# ---- decision regions -------------------------------------------------------------
+@dataclass
+class Panel:
+    """One decision-region plot: the regions, the training points and a title."""
+
+    regions: Regions
+    X: np.ndarray
+    y: np.ndarray
+    title: str
+
+
+def draw_regions(ax, panel: Panel, num_classes: int) -> None:
+    """Regions in light class colours, training points in full colour on top."""
+    light = [tuple(0.55 + 0.45 * c for c in to_rgb(colour(k))) for k in range(num_classes)]
+    ax.imshow(panel.regions.labels, origin="lower", extent=panel.regions.extent, aspect="auto",
+              cmap=ListedColormap(light), vmin=-0.5, vmax=num_classes - 0.5, interpolation="nearest")
+    for k in range(num_classes):
+        members = panel.y == k
+        ax.scatter(panel.X[members, 0], panel.X[members, 1], s=14, color=colour(k),
+                   edgecolors="black", linewidths=0.5, label=f"class {k}")
+    ax.set_xlim(panel.regions.extent[:2])
+    ax.set_ylim(panel.regions.extent[2:])
+    ax.set_title(panel.title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_panels(panels: list[list[Panel | None]], path, row_label: str = "", col_label: str = "",
+                suptitle: str = "") -> Figure:
+    """A grid of decision-region panels, rows x columns; None leaves a cell empty."""
+    rows, cols = len(panels), max(len(r) for r in panels)
+    num_classes = 1 + max(int(p.y.max()) for r in panels for p in r if p is not None)
+    fig = Figure(figsize=(3.2 * cols, 3.1 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, row in enumerate(panels):
+        for j in range(cols):
+            panel = row[j] if j < len(row) else None
+            if panel is None:
+                axes[i, j].set_axis_off()
+                axes[i, j].text(0.5, 0.5, "no trial", ha="center", transform=axes[i, j].transAxes)
+            else:
+                draw_regions(axes[i, j], panel, num_classes)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return save(fig, path)
+
+
+def boundary_title(settings: str, train_acc: float, complexity: float) -> str:
+    acc = "n/a" if math.isnan(train_acc) else f"{train_acc:.1%}"
+    return f"{settings}\ntrain acc {acc} · complexity {complexity:.4f}"
+
+
+def run_panel(run_dir: Path, resolution: int, margin: float) -> Panel:
+    """The panel of one ``nnx train`` run directory."""
+    net = load_model(run_dir)
+    X, y = training_points(net)
+    regions = decision_regions(net, X, resolution, margin)
+    record = read_run_record(run_dir)
+    acc = record.get("final_train_acc")
+    acc = float(net.evaluate(X, y)[1]) if acc is None else float(acc)
+    config = record.get("config") or net.metadata.get("config", {})
+    from experiments.config import format_hidden
+    settings = f"{config.get('data')} hidden={format_hidden(config.get('hidden'))} reg={config.get('reg')}"
+    return Panel(regions, X, y, boundary_title(settings, acc, regions.complexity))
+
+
+def plot_run_boundary(run_dir, path, resolution: int = DEFAULT_RESOLUTION,
+                      margin: float = DEFAULT_MARGIN) -> Figure:
+    """One run's decision regions with its training points."""
+    return plot_panels([[run_panel(check_dir(run_dir, "run"), resolution, margin)]], path)
+
+
+def sweep_panel(sweep_dir: Path, row, settings: str, resolution: int, margin: float) -> Panel:
+    net = load_model(sweep_dir / "models" / f"{row['trial']}.npz")
+    X, y = training_points(net)
+    regions = decision_regions(net, X, resolution, margin)
+    return Panel(regions, X, y, boundary_title(settings, float(row["final_train_acc"]),
+                                               regions.complexity))
+
+
+def select_trials(results: pd.DataFrame, rows: str, cols: str, seed: str | None,
+                  where: dict[str, str] | None = None) -> pd.DataFrame:
+    """The ok trials of one seed (the first by default) that match ``where``; refuse a
+    selection that still has two trials in one (rows, cols) cell."""
+    for name in (rows, cols, *(where or {})):
+        check_axis(results, name)
+    chosen = results[results["status"] == "ok"]
+    if chosen.empty:
+        raise NotDrawableError("the sweep has no trial that trained without diverging")
+    if "seed" not in (rows, cols):
+        seed = axis_values(chosen, "seed")[0] if seed is None else str(seed)
+        chosen = chosen[chosen["seed"] == seed]
+    for name, value in (where or {}).items():
+        chosen = chosen[[sort_key(name, v) == sort_key(name, value) for v in chosen[name]]]
+    if chosen.empty:
+        raise NotDrawableError(f"no ok trial with seed {seed}" + (f" and {where}" if where else ""))
+    extra = [n for n in varying_options(chosen) if n not in (rows, cols)]
+    if extra:
+        raise NotDrawableError(f"the sweep also varies {', '.join(extra)}; pick one value with "
+                               f"--where {extra[0]}=VALUE or make it an axis with --rows/--cols")
+    return chosen
+
+
+def plot_sweep_boundaries(sweep_dir, path, rows: str = "hidden", cols: str = "reg",
+                          seed: str | None = None, where: dict[str, str] | None = None,
+                          resolution: int = DEFAULT_RESOLUTION, margin: float = DEFAULT_MARGIN,
+                          ) -> Figure:
+    """Panels of one seed's decision regions: rows by ``rows``, columns by ``cols``."""
+    sweep_dir = check_dir(sweep_dir, "sweep")
+    chosen = select_trials(read_results(sweep_dir), rows, cols, seed, where)
+    grid = []
+    for r in axis_values(chosen, rows):
+        line = []
+        for c in axis_values(chosen, cols):
+            match = chosen[(chosen[rows] == r) & (chosen[cols] == c)]
+            line.append(None if match.empty else sweep_panel(
+                sweep_dir, match.iloc[0], f"{rows}={r} {cols}={c}", resolution, margin))
+        grid.append(line)
+    data = chosen["data"].iloc[0] if "data" in chosen else ""
+    seeds = "" if "seed" in (rows, cols) else f", seed {chosen['seed'].iloc[0]}"
+    return plot_panels(grid, path, suptitle=f"{data}: decision regions{seeds}")
+
+
+# ---- variance across seeds -------------------------------------------------------
+def seed_spread(results: pd.DataFrame, x: str, line: str, metric: str) -> pd.DataFrame:
+    """mean and std (ddof 0, as summary.csv) of ``metric`` over seeds, per (line, x)."""
+    ok = results[results["status"] == "ok"]
+    stats = ok.groupby([line, x])[metric].agg(["mean", lambda v: float(np.std(v, ddof=0)), "count"])
+    stats.columns = ["mean", "std", "count"]
+    return stats.reset_index()
+
+
+def plot_variance(sweep_dir, path, x: str = "hidden", line: str = "reg",
+                  metric: str = "final_train_loss") -> Figure:
+    """Left: ``metric`` of every seed against ``x`` (points plus a box per size and line
+    value), one line through the means per ``line`` value. Right: the std across seeds."""
+    results = read_results(sweep_dir)
+    for name in (x, line):
+        check_axis(results, name)
+    xs, lines = axis_values(results, x), axis_values(results, line)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_points, ax_std = fig.subplots(1, 2)
+    spread = seed_spread(results, x, line, metric)
+    width = 0.7 / len(lines)
+    for k, value in enumerate(lines):
+        offsets = np.arange(len(xs)) + (k - (len(lines) - 1) / 2) * width
+        draw_strips(ax_points, results, x, xs, line, value, metric, offsets, width, colour(k))
+        part = spread[spread[line] == value].set_index(x).reindex(xs)
+        ax_points.plot(offsets, part["mean"].to_numpy(), "-", color=colour(k), label=f"{line}={value}")
+        ax_std.plot(np.arange(len(xs)), part["std"].to_numpy(), "o-", color=colour(k),
+                    label=f"{line}={value}")
+    for ax in (ax_points, ax_std):
+        ax.set_xticks(np.arange(len(xs)), xs)
+        ax.set_xlabel(x)
+        ax.legend(fontsize=8)
+    ax_points.set_ylabel(metric)
+    ax_points.set_title(f"{metric} of every seed (box: quartiles; line: mean)")
+    ax_std.set_ylabel(f"std of {metric} across seeds")
+    ax_std.set_title("spread across seeds")
+    return save(fig, path)
+
+
+def draw_strips(ax, results, x, xs, line, value, metric, offsets, width, color) -> None:
+    """One box and one strip of seed points per ``x`` value, for one ``line`` value.
+    The points carry gid "seeds" so tests can find them among the artists."""
+    jitter = np.random.default_rng(0)       # fixed: the same figure every time
+    boxes, positions = [], []
+    ok = results[(results["status"] == "ok") & (results[line] == value)]
+    for pos, v in zip(offsets, xs, strict=True):
+        values = ok.loc[ok[x] == v, metric].to_numpy(dtype=float)
+        if not len(values):
+            continue
+        boxes.append(values)
+        positions.append(pos)
+        points = ax.scatter(pos + jitter.uniform(-0.25, 0.25, len(values)) * width, values,
+                            s=12, color=color, edgecolors="black", linewidths=0.4, zorder=3)
+        points.set_gid("seeds")
+    if boxes:
+        ax.boxplot(boxes, positions=positions, widths=width * 0.8, showfliers=False,
+                   manage_ticks=False, medianprops={"color": "black"})
+
+
+# ---- learning curves -------------------------------------------------------------
+def read_curve(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path).apply(pd.to_numeric, errors="coerce")
+
+
+def curve_band(curves: list[pd.DataFrame], column: str) -> pd.DataFrame:
+    """Per epoch: mean and std (ddof 0) of ``column`` over the seeds' curves that reach it."""
+    frame = pd.concat([c[["epoch", column]] for c in curves])
+    stats = frame.groupby("epoch")[column].agg(["mean", lambda v: float(np.std(v, ddof=0))])
+    stats.columns = ["mean", "std"]
+    return stats
+
+
+def has_values(curves: list[pd.DataFrame], column: str) -> bool:
+    return any(column in c and c[column].notna().any() for c in curves)
+
+
+def plot_curves_groups(groups: dict[str, list[pd.DataFrame]], path, title: str = "") -> Figure:
+    """Loss (left) and accuracy (right) per epoch; one line per group, the mean over its
+    curves with a band of +-1 std when it has more than one. Train solid, validation dashed."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for k, (label, curves) in enumerate(groups.items()):
+        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+            for split, style in (("train", "-"), ("val", "--")):
+                column = f"{split}_{metric}"
+                if not has_values(curves, column):
+                    continue
+                band = curve_band(curves, column)
+                epochs, mean, std = band.index.to_numpy(), band["mean"].to_numpy(), band["std"].to_numpy()
+                ax.plot(epochs, mean, style, color=colour(k), label=f"{label} {split}", gid=column)
+                if len(curves) > 1:
+                    ax.fill_between(epochs, mean - std, mean + std, color=colour(k), alpha=0.2,
+                                    linewidth=0)
+    ax_loss.set_ylabel("loss")
+    ax_acc.set_ylabel("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return save(fig, path)
+
+
+def sweep_curve_groups(sweep_dir: Path) -> dict[str, list[pd.DataFrame]]:
+    """Each configuration's label -> the curves of its seeds (ok trials only)."""
+    results = read_results(sweep_dir)
+    ok = results[results["status"] == "ok"]
+    if ok.empty:
+        raise NotDrawableError(f"{sweep_dir}: no trial trained without diverging")
+    axes = varying_options(results)
+    groups: dict[str, list[pd.DataFrame]] = {}
+    for _, row in ok.iterrows():
+        curve = Path(sweep_dir) / "curves" / f"{row['trial']}.csv"
+        if curve.is_file():
+            label = settings_label(row, axes) or str(row.get("data", "all"))
+            groups.setdefault(label, []).append(read_curve(curve))
+    return groups
+
+
+def plot_curves(run_or_sweep_dir, path) -> Figure:
+    """Learning curves of a run (metrics.csv) or of every configuration of a sweep."""
+    path_in = check_dir(run_or_sweep_dir)
+    if is_sweep_dir(path_in):
+        groups = sweep_curve_groups(path_in)
+        title = f"{path_in.name}: mean over seeds, band +-1 std"
+    else:
+        if not (path_in / "metrics.csv").is_file():
+            raise NotDrawableError(f"{path_in}: no metrics.csv to draw")
+        groups = {"run": [read_curve(path_in / "metrics.csv")]}
+        title = path_in.name
+    if not groups or all(c.empty for g in groups.values() for c in g):
+        raise NotDrawableError(f"{path_in}: no epochs recorded")
+    return plot_curves_groups(groups, path, title)
+
+
+# ---- sweep heatmap ---------------------------------------------------------------
+def read_summary(sweep_dir) -> pd.DataFrame:
+    path = check_dir(sweep_dir, "sweep") / "summary.csv"
+    if not path.is_file():
+        raise NotDrawableError(f"{path.parent}: no summary.csv yet (written when the sweep finishes)")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def heatmap_table(summary: pd.DataFrame, x: str, y: str, metric: str) -> pd.DataFrame:
+    """``metric`` (numbers) indexed by y values (rows) and x values (columns), in axis order."""
+    for name in (x, y):
+        check_axis(summary, name)
+    if metric not in summary:
+        raise NotDrawableError(f"summary.csv has no column {metric!r}")
+    extra = [n for n in varying_options(summary) if n not in (x, y)]
+    if extra:
+        raise NotDrawableError(f"the sweep also varies {', '.join(extra)}; the heatmap shows two axes")
+    values = pd.to_numeric(summary[metric], errors="coerce")
+    table = pd.DataFrame({x: summary[x], y: summary[y], metric: values})
+    table = table.pivot_table(index=y, columns=x, values=metric, aggfunc="first", dropna=False)
+    return table.reindex(index=axis_values(summary, y), columns=axis_values(summary, x))
+
+
+def plot_sweep(sweep_dir, path, x: str = "reg", y: str = "hidden",
+               metric: str = "mean_final_val_acc") -> Figure:
+    """A heatmap of ``metric`` from summary.csv over two axes, each cell annotated."""
+    summary = read_summary(sweep_dir)
+    if metric == "mean_final_val_acc" and pd.to_numeric(summary.get(metric), errors="coerce").isna().all():
+        metric = "mean_final_train_acc"     # a sweep without validation data
+    table = heatmap_table(summary, x, y, metric)
+    fig = Figure(figsize=(1.3 * len(table.columns) + 2.5, 0.8 * len(table.index) + 1.8),
+                 layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto", origin="lower")
+    annotate(ax, table.to_numpy(dtype=float), "{:.3f}")
+    ax.set_xticks(np.arange(len(table.columns)), table.columns)
+    ax.set_yticks(np.arange(len(table.index)), table.index)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{metric} over seeds")
+    fig.colorbar(image, ax=ax, label=metric)
+    return save(fig, path)
+
+
+def annotate(ax, values: np.ndarray, fmt: str) -> None:
+    """Write each cell's value on it, dark on light cells and light on dark ones."""
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for (i, j), v in np.ndenumerate(values):
+        text = "n/a" if not np.isfinite(v) else fmt.format(v)
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="black" if np.isfinite(v) and v > middle else "white")
+
+
+# ---- image models ----------------------------------------------------------------
+def first_conv_weights(net: Network) -> np.ndarray:
+    """The first conv layer's W: (F, C, HH, WW), or NotDrawableError."""
+    for layer in net.layers:
+        if layer.kind == "conv2d":
+            return np.asarray(layer.params["W"], dtype=float)
+    raise NotDrawableError("the model has no conv layer, so it has no filters to draw "
+                           "(train one with --data cifar10)")
+
+
+def filter_tiles(W: np.ndarray) -> np.ndarray:
+    """W: (F, C, HH, WW) -> (F, HH, WW, 3) for C == 3, else (F * C, HH, WW); each tile
+    scaled to [0, 1] on its own so weak filters stay visible."""
+    tiles = W.transpose(0, 2, 3, 1) if W.shape[1] == 3 else W.reshape(-1, *W.shape[2:])
+    axes = tuple(range(1, tiles.ndim))
+    low, high = tiles.min(axis=axes, keepdims=True), tiles.max(axis=axes, keepdims=True)
+    return (tiles - low) / np.maximum(high - low, 1e-12)
+
+
+def plot_filters(net: Network, path, title: str = "") -> Figure:
+    """The first conv layer's filters, one tile each, in a near-square grid."""
+    tiles = filter_tiles(first_conv_weights(net))
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    fig = Figure(figsize=(1.0 * cols + 0.5, 1.0 * rows + 0.7), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, tile in zip(axes.ravel(), tiles, strict=False):
+        ax.imshow(tile, cmap=None if tile.ndim == 3 else "gray", interpolation="nearest")
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle(title or f"first conv layer: {len(tiles)} filters")
+    return save(fig, path)
+
+
+def plot_confusion(matrix, class_names: list[str], path) -> Figure:
+    """A confusion matrix: (K, K) counts, rows true class, columns predicted; each
+    cell annotated with its count, colour by the fraction of its row."""
+    matrix = np.asarray(matrix)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 1.0 + 0.6 * len(class_names)
+    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black")
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(image, ax=ax, label="fraction of the true class")
+    return save(fig, path)

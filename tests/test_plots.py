@@ -1,0 +1,261 @@
+"""The plots draw the numbers in the CSVs: every test reads them back from the artists."""
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from experiments import plots
+from experiments.boundary import boundary_complexity, decision_regions, grid_axes
+from experiments.config import TrainConfig
+from experiments.runner import run, save_run
+from experiments.sweep import SweepSpec, run_sweep
+from mlp.conv import Conv2D
+from mlp.layers import Flatten, Linear
+from mlp.network import Network, build_mlp
+
+runner = CliRunner()
+QUICK = {"data": "moons", "points": 20, "optimizer": "adam", "lr": 0.05, "batch_size": 0,
+         "epochs": 30, "val_fraction": 0.25}
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """A real nnx sweep: hidden 3,8 x reg 0.001,0.1 x seeds 0-2."""
+    spec = SweepSpec(dict(QUICK), {"hidden": [[3], [8]], "reg": [0.001, 0.1], "seed": [0, 1, 2]})
+    return run_sweep(spec, tmp_path_factory.mktemp("sweep") / "sweep", workers=1).out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real nnx train run directory."""
+    path = tmp_path_factory.mktemp("run")
+    save_run(path, run(TrainConfig(hidden=[5], **QUICK)))
+    return path
+
+
+def results(sweep_dir):
+    return pd.read_csv(sweep_dir / "results.csv")
+
+
+def summary(sweep_dir):
+    return pd.read_csv(sweep_dir / "summary.csv")
+
+
+# ---- the complexity metric ------------------------------------------------------
+def test_complexity_of_one_straight_cut_is_two_columns_of_cells():
+    labels = np.zeros((10, 20), dtype=int)
+    labels[:, 8:] = 1
+    assert boundary_complexity(labels) == pytest.approx(2 * 10 / 200)
+
+
+def test_complexity_is_zero_for_one_class_and_one_for_a_checkerboard():
+    assert boundary_complexity(np.zeros((5, 5), dtype=int)) == 0
+    assert boundary_complexity(np.indices((6, 6)).sum(axis=0) % 2) == 1
+
+
+def test_grid_covers_the_data_plus_the_margin_on_each_side():
+    X = np.array([[0.0, -1.0], [2.0, 1.0]])
+    xs, ys = grid_axes(X, resolution=11, margin=0.5)
+    assert (xs[0], xs[-1], ys[0], ys[-1]) == (-1.0, 3.0, -2.0, 2.0)
+    assert len(xs) == len(ys) == 11
+
+
+def test_regions_are_the_networks_predictions_on_the_grid():
+    net = build_mlp(2, [4], 2, seed=1)
+    regions = decision_regions(net, np.array([[-1.0, -1.0], [1.0, 1.0]]), resolution=7)
+    assert regions.labels[2, 5] == net.predict(np.array([[regions.xs[5], regions.ys[2]]]))[0]
+
+
+# ---- decision regions -----------------------------------------------------------
+def title_acc(title: str) -> float:
+    return float(re.search(r"train acc ([\d.]+)%", title).group(1)) / 100
+
+
+def test_run_boundary_is_one_panel_titled_with_the_runs_train_accuracy(run_dir, tmp_path):
+    fig = plots.plot_run_boundary(run_dir, tmp_path / "b.png", resolution=30)
+    assert (tmp_path / "b.png").stat().st_size > 0
+    assert len(fig.axes) == 1
+    record = json.loads((run_dir / "config.json").read_text())
+    assert title_acc(fig.axes[0].get_title()) == pytest.approx(record["final_train_acc"], abs=5e-4)
+
+
+def test_run_boundary_draws_every_training_point(run_dir, tmp_path):
+    fig = plots.plot_run_boundary(run_dir, tmp_path / "b.png", resolution=20)
+    drawn = np.concatenate([c.get_offsets() for c in fig.axes[0].collections])
+    X, _ = plots.training_points(plots.load_model(run_dir))
+    assert sorted(map(tuple, drawn)) == sorted(map(tuple, X))
+
+
+def test_sweep_boundary_has_one_panel_per_hidden_and_reg(sweep_dir, tmp_path):
+    fig = plots.plot_sweep_boundaries(sweep_dir, tmp_path / "grid.png", seed="1", resolution=20)
+    assert len(fig.axes) == 4
+    rows = results(sweep_dir)
+    for ax in fig.axes:
+        hidden, reg = re.search(r"hidden=(\S+) reg=(\S+)", ax.get_title()).groups()
+        row = rows[(rows.hidden.astype(str) == hidden) & (rows.reg == float(reg)) & (rows.seed == 1)]
+        assert title_acc(ax.get_title()) == pytest.approx(row.final_train_acc.item(), abs=5e-4)
+
+
+def test_sweep_boundary_with_other_axes_swapped(sweep_dir, tmp_path):
+    fig = plots.plot_sweep_boundaries(sweep_dir, tmp_path / "g.svg", rows="reg", cols="seed",
+                                      where={"hidden": "8"}, resolution=10)
+    assert len(fig.axes) == 2 * 3
+    assert (tmp_path / "g.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_sweep_boundary_refuses_an_axis_left_open(sweep_dir, tmp_path):
+    with pytest.raises(plots.NotDrawableError, match="also varies reg"):
+        plots.plot_sweep_boundaries(sweep_dir, tmp_path / "g.png", rows="hidden", cols="seed")
+
+
+# ---- variance across seeds ------------------------------------------------------
+def test_variance_points_are_every_seeds_final_train_loss(sweep_dir, tmp_path):
+    fig = plots.plot_variance(sweep_dir, tmp_path / "v.png")
+    ax = fig.axes[0]
+    drawn = np.concatenate([np.asarray(c.get_offsets())[:, 1] for c in ax.collections
+                            if c.get_gid() == "seeds"])
+    table = results(sweep_dir)
+    assert np.sort(drawn) == pytest.approx(np.sort(table.final_train_loss[table.status == "ok"].to_numpy()))
+
+
+def test_variance_std_lines_equal_summary_csv(sweep_dir, tmp_path):
+    fig = plots.plot_variance(sweep_dir, tmp_path / "v.pdf")
+    assert (tmp_path / "v.pdf").read_bytes().startswith(b"%PDF")
+    table = summary(sweep_dir)
+    std_lines = fig.axes[1].get_lines()
+    assert len(std_lines) == 2                         # one per reg
+    for line, reg in zip(std_lines, [0.001, 0.1], strict=True):
+        expected = table[table.reg == reg].set_index("hidden").loc[[3, 8], "std_final_train_loss"]
+        assert line.get_ydata() == pytest.approx(expected.to_numpy())
+
+
+# ---- learning curves ------------------------------------------------------------
+def test_run_curves_are_metrics_csv(run_dir, tmp_path):
+    fig = plots.plot_curves(run_dir, tmp_path / "c.png")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    loss = next(line for line in fig.axes[0].get_lines() if line.get_gid() == "train_loss")
+    assert loss.get_ydata() == pytest.approx(metrics.train_loss.to_numpy())
+    val = next(line for line in fig.axes[1].get_lines() if line.get_gid() == "val_acc")
+    assert val.get_ydata() == pytest.approx(metrics.val_acc.to_numpy())
+
+
+def test_sweep_curves_are_the_mean_over_seeds_with_a_band(sweep_dir, tmp_path):
+    fig = plots.plot_curves(sweep_dir, tmp_path / "c.png")
+    table = results(sweep_dir)
+    trials = table[(table.hidden == 3) & (table.reg == 0.001)].trial
+    curves = [pd.read_csv(sweep_dir / "curves" / f"{t}.csv") for t in trials]
+    mean = np.mean([c.train_loss for c in curves], axis=0)
+    line = next(line for line in fig.axes[0].get_lines()
+                if line.get_label() == "hidden=3 reg=0.001 train")
+    assert line.get_ydata() == pytest.approx(mean)
+    train_lines = [line for line in fig.axes[0].get_lines() if line.get_gid() == "train_loss"]
+    assert len(train_lines) == 4                       # one per configuration
+    assert len(fig.axes[0].collections) == 8           # a band per train and val line
+
+
+# ---- heatmap ---------------------------------------------------------------------
+def test_heatmap_cells_are_mean_val_acc_from_summary_csv(sweep_dir, tmp_path):
+    fig = plots.plot_sweep(sweep_dir, tmp_path / "h.png")
+    image = fig.axes[0].get_images()[0].get_array()
+    table = summary(sweep_dir).pivot(index="hidden", columns="reg", values="mean_final_val_acc")
+    assert np.asarray(image) == pytest.approx(table.loc[[3, 8], [0.001, 0.1]].to_numpy())
+    texts = sorted(float(t.get_text()) for t in fig.axes[0].texts)
+    assert texts == pytest.approx(sorted(np.round(table.to_numpy().ravel(), 3)))
+
+
+def test_heatmap_refuses_an_unknown_axis(sweep_dir, tmp_path):
+    with pytest.raises(plots.NotDrawableError, match="'width' is not an option"):
+        plots.plot_sweep(sweep_dir, tmp_path / "h.png", x="width")
+
+
+# ---- image models ----------------------------------------------------------------
+def conv_net(filters=6):
+    rng = np.random.default_rng(0)
+    return Network([Conv2D(3, filters, 3, rng=rng), Flatten(), Linear(filters * 36, 10, rng=rng)],
+                   input_shape=(3, 8, 8), metadata={"data": "cifar10"})
+
+
+def test_filters_are_one_tile_per_filter_of_the_first_conv_layer(tmp_path):
+    net = conv_net(6)
+    fig = plots.plot_filters(net, tmp_path / "f.png")
+    images = [ax.get_images()[0] for ax in fig.axes if ax.get_images()]
+    assert len(images) == 6
+    W = net.layers[0].params["W"][2].transpose(1, 2, 0)
+    expected = (W - W.min()) / (W.max() - W.min())
+    assert np.asarray(images[2].get_array()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_filters_refuse_a_model_without_conv_layers(tmp_path):
+    with pytest.raises(plots.NotDrawableError, match="no conv layer"):
+        plots.plot_filters(build_mlp(2, [3], 2), tmp_path / "f.png")
+
+
+def test_confusion_cells_are_the_counts_coloured_by_row_fraction(tmp_path):
+    matrix = np.array([[5, 1, 0], [2, 2, 0], [0, 0, 7]])
+    fig = plots.plot_confusion(matrix, ["a", "b", "c"], tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").stat().st_size > 0
+    ax = fig.axes[0]
+    assert [int(t.get_text()) for t in ax.texts] == matrix.ravel().tolist()
+    assert np.asarray(ax.get_images()[0].get_array())[1] == pytest.approx([0.5, 0.5, 0])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+
+
+# ---- the commands -----------------------------------------------------------------
+@pytest.mark.parametrize("command, name", [("plot-boundary", "boundary"), ("plot-curves", "curves")])
+def test_run_commands_write_next_to_the_run(run_dir, command, name):
+    result = runner.invoke(app, [command, str(run_dir), "--format", "svg"])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / f"{name}.svg").is_file()
+
+
+@pytest.mark.parametrize("command", ["plot-boundary", "plot-variance", "plot-curves", "plot-sweep"])
+def test_sweep_commands_write_the_file_asked_for(sweep_dir, tmp_path, command):
+    out = tmp_path / f"{command}.png"
+    args = [command, str(sweep_dir), "--out", str(out)]
+    result = runner.invoke(app, args + (["--resolution", "10"] if command == "plot-boundary" else []))
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0
+
+
+def one_error_line(result, code=1):
+    assert result.exit_code == code
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:")
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["plot-boundary", "plot-variance", "plot-curves", "plot-sweep"])
+def test_commands_refuse_a_missing_directory_in_one_line(tmp_path, command):
+    line = one_error_line(runner.invoke(app, [command, str(tmp_path / "nowhere")]))
+    assert "no such directory" in line
+
+
+def test_boundary_refuses_an_image_model_in_one_line(tmp_path):
+    folder = tmp_path / "cifar-run"
+    folder.mkdir()
+    conv_net().save(folder / "model.npz")
+    line = one_error_line(runner.invoke(app, ["plot-boundary", str(folder)]))
+    assert "2D points" in line and "cifar10" in line
+
+
+def test_sweep_only_commands_refuse_a_run_directory(run_dir):
+    line = one_error_line(runner.invoke(app, ["plot-variance", str(run_dir)]))
+    assert "not a sweep directory" in line
+
+
+def test_filters_command_draws_a_conv_model_and_refuses_an_mlp(tmp_path, run_dir):
+    conv_net().save(tmp_path / "conv.npz")
+    result = runner.invoke(app, ["plot-filters", str(tmp_path / "conv.npz")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "filters.png").is_file()
+    assert "no conv layer" in one_error_line(runner.invoke(app, ["plot-filters", str(run_dir)]))
+
+
+def test_a_bad_format_is_a_usage_error(run_dir):
+    result = runner.invoke(app, ["plot-curves", str(run_dir), "--format", "gif"])
+    assert result.exit_code == 2

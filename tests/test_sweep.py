@@ -1,0 +1,373 @@
+"""`nnx sweep`: spec parsing, the results store, resume and crash safety, backends."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import experiments.executors as executors
+from cli.app import app
+from experiments.config import ConfigError
+from experiments.store import FINAL_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS, SweepStore
+from experiments.sweep import (
+    RESULT_SCHEMA_VERSION,
+    SweepSpec,
+    build_spec,
+    expand,
+    parse_grid,
+    parse_seeds,
+    run_sweep,
+    spec_from_toml,
+    spec_to_toml,
+)
+from mlp.network import Network
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+# 2 x 2 x 2 trials of 30 epochs on 90 points: well under a second in all.
+QUICK = ["--grid", "hidden=3,20", "--grid", "reg=0.001,0.1", "--seeds", "0-1",
+         "--epochs", "30", "--points", "30", "--val-fraction", "0.2"]
+QUICK_SPEC = SweepSpec(fixed={"epochs": 30, "points": 30, "val_fraction": 0.2},
+                       grid={"hidden": [[3], [20]], "reg": [0.001, 0.1], "seed": [0, 1]})
+
+
+def invoke(*args):
+    return runner.invoke(app, ["sweep", *map(str, args)])
+
+
+def flat(output: str) -> str:
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def numbers(out: Path) -> dict:
+    """trial -> everything a rerun must reproduce bit for bit: status, metrics (as
+    written, repr of each float) and the learning curve without its timings."""
+    rows = SweepStore(out).read_rows()
+    result = {}
+    for key, row in rows.items():
+        curve = (out / "curves" / f"{key}.csv").read_text().splitlines()
+        curve = [line.rsplit(",", 1)[0] for line in curve]          # drop the seconds column
+        metrics = tuple(row[c] for c in METRIC_COLUMNS if c != "seconds")
+        result[key] = (row["status"], metrics, tuple(curve))
+    return result
+
+
+def failing_run(bad_hidden):
+    """A stand-in for runner.run that raises for one hidden size (a trial with a bug)."""
+    real = executors.run
+
+    def run(config, *args, **kwargs):
+        if config.hidden == bad_hidden:
+            raise RuntimeError("boom\nsecond line")
+        return real(config, *args, **kwargs)
+    return run
+
+
+# ---- spec ----------------------------------------------------------------------
+def test_axis_values_take_the_train_option_types():
+    grid = parse_grid(["hidden=3,6,20", "reg=1e-3,0.1", "activation=relu,tanh",
+                       "batch_size=0,32", "augment=true,false"])
+    assert grid["hidden"] == [[3], [6], [20]]          # one value per single-layer size
+    assert grid["reg"] == [0.001, 0.1] and all(isinstance(v, float) for v in grid["reg"])
+    assert grid["activation"] == ["relu", "tanh"] and grid["batch_size"] == [0, 32]
+    assert grid["augment"] == [True, False]
+    assert parse_grid(["hidden=64x64,none"])["hidden"] == [[64, 64], []]
+    assert parse_grid(["val-fraction=0.1"]) == {"val_fraction": [0.1]}
+
+
+def test_seeds_are_ranges_or_lists_and_an_ordinary_axis():
+    assert parse_seeds("0-9") == list(range(10))
+    assert parse_seeds("0,3,5") == [0, 3, 5]
+    assert parse_grid(["seed=2-4"])["seed"] == [2, 3, 4]
+    spec = build_spec(["seed=0,1", "hidden=3"])
+    assert list(spec.grid) == ["hidden", "seed"]      # seeds innermost
+
+
+@pytest.mark.parametrize("args, flag, words", [
+    (["--grid", "hidden="], "--grid hidden", "no values"),
+    (["--grid", "reg=0.1,,0.2"], "--grid reg", "empty value"),
+    (["--grid", "hiden=3,6"], "--grid", "did you mean 'hidden'"),
+    (["--grid", "reg=0.1,abc"], "--grid reg", "'abc' is not a number"),
+    (["--grid", "reg=0.1,-1"], "--grid reg", "must be >= 0"),
+    (["--grid", "hidden=3,0"], "--grid hidden", "positive"),
+    (["--grid", "activation=relu,swish"], "--grid activation", "not one of"),
+    (["--seeds", "5-2"], "--seeds", "is empty"),
+    (["--set", "patience=soon"], "--set patience", "not an integer"),
+    (["--set", "nope=1"], "--set", "unknown option 'nope'"),
+    (["--grid", "reg=0.1,0.2", "--reg", "0.1"], "--grid reg", "both fixed and a grid axis"),
+    (["--grid", "lr=0.5", "--grid", "lr=0.1"], "--grid lr", "given twice"),
+    (["--grid", "hidden=64,64"], "--grid", "written 64x64"),
+    (["--name", "a/b"], "--name", "is not a name"),
+])
+def test_a_bad_grid_is_one_usage_error_before_anything_runs(tmp_path, args, flag, words):
+    result = invoke(*args, "--out", tmp_path / "s")
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert f"Invalid value for '{flag}'" in text and words in text, text
+    assert not (tmp_path / "s").exists()
+
+
+def test_every_trial_is_resolved_and_validated_up_front():
+    # one bad combination deep in the grid is caught before any trial runs
+    spec = SweepSpec(grid={"loss": ["softmax", "svm"], "label_smoothing": [0.0, 0.1]})
+    with pytest.raises(ConfigError, match="softmax loss only"):
+        expand(spec)
+
+
+def test_trial_key_hashes_the_resolved_config():
+    implicit = expand(SweepSpec(fixed={"epochs": 30}, grid={"seed": [0]}))[0]
+    explicit = expand(SweepSpec(fixed={"epochs": 30, "reg": 1e-3, "lr": 1, "hidden": [100]},
+                                grid={"seed": [0]}))[0]
+    assert implicit.key == explicit.key and len(implicit.key) == 16
+    other = expand(SweepSpec(fixed={"epochs": 30}, grid={"seed": [1]}))[0]
+    assert other.key != implicit.key
+    assert RESULT_SCHEMA_VERSION >= 1
+
+
+def test_toml_file_round_trips_and_matches_the_command_line(tmp_path):
+    file = tmp_path / "sweep.toml"
+    file.write_text('name = "quick"\nseeds = "0-1"\n[fixed]\nepochs = 30\npoints = 30\n'
+                    'val_fraction = 0.2\n[grid]\nhidden = [3, 20]\nreg = [0.001, 0.1]\n')
+    from_file = build_spec(config=file)
+    from_cli = build_spec(["hidden=3,20", "reg=0.001,0.1"], "0-1",
+                          fixed={"epochs": 30, "points": 30, "val_fraction": 0.2})
+    assert [t.key for t in expand(from_file)] == [t.key for t in expand(from_cli)]
+    again = spec_from_toml(spec_to_toml(from_file))
+    assert [t.key for t in expand(again)] == [t.key for t in expand(from_file)]
+    assert again.name == "quick"
+    nested = spec_from_toml('[grid]\nhidden = [[64, 64], "32x16", "none"]\n')
+    assert nested.grid["hidden"] == [[64, 64], [32, 16], []]
+
+
+def test_bad_toml_names_the_config_file(tmp_path):
+    file = tmp_path / "bad.toml"
+    file.write_text("[grid]\nhidden = [3,\n")
+    result = invoke("--config", file)
+    assert result.exit_code == 2 and "Invalid value for '--config'" in flat(result.output)
+    file.write_text("[grid]\nreg = []\n")
+    assert "no values" in flat(invoke("--config", file).output)
+
+
+def test_default_sweep_is_a_named_grid_on_the_spiral():
+    spec = build_spec()
+    trials = expand(spec)
+    assert spec.name == "default" and list(spec.grid) == ["hidden", "reg", "seed"]
+    assert len(trials) == 80 and {t.config.data for t in trials} == {"spiral"}
+    assert all(t.config.val_fraction == 0.2 for t in trials)
+    changed = build_spec(fixed={"epochs": 30}, seeds="0-1")
+    assert changed.name is None and changed.grid["seed"] == [0, 1]
+    assert len(expand(changed)) == 32 and changed.fixed["epochs"] == 30
+
+
+# ---- results -------------------------------------------------------------------
+def test_sweep_writes_results_summary_curves_models_and_spec(tmp_path):
+    out = tmp_path / "s"
+    result = invoke(*QUICK, "--out", out, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "Sweep summary" in result.output and "8 trials: 8 ok" in flat(result.output)
+    results = pd.read_csv(out / "results.csv")
+    assert tuple(results.columns) == RESULT_COLUMNS and len(results) == 8
+    assert results["trial"].is_unique and set(results["status"]) == {"ok"}
+    assert sorted(results["hidden"].astype(str).unique()) == ["20", "3"]
+    assert set(results["seed"]) == {0, 1} and set(results["epochs_run"]) == {30}
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and set(summary["n_seeds"]) == {2} and "seed" not in summary
+    for metric in ("final_val_acc", "final_train_loss", "epochs_run", "seconds"):
+        assert {f"{s}_{metric}" for s in ("mean", "std", "min", "max")} <= set(summary.columns)
+    for key in results["trial"]:
+        curve = pd.read_csv(out / "curves" / f"{key}.csv")
+        assert curve["epoch"].tolist() == list(range(1, 31))
+        assert Network.load(out / "models" / f"{key}.npz").metadata["data"] == "spiral"
+    assert "[grid]" in (out / "sweep.toml").read_text()
+
+
+def test_summary_is_mean_std_min_max_over_seeds(tmp_path):
+    run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    results = pd.read_csv(tmp_path / "results.csv")
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    first = summary.iloc[0]
+    group = results[(results["hidden"] == first["hidden"]) & (results["reg"] == first["reg"])]
+    for metric in FINAL_COLUMNS:
+        values = group[metric].to_numpy()
+        assert first[f"mean_{metric}"] == pytest.approx(values.mean(), abs=1e-15)
+        assert first[f"std_{metric}"] == pytest.approx(values.std(), abs=1e-15)   # ddof 0
+        assert first[f"min_{metric}"] == values.min() and first[f"max_{metric}"] == values.max()
+
+
+def test_dry_run_lists_trials_and_writes_nothing(tmp_path):
+    result = invoke(*QUICK, "--out", tmp_path / "s", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "8 trials" in result.output and "to run" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_default_out_is_derived_from_the_trials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*QUICK, "--dry-run")
+    assert result.exit_code == 0
+    name = next(w for w in flat(result.output).split() if w.startswith("runs/sweep-spiral-"))
+    assert name.startswith("runs/sweep-spiral-hidden-reg-seed-")
+    assert name in flat(invoke(*QUICK, "--dry-run").output)       # same command, same place
+    assert "runs/sweep-default" in flat(invoke("--dry-run").output)
+
+
+# ---- resume ---------------------------------------------------------------------
+def test_rerun_skips_every_finished_trial(tmp_path):
+    first = run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    before = (tmp_path / "results.csv").read_bytes()
+    result = invoke(*QUICK, "--out", tmp_path, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "skipping 8 finished trial(s) of 8" in result.output
+    assert (tmp_path / "results.csv").read_bytes() == before and first.ran == 8
+
+
+def test_torn_last_line_is_repaired_and_its_trial_rerun(tmp_path):
+    run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    expected = numbers(tmp_path)
+    path = tmp_path / "results.csv"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]) + lines[-1][:40])         # killed mid-append
+    torn_key = lines[-1][:16].decode()
+    outcome = run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    assert outcome.ran == 1 and outcome.skipped == 7
+    assert path.read_bytes().endswith(b"\n") and len(path.read_bytes().splitlines()) == 9
+    assert numbers(tmp_path) == expected and torn_key in expected
+
+
+def test_a_curve_without_its_row_is_replaced_on_resume(tmp_path):
+    run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    stray = tmp_path / "curves" / "0123456789abcdef.csv"
+    stray.write_text("epoch\n")
+    run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    assert not stray.exists()
+    assert len(list((tmp_path / "curves").iterdir())) == 8
+
+
+def test_a_changed_spec_is_refused_unless_forced(tmp_path):
+    assert invoke(*QUICK, "--out", tmp_path, "--workers", "0").exit_code == 0
+    changed = ["--grid", "hidden=3,50", "--grid", "reg=0.001,0.1", "--seeds", "0-1",
+               "--epochs", "30", "--points", "30", "--val-fraction", "0.2"]
+    result = invoke(*changed, "--out", tmp_path, "--workers", "0")
+    assert result.exit_code == 2 and "holds a different sweep" in flat(result.output)
+    result = invoke(*changed, "--out", tmp_path, "--workers", "0", "--force")
+    assert result.exit_code == 0, result.output
+    assert "skipping 4 finished" in result.output              # hidden=3 is shared
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(results["hidden"].unique()) == [3, 50] and len(results) == 8
+    assert len(list((tmp_path / "curves").iterdir())) == 8
+    assert "50" in (tmp_path / "sweep.toml").read_text()
+
+
+def test_a_directory_that_is_not_a_sweep_is_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = invoke(*QUICK, "--out", tmp_path, "--workers", "0")
+    assert result.exit_code == 2 and "holds no sweep" in flat(result.output)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_directory_in_use_is_locked(tmp_path):
+    with SweepStore.open(tmp_path), pytest.raises(ConfigError, match="another nnx sweep"):
+        with SweepStore.open(tmp_path):
+            pass
+
+
+# ---- failed and diverged trials --------------------------------------------------
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "run", failing_run([3]))
+    result = invoke(*QUICK, "--out", tmp_path, "--workers", "0")
+    assert result.exit_code == 1
+    assert "4 trial(s) failed" in flat(result.output)
+    results = pd.read_csv(tmp_path / "results.csv")
+    failed = results[results["status"] == "failed"]
+    assert len(failed) == 4 and set(failed["hidden"]) == {3}
+    assert set(failed["error"]) == {"RuntimeError: boom second line"}
+    assert set(results[results["status"] == "ok"]["hidden"]) == {20}
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary.set_index("hidden")["n_failed"].to_dict() == {3: 2, 20: 0}
+    assert not any((tmp_path / "models" / f"{k}.npz").exists() for k in failed["trial"])
+
+
+def test_failed_trials_rerun_only_with_retry_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "run", failing_run([3]))
+    run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    monkeypatch.undo()                                   # the bug is fixed
+    again = run_sweep(QUICK_SPEC, tmp_path, workers=0)
+    assert again.ran == 0 and again.count("failed") == 4
+    retried = run_sweep(QUICK_SPEC, tmp_path, workers=0, retry_failed=True)
+    assert retried.ran == 4 and retried.count("ok") == 8
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert len(results) == 8 and results["trial"].is_unique
+
+
+def test_a_diverging_trial_is_recorded_as_diverged(tmp_path):
+    result = invoke("--grid", "lr=1,1e9", "--epochs", "30", "--points", "30", "--val-fraction",
+                    "0.2", "--hidden", "20", "--out", tmp_path, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    results = pd.read_csv(tmp_path / "results.csv").set_index("lr")
+    assert results.loc[1e9, "status"] == "diverged" and results.loc[1.0, "status"] == "ok"
+    assert results.loc[1e9, "epochs_run"] < 30 and np.isnan(results.loc[1e9, "final_val_acc"])
+    assert (tmp_path / "curves" / f"{results.loc[1e9, 'trial']}.csv").exists()
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("lr")
+    assert summary.loc[1e9, "n_diverged"] == 1 and summary.loc[1e9, "n_seeds"] == 0
+
+
+# ---- backends --------------------------------------------------------------------
+def test_serial_process_and_dask_results_are_bit_identical(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    run_sweep(QUICK_SPEC, tmp_path / "serial", workers=0)
+    run_sweep(QUICK_SPEC, tmp_path / "processes", workers=2)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        run_sweep(QUICK_SPEC, tmp_path / "dask", scheduler=cluster.scheduler_address)
+    serial = numbers(tmp_path / "serial")
+    assert len(serial) == 8
+    assert numbers(tmp_path / "processes") == serial and numbers(tmp_path / "dask") == serial
+    for key in serial:
+        a = Network.load(tmp_path / "serial" / "models" / f"{key}.npz")
+        b = Network.load(tmp_path / "dask" / "models" / f"{key}.npz")
+        assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_an_unreachable_scheduler_is_a_usage_error(tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    monkeypatch.setattr(executors, "CONNECT_TIMEOUT", "0.5s")
+    result = invoke(*QUICK, "--out", tmp_path, "--scheduler", "tcp://127.0.0.1:9")
+    assert result.exit_code == 2 and "--scheduler" in flat(result.output)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_finds_every_trial_exactly_once(tmp_path):
+    """SIGKILL a running sweep, tear its last line, resume: same trials, same numbers."""
+    args = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3",
+            "--epochs", "600", "--points", "30", "--val-fraction", "0.2", "--workers", "1",
+            "--out", str(tmp_path / "killed")]
+    results = tmp_path / "killed" / "results.csv"
+    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (results.exists() and results.read_bytes().count(b"\n") >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before the kill"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = results.read_bytes().count(b"\n") - 1
+    assert 2 <= done < 16
+    with open(results, "ab") as f:
+        f.write(b"0123456789abcdef,ok,spiral,30,3,")                # a torn append
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping {done} finished trial(s) of 16" in resumed.stdout
+    spec = build_spec(["hidden=5,10,20,30"], "0-3",
+                      fixed={"epochs": 600, "points": 30, "val_fraction": 0.2})
+    run_sweep(spec, tmp_path / "uninterrupted", workers=0)
+    rows = pd.read_csv(results)
+    assert len(rows) == 16 and rows["trial"].is_unique
+    assert numbers(tmp_path / "killed") == numbers(tmp_path / "uninterrupted")
