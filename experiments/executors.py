@@ -11,12 +11,10 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
 from experiments.config import ConfigError, TrainConfig
 from experiments.runner import RunOutcome, run
@@ -60,10 +58,7 @@ def model_bytes(outcome: RunOutcome) -> bytes | None:
         return None
     if outcome.config.is_image and outcome.network.num_params >= MAX_IMAGE_MODEL_PARAMS:
         return None
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.npz"
-        outcome.network.save(path)
-        return path.read_bytes()
+    return outcome.network.to_bytes()
 
 
 def default_workers() -> int:

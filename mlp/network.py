@@ -155,18 +155,21 @@ class Network:
                 "input_shape": list(self.input_shape) if self.input_shape else None,
                 "dtype": self.dtype.name, "metadata": self.metadata}
 
-    def save(self, path, extra: dict[str, np.ndarray] | None = None) -> None:
-        """Write an ``.npz`` with the spec (JSON) and every parameter and buffer,
-        atomically: a crash leaves either the old file or the new one. ``extra``
-        arrays (a checkpoint's optimizer state) are stored beside them under
-        their own names and ignored by ``load``."""
+    def to_bytes(self, extra: dict[str, np.ndarray] | None = None) -> bytes:
+        """The ``.npz`` bytes ``save`` writes: the spec (JSON), every parameter and
+        buffer, and any ``extra`` arrays (a checkpoint's optimizer state), which
+        ``load`` ignores."""
         arrays = {_META_KEY: np.array(json.dumps(self.spec()))}
         arrays.update({f"param:{k}": v for k, v in self.params.items()})
         arrays.update({f"buffer:{k}": v for k, v in self.buffers.items()})
         arrays.update(extra or {})
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write_bytes(path, buf.getvalue())
+        return buf.getvalue()
+
+    def save(self, path, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write ``to_bytes(extra)`` atomically: a crash leaves the old file or the new one."""
+        atomic_write_bytes(path, self.to_bytes(extra))
 
     @classmethod
     def load(cls, path) -> Network:
