@@ -127,6 +127,8 @@ class Conv2D(Layer):
         np.sum(dflat, axis=0, out=self.grads["b"])
         if not self.input_grad:
             return None
+        if S == 1 and P <= K - 1:
+            return self._input_grad_by_convolution(dflat.reshape(N, Ho, Wo, F), H, W)
         dcols = self._scratch("dcols", (N * Ho * Wo, K * K * C), dflat.dtype)
         np.matmul(dflat, self.w_mat.T, out=dcols)
         # col2im: each kernel offset (kh, kw) adds one strided slab; K*K
@@ -140,6 +142,23 @@ class Conv2D(Layer):
             for kw in range(K):
                 dxp[:, kh:kh + S * (Ho - 1) + 1:S, kw:kw + S * (Wo - 1) + 1:S, :] += dc[:, :, :, kh, kw, :]
         return _nchw(dxp[:, P:P + H, P:P + W, :])
+
+    def _input_grad_by_convolution(self, dout, H, W):
+        """dx for stride 1: the upstream gradient dout: (N, Ho, Wo, F), zero-padded
+        by K-1-P, correlated with the kernel flipped in space and transposed in
+        channels -- one im2col and one matrix product, like the forward. (A
+        col2im instead scatters K*K strided slabs of a 6-D array into dx, which
+        is memory-bound and several times slower.)"""
+        N, Ho, Wo, F = dout.shape
+        K, C, Q = self.kernel_size, self.in_channels, self.kernel_size - 1 - self.padding
+        dp = self._scratch("dout_padded", (N, Ho + 2 * Q, Wo + 2 * Q, F), dout.dtype)
+        dp[:, Q:Q + Ho, Q:Q + Wo, :] = dout
+        sN, sH, sW, sF = dp.strides
+        windows = as_strided(dp, (N, H, W, K, K * F), (sN, sH, sW, sH, sF), writeable=False)
+        cols = self._scratch("dout_cols", (N * H * W, K * K * F), dout.dtype)
+        cols.reshape(N, H, W, K, K * F)[...] = windows
+        w_flipped = self.params["W"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(K * K * F, C)
+        return _nchw((cols @ w_flipped).reshape(N, H, W, C))
 
 
 @register
