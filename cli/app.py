@@ -216,18 +216,15 @@ def gradcheck(seed: int = typer.Option(0, help="Seed of the random inputs and we
 
 
 def _mount_subcommands():
-    """Command groups that live in their own modules."""
-    try:
-        from cli.data import data_app
-    except ImportError:  # pragma: no cover - during development only
-        return
-    app.add_typer(data_app, name="data")
+    """Commands that live in their own modules (which import this one's console)."""
+    from cli.data import data_app
     from cli.evaluate import evaluate_command
-    app.command("evaluate")(evaluate_command)
-    from cli.sweep import sweep
-    app.command()(sweep)
     from cli.plots import register_plot_commands
+    from cli.sweep import sweep
+    app.command("evaluate")(evaluate_command)
+    app.command()(sweep)
     register_plot_commands(app)
+    app.add_typer(data_app, name="data")
 
 
 _mount_subcommands()
