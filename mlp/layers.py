@@ -86,7 +86,9 @@ class Linear(Layer):
     def forward(self, x, train=False):
         self.x_shape = x.shape
         self.x = x.reshape(x.shape[0], -1)
-        return self.x @ self.params["W"] + self.params["b"]
+        out = self.x @ self.params["W"]
+        out += self.params["b"]
+        return out
 
     def backward(self, dout):
         np.matmul(self.x.T, dout, out=self.grads["W"])

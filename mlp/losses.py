@@ -14,18 +14,22 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray,
     """
     n, c = scores.shape
     shifted = scores - scores.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    probs = np.exp(shifted)
+    sums = probs.sum(axis=1, keepdims=True)
+    probs /= sums
+    log_probs = shifted
+    log_probs -= np.log(sums)
     rows = np.arange(n)
     if label_smoothing:
         target = np.full_like(scores, label_smoothing / c)
         target[rows, y] += 1.0 - label_smoothing
-        loss = -float(np.sum(target * log_probs)) / n
-        return loss, (np.exp(log_probs) - target) / n
-    loss = -float(np.sum(log_probs[rows, y])) / n
-    dscores = np.exp(log_probs)
-    dscores[rows, y] -= 1
-    dscores /= n
-    return loss, dscores
+        loss = -float(np.vdot(target, log_probs)) / n
+        probs -= target
+    else:
+        loss = -float(np.sum(log_probs[rows, y])) / n
+        probs[rows, y] -= 1
+    probs /= n
+    return loss, probs
 
 
 def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0) -> tuple[float, np.ndarray]:

@@ -64,7 +64,8 @@ class Network:
     def reg_loss(self) -> float:
         if not self.reg:
             return 0.0
-        return 0.5 * self.reg * sum(float(np.sum(w * w)) for w in self.weights())
+        # vdot of the flattened weights: no squared temporary per weight array
+        return 0.5 * self.reg * sum(float(np.vdot(w, w)) for w in self.weights())
 
     def loss(self, X: np.ndarray, y: np.ndarray, train: bool = True
              ) -> tuple[float, dict[str, np.ndarray]]:
