@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 import mlp
-from experiments.checkpoint import Checkpointer, TimeBudget, estimate_epoch_seconds, load_checkpoint
+from experiments.checkpoint import (
+    CHECKPOINT,
+    Checkpointer,
+    TimeBudget,
+    estimate_epoch_seconds,
+    load_checkpoint,
+)
 from experiments.config import ConfigError, TrainConfig, format_hidden, resolve
 from experiments.datasets import Dataset, make_2d
 from mlp.network import Network, atomic_write_bytes, build_mlp
@@ -87,6 +93,8 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
     optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
     if checkpoint is not None and Path(checkpoint).exists():
         net, state = load_checkpoint(checkpoint, optimizer)
+        if net.metadata.get("config") != config.to_dict():
+            raise ConfigError("resume", f"{checkpoint} belongs to a run with another config")
     else:
         net, state = build_network(config, data), TrainResult()
     augment = None
@@ -143,10 +151,13 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError("out", f"{path} is a file, not a directory")
-    existing = [name for name in RUN_FILES if (path / name).exists()]
+    existing = [name for name in (*RUN_FILES, CHECKPOINT) if (path / name).exists()]
     if existing and not overwrite:
-        raise ConfigError("out", f"{path} already holds a run ({', '.join(existing)}); "
+        hint = "continue it with --resume, " if existing == ["config.json", CHECKPOINT] else ""
+        raise ConfigError("out", f"{path} already holds a run ({', '.join(existing)}); {hint}"
                                  "pass --overwrite to replace it or choose another --out")
+    for name in existing:      # a stale checkpoint would otherwise be resumed
+        (path / name).unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
