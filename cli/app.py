@@ -86,21 +86,23 @@ def train(
                              rich_help_panel=MODEL),
     reg: float | None = typer.Option(None, help="L2 strength: adds 0.5 * reg * sum(W**2) over "
                                         "weights (not biases), gradient reg * W "
-                                        "[default: 1e-3; cifar10 1e-4].", rich_help_panel=MODEL),
+                                        "[default: 1e-3; cifar10 5e-4].", rich_help_panel=MODEL),
     label_smoothing: float = typer.Option(0.0, help="Softmax label smoothing.", rich_help_panel=MODEL),
     dtype: str = typer.Option("auto", help="auto (float64 for MLPs, float32 for ConvNets), "
                               "float32 or float64.", rich_help_panel=MODEL),
     optimizer: str | None = typer.Option(None, help="sgd, momentum, nesterov, adagrad, rmsprop, "
-                                            "adam or adadelta [default: sgd; cifar10 adadelta].",
+                                            "adam or adadelta [default: sgd; cifar10 nesterov].",
                                             rich_help_panel=OPTIM),
-    lr: float | None = typer.Option(None, help="Learning rate [default: 1.0 for 2D data with "
-                                       "sgd, else the optimizer's own].", rich_help_panel=OPTIM),
+    lr: float | None = typer.Option(None, help="Learning rate [default: 1.0 for 2D data, 0.02 "
+                                       "for cifar10].", rich_help_panel=OPTIM),
     momentum: float = typer.Option(0.9, help="Momentum for momentum/nesterov.", rich_help_panel=OPTIM),
-    schedule: str = typer.Option("constant", help="constant, step (x gamma every step-size "
-                                 "epochs) or cosine (with --warmup epochs).", rich_help_panel=OPTIM),
+    schedule: str | None = typer.Option(None, help="constant, step (x gamma every step-size "
+                                        "epochs) or cosine (with --warmup epochs) [default: "
+                                        "constant; cifar10 cosine].", rich_help_panel=OPTIM),
     step_size: int = typer.Option(10, help="Epochs between step decays.", rich_help_panel=OPTIM),
     gamma: float = typer.Option(0.1, help="Step decay factor.", rich_help_panel=OPTIM),
-    warmup: float = typer.Option(0.0, help="Cosine: linear warm-up epochs.", rich_help_panel=OPTIM),
+    warmup: float | None = typer.Option(None, help="Cosine: linear warm-up epochs [default: 0; "
+                                        "cifar10 0.5].", rich_help_panel=OPTIM),
     min_lr: float = typer.Option(0.0, help="Cosine: final learning rate.", rich_help_panel=OPTIM),
     epochs: int | None = typer.Option(None, help="Epochs [default: 10000 for 2D data, 10 for "
                                          "cifar10].", rich_help_panel=OPTIM),

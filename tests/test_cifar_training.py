@@ -29,7 +29,7 @@ def test_train_convnetjs_with_augmentation_then_evaluate(data_dir, tmp_path):
                                  "--batch-size", "25", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "config.json").read_text())
-    assert record["config"]["optimizer"] == "adadelta" and record["config"]["dtype"] == "float32"
+    assert record["config"]["optimizer"] == "nesterov" and record["config"]["dtype"] == "float32"
     assert (out / "checkpoint.npz").exists()
     net = Network.load(out / "model.npz")
     assert net.metadata["arch"].startswith("conv16x5") and len(net.metadata["mean"]) == 3

@@ -112,3 +112,13 @@ def test_version_and_help_mention_the_l2_convention():
     assert invoke("--version").output.startswith("nnx ")
     text = flat(invoke("train", "--help").output)
     assert "0.5 * reg * sum(W**2)" in text
+
+
+def test_lr_default_follows_the_optimizer_and_the_data_set():
+    from experiments.config import TrainConfig, resolve
+    assert resolve(TrainConfig()).lr == 1.0                           # the notes' spiral run
+    assert resolve(TrainConfig(optimizer="adam")).lr == 1e-3          # Adam's own, not 1.0
+    image = resolve(TrainConfig(data="cifar10"))
+    assert (image.optimizer, image.lr, image.schedule) == ("nesterov", 0.02, "cosine")
+    assert resolve(TrainConfig(data="cifar10", optimizer="adadelta")).lr == 1.0
+    assert resolve(TrainConfig(data="cifar10", lr=0.1)).lr == 0.1
