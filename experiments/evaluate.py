@@ -7,6 +7,7 @@ import numpy as np
 
 from experiments.config import TrainConfig, resolve
 from experiments.datasets import DataError, make_2d
+from mlp.losses import softmax
 from mlp.network import Network
 
 SPLITS = ("train", "val", "test")
@@ -58,17 +59,14 @@ def split_arrays(net: Network, split: str, data_dir: str | None = None):
         raise ValueError(f"split must be one of {', '.join(SPLITS)}")
     config = model_config(net)
     if config.is_image:
-        from experiments.cifar10 import default_data_dir, load_cifar10, normalize
+        from experiments.cifar10 import default_data_dir, load_cifar10, load_cifar10_dataset, normalize
         if data_dir is not None:
             config.data_dir = data_dir
         if split == "test":
             data = load_cifar10(config.data_dir or default_data_dir())
             X = normalize(data.X_test, net.metadata["mean"], net.metadata["std"])
             return X, data.y_test, list(data.class_names)
-        from experiments.cifar10 import load_cifar10_dataset
-        ds = load_cifar10_dataset(config)
-        return (ds.X_train, ds.y_train, ds.class_names) if split == "train" else \
-               (ds.X_val, ds.y_val, ds.class_names)
+        return _train_or_val(load_cifar10_dataset(config), split)
     if split == "test":
         ds = make_2d(config.data, config.points, config.classes, config.noise,
                      config.data_seed + TEST_SEED_OFFSET, 0.0)
@@ -77,8 +75,13 @@ def split_arrays(net: Network, split: str, data_dir: str | None = None):
                  config.val_fraction)
     if split == "val" and not len(ds.X_val):
         raise DataError("this model was trained without a validation split (--val-fraction 0)")
-    return (ds.X_train, ds.y_train, ds.class_names) if split == "train" else \
-           (ds.X_val, ds.y_val, ds.class_names)
+    return _train_or_val(ds, split)
+
+
+def _train_or_val(ds, split: str):
+    if split == "train":
+        return ds.X_train, ds.y_train, ds.class_names
+    return ds.X_val, ds.y_val, ds.class_names
 
 
 def class_scores(net: Network, X: np.ndarray, flip_average: bool = False) -> np.ndarray:
@@ -86,13 +89,7 @@ def class_scores(net: Network, X: np.ndarray, flip_average: bool = False) -> np.
     each image and its left-right mirror (test-time augmentation)."""
     if not flip_average:
         return net.scores(X)
-    probs = [_softmax(net.scores(x)) for x in (X, X[..., ::-1])]
-    return (probs[0] + probs[1]) / 2
-
-
-def _softmax(scores):
-    e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return (softmax(net.scores(X)) + softmax(net.scores(X[..., ::-1]))) / 2
 
 
 def evaluate(net: Network, split: str = "test", data_dir: str | None = None,

@@ -4,6 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Class probabilities, row by row. scores: (N, C) -> (N, C); the row max is
+    subtracted first so exp() cannot overflow."""
+    probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs
+
+
 def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray,
                           label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
     """Softmax cross-entropy. scores: (N, C), y: (N,) ints in [0, C).

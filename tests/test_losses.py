@@ -44,3 +44,9 @@ def test_svm_hinge_known_values():
     loss, d = svm_hinge(np.array([[3.2, 5.1, -1.7]]), np.array([0]))   # the notes' cat example
     assert loss == pytest.approx(2.9)
     np.testing.assert_allclose(d, [[-1.0, 1.0, 0.0]])
+
+
+def test_softmax_rows_sum_to_one_and_survive_huge_scores():
+    from mlp.losses import softmax
+    probs = softmax(np.array([[1000.0, 0.0, -1000.0], [1.0, 1.0, 1.0]]))
+    np.testing.assert_allclose(probs, [[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
