@@ -13,7 +13,10 @@ Tokens, left to right (input is (C, H, W) images):
 
 A ReLU follows every conv and fc automatically, except the final fc (the class
 scores). If ``bn`` directly follows a conv/fc, the ReLU goes after the bn
-(conv-bn-relu). An explicit ``relu``/``tanh`` right after a conv/fc (or its bn)
+(conv-bn-relu). A pool right after a conv (or its bn) comes before that ReLU:
+max-pooling commutes with ReLU, and the ReLU then touches a quarter of the
+numbers; so ``conv32x3-pool2-bn`` is conv, pool, bn, relu. An explicit
+``relu``/``tanh`` right after a conv/fc (or its bn)
 replaces the automatic ReLU. The spec's last fc must have num_classes outputs;
 a spec that does not end in fc gets ``fc{num_classes}`` appended.
 
@@ -138,7 +141,7 @@ def build_network(arch: str, input_shape: tuple, num_classes: int, *, seed: int 
             pending_relu = False  # the explicit activation replaces the automatic one
             layers.append(ReLU() if kind == "relu" else Tanh())
             continue
-        if pending_relu:  # any other token ends the conv/fc (+ bn) block
+        if pending_relu and kind != "pool":  # any other token ends the conv/fc (+ bn) block
             layers.append(ReLU())
             pending_relu = False
         if kind in ("conv", "pool") and len(shape) != 3:

@@ -209,9 +209,13 @@ class MaxPool2D(Layer):
             # winners along H. Strict ">" keeps the first maximum on ties.
             v00, v01, v10, v11 = self._windows(xt, Ho, Wo)
             top, bottom = np.maximum(v00, v01), np.maximum(v10, v11)
-            self.right_top, self.right_bottom = v01 > v00, v11 > v10
-            self.lower = bottom > top
+            right_top, right_bottom, lower = v01 > v00, v11 > v10, bottom > top
             np.maximum(top, bottom, out=top)
+            if H == 2 * Ho and W == 2 * Wo:
+                self.winner = self._winner_mask(right_top, right_bottom, lower)
+            else:
+                self.winner = None
+                self.right_top, self.right_bottom, self.lower = right_top, right_bottom, lower
             return _nchw(top)
         views = self._windows(xt, Ho, Wo)
         out = views[0].copy()
@@ -223,6 +227,18 @@ class MaxPool2D(Layer):
         self.arg = arg
         return _nchw(out)
 
+    @staticmethod
+    def _winner_mask(right_top, right_bottom, lower):
+        """The tournament's results, each (N, Ho, Wo, C), as one-hot windows:
+        a bool (N, Ho, 2, Wo, 2, C) array, True at each window's argmax."""
+        N, Ho, Wo, C = lower.shape
+        winner = np.empty((N, Ho, 2, Wo, 2, C), bool)
+        np.logical_not(lower | right_top, out=winner[:, :, 0, :, 0])
+        np.greater(right_top, lower, out=winner[:, :, 0, :, 1])  # bools: a > b is a and not b
+        np.greater(lower, right_bottom, out=winner[:, :, 1, :, 0])
+        np.logical_and(lower, right_bottom, out=winner[:, :, 1, :, 1])
+        return winner
+
     def backward(self, dout):
         N, C, Ho, Wo = dout.shape
         H, W = self.x_shape[2:]
@@ -230,6 +246,11 @@ class MaxPool2D(Layer):
         dt = _nhwc(dout)
         if dt.strides[-1] != dt.itemsize:  # NCHW memory (from a Linear): one transposing copy
             dt = np.ascontiguousarray(dt)
+        if K == S == 2 and self.winner is not None:
+            # One pass: each upstream gradient, broadcast over its 2x2 window,
+            # times the window's one-hot argmax.
+            dx = np.multiply(dt[:, :, None, :, None, :], self.winner, dtype=dout.dtype)
+            return _nchw(dx.reshape(N, H, W, C))
         # Disjoint windows (S >= K) take plain writes; if they also cover x, no
         # input is left unwritten and dx needs no zeroing first.
         disjoint = S >= K
@@ -312,30 +333,39 @@ class BatchNorm(Layer):
             scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
             return back(rows * scale + (beta - self.buffers["running_mean"] * scale))
         m = rows.shape[0]
-        mean = rows.mean(axis=0)
-        xc = rows - mean
-        var = np.einsum("ij,ij->j", xc, xc) / m
-        inv_std = 1.0 / np.sqrt(var + self.eps)
-        xhat = xc * inv_std
+        # Column sums as a matrix-vector product: BLAS reads the (M, C) rows
+        # once, where a reduction over axis 0 of a narrow matrix crawls.
+        ones = np.ones(m, rows.dtype)
+        mean = (ones @ rows) / m
+        xhat = rows - mean
+        var = np.einsum("ij,ij->j", xhat, xhat) / m
+        inv_std = (1.0 / np.sqrt(var + self.eps)).astype(rows.dtype)
+        xhat *= inv_std
         mom = self.momentum
         self.buffers["running_mean"] *= mom
         self.buffers["running_mean"] += (1 - mom) * mean
         self.buffers["running_var"] *= mom
         self.buffers["running_var"] += (1 - mom) * var * (m / max(m - 1, 1))
         self.xhat, self.inv_std = xhat, inv_std
-        return back(xhat * gamma + beta)
+        out = xhat * gamma
+        out += beta
+        return back(out)
 
     def backward(self, dout):
         drows, back = self._rows(dout)
         xhat, m = self.xhat, self.xhat.shape[0]
-        dbeta = drows.sum(axis=0)
+        dbeta = np.ones(m, drows.dtype) @ drows
         dgamma = np.einsum("ij,ij->j", drows, xhat)
         self.grads["beta"][...] = dbeta
         self.grads["gamma"][...] = dgamma
         # d xhat = dout * gamma; through the mean and variance of the batch:
-        # dx = inv_std / M * (M dxhat - sum(dxhat) - xhat * sum(dxhat * xhat)).
+        # dx = k * dout - k * sum(dout) / M - xhat * k * sum(dout * xhat) / M,
+        # with k = gamma * inv_std, in three passes over (M, C) arrays.
         k = self.params["gamma"] * self.inv_std
-        dx = (drows - (dbeta + xhat * dgamma) / m) * k
+        dx = drows * k
+        dx -= k * dbeta / m
+        correction = np.multiply(xhat, k * dgamma / m)
+        dx -= correction
         return back(dx)
 
 

@@ -124,13 +124,13 @@ def test_layers_rebuild_from_their_spec():
 def test_presets_build_with_the_documented_layers():
     net = build_network("convnetjs", (3, 32, 32), 10)
     kinds = [layer.kind for layer in net.layers]
-    assert kinds == ["conv2d", "relu", "maxpool2d"] * 3 + ["linear"]
+    assert kinds == ["conv2d", "maxpool2d", "relu"] * 3 + ["linear"]
     assert [(c.out_channels, c.kernel_size, c.padding) for c in net.layers if c.kind == "conv2d"] == \
         [(16, 5, 2), (20, 5, 2), (20, 5, 2)]
     assert net.layers[-1].in_features == 20 * 4 * 4 and net.output_shape() == (10,)
     assert net.metadata["arch"] == PRESETS["convnetjs"]
     net = build_network("cs231n-3layer", (3, 32, 32), 10)
-    assert [layer.kind for layer in net.layers] == ["conv2d", "relu", "maxpool2d", "linear", "relu", "linear"]
+    assert [layer.kind for layer in net.layers] == ["conv2d", "maxpool2d", "relu", "linear", "relu", "linear"]
     assert net.layers[0].padding == 3 and net.layers[3].in_features == 32 * 16 * 16
     assert net.params["0.conv2d.W"].dtype == np.float32
 
@@ -141,8 +141,27 @@ def test_spec_parsing_suffixes_and_bn_goes_before_relu():
     assert resolve_arch("convnetjs") == PRESETS["convnetjs"] and resolve_arch("fc3") == "fc3"
     net = build_network("conv4x3-bn-pool2-fc8-bn-tanh", (1, 8, 6), 3)
     assert [layer.kind for layer in net.layers] == [
-        "conv2d", "batchnorm", "relu", "maxpool2d", "linear", "batchnorm", "tanh", "linear"]
+        "conv2d", "batchnorm", "maxpool2d", "relu", "linear", "batchnorm", "tanh", "linear"]
     assert net.metadata["arch"].endswith("-fc3") and net.output_shape() == (3,)
+    net = build_network("conv4x3-pool2-bn-conv5x3-dropout0.5-fc3", (1, 8, 6), 3)
+    assert [layer.kind for layer in net.layers] == [
+        "conv2d", "maxpool2d", "batchnorm", "relu", "conv2d", "relu", "dropout", "linear"]
+
+
+def test_pooling_before_the_relu_changes_nothing():
+    """The automatic ReLU moves after the pool; max commutes with ReLU, so forward
+    and gradients equal those of conv-relu-pool."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 8, 8))
+    y = np.array([0, 2])
+    pooled_first = build_network("conv4x3-pool2-fc3", (3, 8, 8), 3, seed=1, dtype=np.float64)
+    relu_first = build_network("conv4x3-relu-pool2-fc3", (3, 8, 8), 3, seed=1, dtype=np.float64)
+    assert [layer.kind for layer in relu_first.layers][:3] == ["conv2d", "relu", "maxpool2d"]
+    loss_a, grads_a = pooled_first.loss(x, y)
+    loss_b, grads_b = relu_first.loss(x, y)
+    assert loss_a == pytest.approx(loss_b, rel=1e-12)
+    for (name_a, g_a), g_b in zip(sorted(grads_a.items()), (grads_b[k] for k in sorted(grads_b)), strict=True):
+        np.testing.assert_allclose(g_a, g_b, rtol=1e-10, atol=1e-12, err_msg=name_a)
 
 
 @pytest.mark.parametrize("spec, message", [
