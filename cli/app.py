@@ -15,6 +15,7 @@ from experiments.checkpoint import CHECKPOINT, parse_duration
 from experiments.config import ConfigError, TrainConfig, parse_hidden, resolve
 from experiments.datasets import DataError
 from experiments.runner import default_run_dir, prepare_run_dir, resumable_config, run, save_run, start_run
+from mlp.arch import PRESETS
 from mlp.network import ModelFileError
 
 app = typer.Typer(name="nnx", no_args_is_help=True, add_completion=False,
@@ -69,8 +70,8 @@ def train(
                                         "images (quick runs).", rich_help_panel=DATA),
     augment: bool = typer.Option(False, help="CIFAR-10: random flips and shifts of up to 2 px.",
                                  rich_help_panel=DATA),
-    model: str | None = typer.Option(None, help="ConvNet architecture: a preset (convnetjs, "
-                                        "cs231n-3layer) or a spec such as conv16x5-pool2-fc10 "
+    model: str | None = typer.Option(None, help="ConvNet architecture: a preset ("
+                                        f"{', '.join(PRESETS)}) or a spec such as conv16x5-pool2-fc10 "
                                         "[default for cifar10: convnetjs].", rich_help_panel=MODEL),
     hidden: str | None = typer.Option(None, help="MLP hidden sizes: 100, 64,64, or none for a "
                                          "linear classifier [default: 100].", rich_help_panel=MODEL),

@@ -23,6 +23,9 @@ a spec that does not end in fc gets ``fc{num_classes}`` appended.
 Presets (pass the name instead of a spec):
   convnetjs       conv16x5-pool2-conv20x5-pool2-conv20x5-pool2-fc10  (ConvNetJS CIFAR-10 demo)
   cs231n-3layer   conv32x7-pool2-fc100-fc10  (cs231n ThreeLayerConvNet: conv-relu-pool-fc-relu-fc)
+  conv6bn         conv32x3-pool2-bn-conv32x3-bn-conv64x3-pool2-bn-conv64x3-bn-
+                  conv128x3-pool2-bn-conv128x3-bn-pool4-fc10  (six conv-bn-relu layers
+                  in three blocks; the preset of the one-hour CIFAR-10 recipe)
 """
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ from mlp.network import Network
 PRESETS = {
     "convnetjs": "conv16x5-pool2-conv20x5-pool2-conv20x5-pool2-fc10",
     "cs231n-3layer": "conv32x7-pool2-fc100-fc10",
+    # Three blocks of conv-pool-bn-relu, conv-bn-relu (airbench's block order:
+    # pooling before bn and relu shrinks both fourfold), then a global max-pool.
+    "conv6bn": "conv32x3-pool2-bn-conv32x3-bn-conv64x3-pool2-bn-conv64x3-bn-"
+               "conv128x3-pool2-bn-conv128x3-bn-pool4-fc10",
 }
 
 _TOKENS = [

@@ -135,6 +135,21 @@ def test_presets_build_with_the_documented_layers():
     assert net.params["0.conv2d.W"].dtype == np.float32
 
 
+def test_conv6bn_preset_is_three_conv_pool_bn_blocks():
+    net = build_network("conv6bn", (3, 32, 32), 10)
+    block = ["conv2d", "maxpool2d", "batchnorm", "relu", "conv2d", "batchnorm", "relu"]
+    block_then_pool = block[:-1] + ["maxpool2d", "relu"]
+    # the last ReLU waits for the global max-pool, which it commutes with
+    assert [layer.kind for layer in net.layers] == block * 2 + block_then_pool + ["linear"]
+    assert net.layers[-3].kind == "maxpool2d" and net.layers[-3].pool_size == 4
+
+    convs = [layer for layer in net.layers if layer.kind == "conv2d"]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (3, 32, 3, 1), (32, 32, 3, 1), (32, 64, 3, 1), (64, 64, 3, 1), (64, 128, 3, 1), (128, 128, 3, 1)]
+    assert net.layers[-1].in_features == 128 and net.output_shape() == (10,)
+    assert sum(p.size for p in net.params.values()) == 289_194
+
+
 def test_spec_parsing_suffixes_and_bn_goes_before_relu():
     assert parse_arch("conv32x3s2p1-pool3s2-dropout0.5-fc7") == [
         ("conv", (32, 3, 2, 1)), ("pool", (3, 2)), ("dropout", (0.5,)), ("fc", (7,))]
