@@ -23,16 +23,28 @@ from mlp.optim import Momentum  # noqa: E402
 BATCH, SHAPE, CLASSES = 128, (3, 32, 32), 10
 
 
-def median_step_seconds(step, warmup: int, reps: int, steps_per_rep: int) -> float:
-    for _ in range(warmup):
+def step_seconds(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
         step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(steps_per_rep):
+    return (time.perf_counter() - start) / steps
+
+
+def interleaved(steps: dict, warmup: int, reps: int, steps_per_rep: int) -> dict:
+    """Median seconds per step of each contender, timed in turns within every
+    repetition, so that a noisy neighbour slows both alike; also the median of
+    the per-repetition ratios nnx/torch time."""
+    for step in steps.values():
+        for _ in range(warmup):
             step()
-        times.append((time.perf_counter() - start) / steps_per_rep)
-    return float(np.median(times))
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(step_seconds(step, steps_per_rep))
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    if "torch" in times:
+        medians["ratio"] = float(np.median(np.array(times["torch"]) / np.array(times["nnx"])))
+    return medians
 
 
 def nnx_step(preset: str, X, y):
@@ -45,21 +57,37 @@ def nnx_step(preset: str, X, y):
     return step
 
 
-def torch_model(preset: str, torch):
+def torch_model(net, torch):
+    """The same network in PyTorch, layer for layer, built from the nnx one (so every
+    preset and spec is mirrored, with nothing written twice)."""
     nn = torch.nn
-    if preset == "convnetjs":
-        return nn.Sequential(nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(16, 20, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(20, 20, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(320, 10))
-    if preset == "cs231n-3layer":
-        return nn.Sequential(nn.Conv2d(3, 32, 7, padding=3), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(32 * 16 * 16, 100), nn.ReLU(), nn.Linear(100, 10))
-    raise ValueError(preset)
+    modules, flat = [], False
+    for layer in net.layers:
+        if layer.kind == "conv2d":
+            modules.append(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                     layer.stride, layer.padding))
+        elif layer.kind == "maxpool2d":
+            modules.append(nn.MaxPool2d(layer.pool_size, layer.stride))
+        elif layer.kind == "batchnorm":
+            modules.append((nn.BatchNorm1d if flat else nn.BatchNorm2d)(layer.num_features))
+        elif layer.kind == "linear":
+            modules += [nn.Flatten(), nn.Linear(layer.in_features, layer.out_features)]
+            flat = True
+        elif layer.kind == "relu":
+            modules.append(nn.ReLU())
+        elif layer.kind == "tanh":
+            modules.append(nn.Tanh())
+        elif layer.kind == "dropout":
+            modules.append(nn.Dropout(layer.p))
+        elif layer.kind == "flatten":
+            flat = True
+        else:
+            raise ValueError(f"no PyTorch twin for layer {layer.kind!r}")
+    return nn.Sequential(*modules)
 
 
 def torch_step(preset: str, X, y, torch):
-    model = torch_model(preset, torch)
+    model = torch_model(build_network(preset, SHAPE, CLASSES, seed=0), torch)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
 
@@ -75,7 +103,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     args = parser.parse_args(argv)
-    warmup, reps, steps = (1, 3, 1) if args.quick else (3, 7, 3)
+    warmup, reps, steps_per_rep = (1, 3, 1) if args.quick else (3, 9, 3)
     try:
         import torch
     except ImportError:
@@ -86,15 +114,16 @@ def main(argv=None):
     y = rng.integers(0, CLASSES, BATCH)
     threads = f", torch threads {torch.get_num_threads()}" if torch else ""
     print(f"batch {BATCH}, float32, {os.cpu_count()} CPUs{threads}; "
-          f"median of {reps} x {steps} training steps after {warmup} warm-up")
+          f"median of {reps} x {steps_per_rep} training steps after {warmup} warm-up, nnx and torch "
+          f"in turns; ratio = median over repetitions of nnx/torch throughput")
     print(f"{'net':<15} {'nnx img/s':>10} {'torch img/s':>12} {'ratio':>6}")
     for preset in PRESETS:
-        ours = BATCH / median_step_seconds(nnx_step(preset, X, y), warmup, reps, steps)
-        if torch is None:
-            print(f"{preset:<15} {ours:>10.0f} {'-':>12} {'-':>6}")
-            continue
-        theirs = BATCH / median_step_seconds(torch_step(preset, X, y, torch), warmup, reps, steps)
-        print(f"{preset:<15} {ours:>10.0f} {theirs:>12.0f} {ours / theirs:>6.2f}")
+        steps = {"nnx": nnx_step(preset, X, y)}
+        if torch is not None:
+            steps["torch"] = torch_step(preset, X, y, torch)
+        m = interleaved(steps, warmup, reps, steps_per_rep)
+        theirs = f"{BATCH / m['torch']:>12.0f} {m['ratio']:>6.2f}" if torch else f"{'-':>12} {'-':>6}"
+        print(f"{preset:<15} {BATCH / m['nnx']:>10.0f} {theirs}", flush=True)
 
 
 if __name__ == "__main__":

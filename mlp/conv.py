@@ -21,6 +21,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from mlp.init import init_weight
 from mlp.layers import Layer, register
+from mlp.parallel import block_size, over_batch, over_blocks
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, axis: str = "") -> int:
@@ -73,7 +74,7 @@ class Conv2D(Layer):
         self.params["W"] = init_weight((f, c, k, k), c * k * k, f * k * k, init, weight_scale, rng, dtype)
         self.params["b"] = np.zeros(f, dtype=dtype)
         self._zero_grads()
-        self._work: dict[str, np.ndarray] = {}  # scratch arrays reused across batches
+        self.xp = self.dp = None  # padded input and upstream gradient, reused across batches
 
     def config(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -88,54 +89,103 @@ class Conv2D(Layer):
         return (self.out_channels, conv_output_size(h, k, s, p, "height"),
                 conv_output_size(w, k, s, p, "width"))
 
-    def _scratch(self, name, shape, dtype):
-        # Fresh large arrays cost a page fault per 4 KiB on first touch; reusing
-        # them between batches of one shape saves that. Padded inputs are only
-        # ever written inside their borders, so the zero borders survive reuse.
-        buf = self._work.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._work[name] = np.zeros(shape, dtype)
-        return buf
+    def _padded_input(self, shape, dtype):
+        # Reused between batches of one shape: a fresh large array costs a page
+        # fault per 4 KiB on first touch. It is only ever written inside its
+        # borders, so the zero borders survive reuse.
+        if getattr(self, "xp", None) is None or self.xp.shape != shape or self.xp.dtype != dtype:
+            self.xp = np.zeros(shape, dtype)
+        return self.xp
+
+    def _im2col(self, xp, cols, Ho, Wo):
+        """Receptive fields of xp: (n, Hp, Wp, C) into cols: (n*Ho*Wo, K*K*C), one row per
+        output position, columns in (kh, kw, c) order. Kernel row kh of output (i, j)'s
+        field is the WW*C contiguous numbers xp[n, i*S + kh, j*S : j*S + WW, :]."""
+        n, _, _, C = xp.shape
+        K, S = self.kernel_size, self.stride
+        sN, sH, sW, sC = xp.strides
+        windows = as_strided(xp, (n, Ho, Wo, K, K * C), (sN, S * sH, S * sW, sH, sC), writeable=False)
+        cols.reshape(n, Ho, Wo, K, K * C)[...] = windows
 
     def forward(self, x, train=False):
+        """x: (N, C, H, W) -> (N, F, Ho, Wo), NHWC memory. Works through the batch a
+        block of images at a time: im2col into a cache-sized scratch, then one product."""
         N, C, H, W = x.shape
         _, Ho, Wo = self.output_shape((C, H, W))
-        F, K, S, P = self.out_channels, self.kernel_size, self.stride, self.padding
+        F, K, P = self.out_channels, self.kernel_size, self.padding
         dtype = self.params["W"].dtype
-        xp = self._scratch("xp", (N, H + 2 * P, W + 2 * P, C), dtype)
-        xp[:, P:P + H, P:P + W, :] = _nhwc(x)
-        # Receptive field of output (n, i, j), kernel row kh: the WW*C contiguous
-        # numbers xp[n, i*S + kh, j*S : j*S + WW, :].
-        sN, sH, sW, sC = xp.strides
-        windows = as_strided(xp, (N, Ho, Wo, K, K * C), (sN, S * sH, S * sW, sH, sC), writeable=False)
-        cols = self._scratch("cols", (N * Ho * Wo, K * K * C), dtype)
-        cols.reshape(N, Ho, Wo, K, K * C)[...] = windows
-        # W as a (kh, kw, c) x F matrix, matching the column order of cols.
-        self.w_mat = self.params["W"].transpose(2, 3, 1, 0).reshape(K * K * C, F)
-        out = cols @ self.w_mat
-        out += self.params["b"]
-        self.cols, self.x_shape = cols, x.shape
+        xp = self._padded_input((N, H + 2 * P, W + 2 * P, C), dtype)
+        out = np.empty((N * Ho * Wo, F), dtype)
+        # W as a (kh, kw, c) x F matrix, matching the column order of the im2col rows.
+        w_mat = self.params["W"].transpose(2, 3, 1, 0).reshape(K * K * C, F)
+        b, rows = self.params["b"], Ho * Wo
+
+        def block(lo, hi):
+            xp[lo:hi, P:P + H, P:P + W, :] = _nhwc(x[lo:hi])
+            cols = np.empty(((hi - lo) * rows, K * K * C), dtype)
+            self._im2col(xp[lo:hi], cols, Ho, Wo)
+            np.matmul(cols, w_mat, out=out[lo * rows:hi * rows])
+            out[lo * rows:hi * rows] += b
+
+        over_blocks(block, N, self._block(rows * K * K * C, dtype))
+        self.x_shape = x.shape
         return _nchw(out.reshape(N, Ho, Wo, F))
 
+    def _block(self, numbers_per_image, dtype):
+        return block_size(numbers_per_image * np.dtype(dtype).itemsize)
+
     def backward(self, dout):
+        """dout: (N, F, Ho, Wo) -> dx: (N, C, H, W) (None without ``input_grad``). Block by
+        block: the im2col rows again (cheaper than keeping them: they stay in cache),
+        their share of dW and db, and the block's input gradient."""
         N, C, H, W = self.x_shape
         _, F, Ho, Wo = dout.shape
         K, S, P = self.kernel_size, self.stride, self.padding
+        dtype = dout.dtype
         dflat = _nhwc(dout).reshape(N * Ho * Wo, F)  # a view when dout is NHWC memory
-        dw = self.cols.T @ dflat
+        rows = Ho * Wo
+        by_convolution = self.input_grad and S == 1 and P <= K - 1
+        if by_convolution:
+            Q = K - 1 - P
+            dx = np.empty((N, H, W, C), dtype)
+            dp = self._padded_dout((N, Ho + 2 * Q, Wo + 2 * Q, F), dtype)
+            w_flipped = self.params["W"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(K * K * F, C)
+
+        def block(lo, hi):
+            d = dflat[lo * rows:hi * rows]
+            cols = np.empty(((hi - lo) * rows, K * K * C), dtype)
+            self._im2col(self.xp[lo:hi], cols, Ho, Wo)
+            if by_convolution:
+                self._input_grad_by_convolution(d.reshape(hi - lo, Ho, Wo, F), dp[lo:hi], w_flipped,
+                                                dx[lo:hi])
+            return cols.T @ d, np.ones(len(d), dtype) @ d
+
+        per_image = rows * K * K * max(C, F if by_convolution else 0)
+        parts = over_blocks(block, N, self._block(per_image, dtype))
+        dw, db = parts[0]  # each block's share of dW and db, summed in block order
+        for more_dw, more_db in parts[1:]:
+            dw += more_dw
+            db += more_db
         self.grads["W"][...] = dw.reshape(K, K, C, F).transpose(3, 2, 0, 1)
-        np.sum(dflat, axis=0, out=self.grads["b"])
+        self.grads["b"][...] = db
         if not self.input_grad:
             return None
-        if S == 1 and P <= K - 1:
-            return self._input_grad_by_convolution(dflat.reshape(N, Ho, Wo, F), H, W)
-        dcols = self._scratch("dcols", (N * Ho * Wo, K * K * C), dflat.dtype)
-        np.matmul(dflat, self.w_mat.T, out=dcols)
-        # col2im: each kernel offset (kh, kw) adds one strided slab; K*K
-        # vectorised adds, no np.add.at. (Per-offset (M, F) @ (F, C) products
-        # would give contiguous blocks, but OpenBLAS runs such thin products
-        # several times slower than this one big one.) Fresh zeros: dx goes to
-        # the caller, who may keep it.
+        if by_convolution:
+            return _nchw(dx)
+        return self._input_grad_by_col2im(dflat, N, H, W, Ho, Wo)
+
+    def _padded_dout(self, shape, dtype):
+        # As _padded_input: reused, written only inside its zero borders.
+        if getattr(self, "dp", None) is None or self.dp.shape != shape or self.dp.dtype != dtype:
+            self.dp = np.zeros(shape, dtype)
+        return self.dp
+
+    def _input_grad_by_col2im(self, dflat, N, H, W, Ho, Wo):
+        """dx for any stride: dcols = dout @ W^T, then col2im. Each kernel offset (kh, kw)
+        adds one strided slab; K*K vectorised adds, no np.add.at."""
+        C, K, S, P = self.in_channels, self.kernel_size, self.stride, self.padding
+        w_mat = self.params["W"].transpose(2, 3, 1, 0).reshape(K * K * C, self.out_channels)
+        dcols = dflat @ w_mat.T
         dxp = np.zeros((N, H + 2 * P, W + 2 * P, C), dflat.dtype)
         dc = dcols.reshape(N, Ho, Wo, K, K, C)
         for kh in range(K):
@@ -143,22 +193,22 @@ class Conv2D(Layer):
                 dxp[:, kh:kh + S * (Ho - 1) + 1:S, kw:kw + S * (Wo - 1) + 1:S, :] += dc[:, :, :, kh, kw, :]
         return _nchw(dxp[:, P:P + H, P:P + W, :])
 
-    def _input_grad_by_convolution(self, dout, H, W):
-        """dx for stride 1: the upstream gradient dout: (N, Ho, Wo, F), zero-padded
-        by K-1-P, correlated with the kernel flipped in space and transposed in
-        channels -- one im2col and one matrix product, like the forward. (A
-        col2im instead scatters K*K strided slabs of a 6-D array into dx, which
-        is memory-bound and several times slower.)"""
-        N, Ho, Wo, F = dout.shape
-        K, C, Q = self.kernel_size, self.in_channels, self.kernel_size - 1 - self.padding
-        dp = self._scratch("dout_padded", (N, Ho + 2 * Q, Wo + 2 * Q, F), dout.dtype)
+    def _input_grad_by_convolution(self, dout, dp, w_flipped, dx):
+        """dx: (n, H, W, C) for stride 1, written in place: the upstream gradient
+        dout: (n, Ho, Wo, F), zero-padded by K-1-P into ``dp`` (its borders zero),
+        correlated with the kernel flipped in space and transposed in channels
+        (``w_flipped``: (K*K*F, C)) -- one im2col and one matrix product, like the
+        forward. (A col2im instead scatters K*K strided slabs of a 6-D array into
+        dx, which is memory-bound and several times slower.)"""
+        n, Ho, Wo, F = dout.shape
+        _, H, W, C = dx.shape
+        K, Q = self.kernel_size, self.kernel_size - 1 - self.padding
         dp[:, Q:Q + Ho, Q:Q + Wo, :] = dout
         sN, sH, sW, sF = dp.strides
-        windows = as_strided(dp, (N, H, W, K, K * F), (sN, sH, sW, sH, sF), writeable=False)
-        cols = self._scratch("dout_cols", (N * H * W, K * K * F), dout.dtype)
-        cols.reshape(N, H, W, K, K * F)[...] = windows
-        w_flipped = self.params["W"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(K * K * F, C)
-        return _nchw((cols @ w_flipped).reshape(N, H, W, C))
+        windows = as_strided(dp, (n, H, W, K, K * F), (sN, sH, sW, sH, sF), writeable=False)
+        cols = np.empty((n * H * W, K * K * F), dout.dtype)
+        cols.reshape(n, H, W, K, K * F)[...] = windows
+        np.matmul(cols, w_flipped, out=dx.reshape(n * H * W, C))
 
 
 @register
@@ -204,19 +254,13 @@ class MaxPool2D(Layer):
         # view has C contiguous numbers innermost.
         xt = _nhwc(x)
         self.x_shape, self.x_layout = x.shape, xt
-        if self.pool_size == self.stride == 2:
-            # Fast path, a two-round tournament: pairs along W, then the pair
-            # winners along H. Strict ">" keeps the first maximum on ties.
-            v00, v01, v10, v11 = self._windows(xt, Ho, Wo)
-            top, bottom = np.maximum(v00, v01), np.maximum(v10, v11)
-            right_top, right_bottom, lower = v01 > v00, v11 > v10, bottom > top
-            np.maximum(top, bottom, out=top)
-            if H == 2 * Ho and W == 2 * Wo:
-                self.winner = self._winner_mask(right_top, right_bottom, lower)
-            else:
-                self.winner = None
-                self.right_top, self.right_bottom, self.lower = right_top, right_bottom, lower
-            return _nchw(top)
+        self.winner = None
+        if self.pool_size == self.stride == 2 and H == 2 * Ho and W == 2 * Wo:
+            out = np.empty((N, Ho, Wo, C), x.dtype)
+            self.winner = np.empty((N, Ho, 2, Wo, 2, C), bool)
+            over_batch(lambda lo, hi: self._tournament(xt[lo:hi], out[lo:hi], self.winner[lo:hi]),
+                       N, x.size)
+            return _nchw(out)
         views = self._windows(xt, Ho, Wo)
         out = views[0].copy()
         arg = np.zeros(out.shape, np.uint8)
@@ -227,17 +271,19 @@ class MaxPool2D(Layer):
         self.arg = arg
         return _nchw(out)
 
-    @staticmethod
-    def _winner_mask(right_top, right_bottom, lower):
-        """The tournament's results, each (N, Ho, Wo, C), as one-hot windows:
-        a bool (N, Ho, 2, Wo, 2, C) array, True at each window's argmax."""
-        N, Ho, Wo, C = lower.shape
-        winner = np.empty((N, Ho, 2, Wo, 2, C), bool)
+    def _tournament(self, x, out, winner):
+        """2x2 windows tiling x: (n, H, W, C): their maxima into out: (n, H/2, W/2, C) and
+        one-hot argmaxes into winner: (n, H/2, 2, W/2, 2, C), by a two-round tournament:
+        pairs along W, then the pair winners along H. Strict ">" keeps the first
+        maximum on ties, as PyTorch does."""
+        v00, v01, v10, v11 = self._windows(x, *out.shape[1:3])
+        top, bottom = np.maximum(v00, v01, out=out), np.maximum(v10, v11)
+        right_top, right_bottom, lower = v01 > v00, v11 > v10, bottom > top
+        np.maximum(top, bottom, out=top)
         np.logical_not(lower | right_top, out=winner[:, :, 0, :, 0])
         np.greater(right_top, lower, out=winner[:, :, 0, :, 1])  # bools: a > b is a and not b
         np.greater(lower, right_bottom, out=winner[:, :, 1, :, 0])
         np.logical_and(lower, right_bottom, out=winner[:, :, 1, :, 1])
-        return winner
 
     def backward(self, dout):
         N, C, Ho, Wo = dout.shape
@@ -246,10 +292,12 @@ class MaxPool2D(Layer):
         dt = _nhwc(dout)
         if dt.strides[-1] != dt.itemsize:  # NCHW memory (from a Linear): one transposing copy
             dt = np.ascontiguousarray(dt)
-        if K == S == 2 and self.winner is not None:
-            # One pass: each upstream gradient, broadcast over its 2x2 window,
-            # times the window's one-hot argmax.
-            dx = np.multiply(dt[:, :, None, :, None, :], self.winner, dtype=dout.dtype)
+        if self.winner is not None:
+            # Each upstream gradient, broadcast over its 2x2 window, times the
+            # window's one-hot argmax.
+            dx = np.empty(self.winner.shape, dout.dtype)
+            over_batch(lambda lo, hi: np.multiply(dt[lo:hi, :, None, :, None, :], self.winner[lo:hi],
+                                                  out=dx[lo:hi]), N, dx.size)
             return _nchw(dx.reshape(N, H, W, C))
         # Disjoint windows (S >= K) take plain writes; if they also cover x, no
         # input is left unwritten and dx needs no zeroing first.
@@ -257,15 +305,6 @@ class MaxPool2D(Layer):
         covers = S == K and H == K * Ho and W == K * Wo
         dx = (np.empty_like if covers else np.zeros_like)(self.x_layout, dtype=dout.dtype)
         views = self._windows(dx, Ho, Wo)
-        if K == S == 2:
-            lower = np.where(self.lower, dt, 0)
-            upper = dt - lower
-            for (left, right), half, goes_right in ((views[:2], upper, self.right_top),
-                                                    (views[2:], lower, self.right_bottom)):
-                np.copyto(left, half)
-                np.copyto(left, 0, where=goes_right)
-                np.subtract(half, left, out=right)
-            return _nchw(dx)
         for k, view in enumerate(views):
             routed = np.where(self.arg == k, dt, 0)
             if disjoint:
@@ -332,41 +371,75 @@ class BatchNorm(Layer):
         if not train:
             scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
             return back(rows * scale + (beta - self.buffers["running_mean"] * scale))
-        m = rows.shape[0]
+        m, per_image = rows.shape[0], rows.shape[0] // x.shape[0]
+        blocks = _row_blocks(x.shape[0], per_image, rows)
         # Column sums as a matrix-vector product: BLAS reads the (M, C) rows
-        # once, where a reduction over axis 0 of a narrow matrix crawls.
-        ones = np.ones(m, rows.dtype)
-        mean = (ones @ rows) / m
-        xhat = rows - mean
-        var = np.einsum("ij,ij->j", xhat, xhat) / m
+        # once, where a reduction over axis 0 of a narrow matrix crawls. Both
+        # sums go block by block, in block order.
+        mean = _sum_over(blocks(lambda r: np.ones(r.stop - r.start, rows.dtype) @ rows[r])) / m
+        xhat = np.empty_like(rows)
+
+        def centre(r):
+            np.subtract(rows[r], mean, out=xhat[r])
+            return np.einsum("ij,ij->j", xhat[r], xhat[r])
+
+        var = _sum_over(blocks(centre)) / m
         inv_std = (1.0 / np.sqrt(var + self.eps)).astype(rows.dtype)
-        xhat *= inv_std
+        out = np.empty_like(rows)
+
+        def normalise(r):
+            xhat[r] *= inv_std
+            np.multiply(xhat[r], gamma, out=out[r])
+            out[r] += beta
+
+        blocks(normalise)
         mom = self.momentum
         self.buffers["running_mean"] *= mom
         self.buffers["running_mean"] += (1 - mom) * mean
         self.buffers["running_var"] *= mom
         self.buffers["running_var"] += (1 - mom) * var * (m / max(m - 1, 1))
         self.xhat, self.inv_std = xhat, inv_std
-        out = xhat * gamma
-        out += beta
         return back(out)
 
     def backward(self, dout):
         drows, back = self._rows(dout)
         xhat, m = self.xhat, self.xhat.shape[0]
-        dbeta = np.ones(m, drows.dtype) @ drows
-        dgamma = np.einsum("ij,ij->j", drows, xhat)
+        blocks = _row_blocks(dout.shape[0], m // dout.shape[0], drows)
+        sums = blocks(lambda r: (np.ones(r.stop - r.start, drows.dtype) @ drows[r],
+                                 np.einsum("ij,ij->j", drows[r], xhat[r])))
+        dbeta, dgamma = _sum_over([s[0] for s in sums]), _sum_over([s[1] for s in sums])
         self.grads["beta"][...] = dbeta
         self.grads["gamma"][...] = dgamma
         # d xhat = dout * gamma; through the mean and variance of the batch:
         # dx = k * dout - k * sum(dout) / M - xhat * k * sum(dout * xhat) / M,
-        # with k = gamma * inv_std, in three passes over (M, C) arrays.
+        # with k = gamma * inv_std.
         k = self.params["gamma"] * self.inv_std
-        dx = drows * k
-        dx -= k * dbeta / m
-        correction = np.multiply(xhat, k * dgamma / m)
-        dx -= correction
+        shift, slope = k * dbeta / m, k * dgamma / m
+        dx = np.empty_like(drows)
+
+        def rows_of_dx(r):
+            np.multiply(drows[r], k, out=dx[r])
+            dx[r] -= shift
+            dx[r] -= xhat[r] * slope
+
+        blocks(rows_of_dx)
         return back(dx)
+
+
+def _row_blocks(n, rows_per_image, rows):
+    """``blocks(fn)``: ``fn(row_slice)`` over (M, C) ``rows`` belonging to ``n`` images,
+    block by block of whole images, in parallel; the results in block order."""
+    block = block_size(rows_per_image * rows.shape[1] * rows.itemsize)
+    return lambda fn: over_blocks(lambda lo, hi: fn(slice(lo * rows_per_image, hi * rows_per_image)),
+                                  n, block)
+
+
+def _sum_over(parts):
+    """Arrays summed in list order (a fixed order: the same numbers every run)."""
+    total = np.array(parts[0], copy=True)
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def _distinct(rng, shape):

@@ -11,6 +11,7 @@ import inspect
 import numpy as np
 
 from mlp.init import init_weight
+from mlp.parallel import matmul, over_batch
 
 LAYER_TYPES: dict[str, type[Layer]] = {}
 
@@ -86,14 +87,14 @@ class Linear(Layer):
     def forward(self, x, train=False):
         self.x_shape = x.shape
         self.x = x.reshape(x.shape[0], -1)
-        out = self.x @ self.params["W"]
+        out = matmul(self.x, self.params["W"])
         out += self.params["b"]
         return out
 
     def backward(self, dout):
-        np.matmul(self.x.T, dout, out=self.grads["W"])
+        self.grads["W"][...] = matmul(self.x.T, dout)
         np.sum(dout, axis=0, out=self.grads["b"])
-        return (dout @ self.params["W"].T).reshape(self.x_shape)
+        return matmul(dout, self.params["W"].T).reshape(self.x_shape)
 
     def config(self):
         return {"in_features": self.in_features, "out_features": self.out_features,
@@ -110,11 +111,21 @@ class ReLU(Layer):
     kind = "relu"
 
     def forward(self, x, train=False):
-        self.mask = x > 0
-        return np.maximum(x, 0)
+        # empty_like keeps x's memory order (a conv's NHWC), so chunks are contiguous
+        self.mask, out = np.empty_like(x, dtype=bool), np.empty_like(x)
+
+        def rows(lo, hi):
+            np.greater(x[lo:hi], 0, out=self.mask[lo:hi])
+            np.maximum(x[lo:hi], 0, out=out[lo:hi])
+
+        over_batch(rows, len(x), x.size)
+        return out
 
     def backward(self, dout):
-        return dout * self.mask
+        dx = np.empty_like(dout)
+        over_batch(lambda lo, hi: np.multiply(dout[lo:hi], self.mask[lo:hi], out=dx[lo:hi]),
+                   len(dout), dout.size)
+        return dx
 
 
 @register

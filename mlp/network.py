@@ -12,6 +12,7 @@ import numpy as np
 import mlp.conv  # noqa: F401  registers the conv layer types, so load() can rebuild them
 from mlp.layers import ACTIVATIONS, Dropout, Layer, Linear, layer_from_spec
 from mlp.losses import LOSSES
+from mlp.parallel import blas_threads
 
 FORMAT = "nnx-model"
 FORMAT_VERSION = 1
@@ -46,14 +47,16 @@ class Network:
     # ---- forward / backward ---------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """x: (N, *input_shape) -> scores: (N, C)."""
-        for layer in self.layers:
-            x = layer.forward(x, train)
+        with blas_threads(1):  # the layers share the batch out among threads themselves
+            for layer in self.layers:
+                x = layer.forward(x, train)
         return x
 
     def backward(self, dscores: np.ndarray) -> np.ndarray:
         """dscores: (N, C) -> dx: (N, *input_shape); fills every layer's grads."""
-        for layer in reversed(self.layers):
-            dscores = layer.backward(dscores)
+        with blas_threads(1):
+            for layer in reversed(self.layers):
+                dscores = layer.backward(dscores)
         return dscores
 
     def data_loss(self, scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

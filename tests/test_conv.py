@@ -175,7 +175,8 @@ def test_pooling_before_the_relu_changes_nothing():
     loss_a, grads_a = pooled_first.loss(x, y)
     loss_b, grads_b = relu_first.loss(x, y)
     assert loss_a == pytest.approx(loss_b, rel=1e-12)
-    for (name_a, g_a), g_b in zip(sorted(grads_a.items()), (grads_b[k] for k in sorted(grads_b)), strict=True):
+    pairs = zip(sorted(grads_a.items()), (grads_b[k] for k in sorted(grads_b)), strict=True)
+    for (name_a, g_a), g_b in pairs:
         np.testing.assert_allclose(g_a, g_b, rtol=1e-10, atol=1e-12, err_msg=name_a)
 
 
