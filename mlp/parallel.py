@@ -55,9 +55,9 @@ def _executor() -> ThreadPoolExecutor:
 BLOCK_BYTES = 3 << 20
 
 
-def block_size(bytes_per_image: int, block_bytes: int = BLOCK_BYTES) -> int:
-    """Images per block so that a block's scratch is about ``block_bytes``."""
-    return max(1, block_bytes // max(1, bytes_per_image))
+def block_size(bytes_per_image: int) -> int:
+    """Images per block so that a block's scratch is about ``BLOCK_BYTES``."""
+    return max(1, BLOCK_BYTES // max(1, bytes_per_image))
 
 
 def over_blocks(fn: Callable[[int, int], object], n: int, block: int) -> list:
@@ -86,15 +86,22 @@ def over_blocks(fn: Callable[[int, int], object], n: int, block: int) -> list:
         return results
 
 
+# Rows per block of a large matrix product (a fixed number, so that the split --
+# and with it every bit of the product -- does not depend on the thread count:
+# OpenBLAS takes different kernels for different shapes).
+MATMUL_BLOCK_ROWS = 64
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for 2-D arrays, the rows of the product shared out among the threads.
-    Each row is computed exactly as one BLAS call on the whole would compute it."""
+    """a @ b for 2-D arrays; a large product is computed in blocks of rows shared
+    out among the threads, a small one in a single call."""
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
 
     def rows(lo, hi):
         np.matmul(a[lo:hi], b, out=out[lo:hi])
 
-    over_batch(rows, a.shape[0], a.size + out.size)
+    large = a.size + out.size >= MIN_PARALLEL_SIZE
+    over_blocks(rows, a.shape[0], MATMUL_BLOCK_ROWS if large else max(1, a.shape[0]))
     return out
 
 

@@ -18,6 +18,7 @@ from experiments.checkpoint import parse_duration
 from experiments.config import TrainConfig
 from experiments.runner import run
 from mlp.network import Network
+from mlp.optim import Schedule
 from mlp.train import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,51 @@ def test_time_budget_fits_the_run_into_the_wall_time():
     assert outcome.result.epochs_run >= 2
     assert elapsed < 1.5 * 1.6 + 1.0                     # the probe, plus slack for a busy machine
     assert outcome.result.history[-1]["lr"] < 0.1 * 0.2   # the cosine reached (near) its end
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("epoch_seconds, planned, expected", [
+    (60, 10, 16),    # faster than the probe said: the calibration epochs lengthen the plan
+    (150, 10, 6),    # slower: they shorten it
+])
+def test_time_budget_plans_from_the_first_epochs(monkeypatch, epoch_seconds, planned, expected):
+    from experiments import checkpoint
+    clock = FakeClock()
+    monkeypatch.setattr(checkpoint.time, "perf_counter", clock)
+    schedule = Schedule("cosine", 0.1, total=planned)
+    budget = checkpoint.TimeBudget(1000, schedule, planned)
+    budget.on_train_begin(planned, 10, 0)
+    epoch, stopped = 0, False
+    while not stopped:
+        epoch += 1
+        clock.now += epoch_seconds
+        stopped = budget.on_epoch_end({"epoch": epoch})
+    assert epoch == expected == budget.planned == schedule.total
+    assert clock.now <= 1000
+
+
+def test_time_budget_only_shortens_after_calibration(monkeypatch):
+    from experiments import checkpoint
+    clock = FakeClock()
+    monkeypatch.setattr(checkpoint.time, "perf_counter", clock)
+    schedule = Schedule("cosine", 0.1, total=10)
+    budget = checkpoint.TimeBudget(1000, schedule, 10)
+    budget.on_train_begin(10, 10, 0)
+    for epoch, seconds in enumerate([100, 100, 100, 10, 10], 1):   # then the machine speeds up
+        clock.now += seconds
+        assert not budget.on_epoch_end({"epoch": epoch})
+    assert budget.planned == schedule.total == 10                   # a late cosine is not lengthened
+    for epoch in range(6, 9):
+        clock.now += 300                                            # and slows down a lot
+        budget.on_epoch_end({"epoch": epoch})
+    assert budget.planned < 10
 
 
 def test_bad_time_budget_is_a_usage_error():

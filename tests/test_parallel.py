@@ -1,0 +1,69 @@
+"""The batch-parallel kernels: coverage, order, and numbers independent of the thread count."""
+import threading
+
+import numpy as np
+import pytest
+
+from mlp import parallel
+from mlp.arch import build_network
+
+
+def test_over_blocks_covers_the_batch_in_order(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    assert parallel.over_blocks(lambda lo, hi: (lo, hi), 10, 3) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert parallel.over_blocks(lambda lo, hi: (lo, hi), 2, 5) == [(0, 2)]
+
+
+def test_over_batch_uses_several_threads_for_large_work_only(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    seen = []
+
+    def record(lo, hi):
+        seen.append(threading.current_thread().name)
+        return hi - lo
+
+    assert sum(parallel.over_batch(record, 100, size=parallel.MIN_PARALLEL_SIZE)) == 100
+    assert len(set(seen)) == 2
+    seen.clear()
+    assert parallel.over_batch(record, 100, size=10) == [100]
+    assert seen == [threading.current_thread().name]
+
+
+def test_blas_threads_restores_the_thread_count():
+    before = [lib.num_threads for lib in parallel._blas]
+    with parallel.blas_threads(1):
+        assert all(lib.num_threads == 1 for lib in parallel._blas)
+    assert [lib.num_threads for lib in parallel._blas] == before
+
+
+def test_matmul_equals_numpy(monkeypatch):
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    a, b = rng.standard_normal((300, 400)), rng.standard_normal((400, 50))
+    np.testing.assert_allclose(parallel.matmul(a, b), a @ b, rtol=1e-12)
+    np.testing.assert_allclose(parallel.matmul(a[:, :7].T, b[:300]), a[:, :7].T @ b[:300], rtol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch, threads):
+    """Blocks have fixed boundaries and sums over them a fixed order, so the
+    number of threads cannot change a single bit of the loss or the gradients."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 3, 16, 16)).astype(np.float32)  # odd batch: uneven blocks
+    y = rng.integers(0, 10, 37)
+    spec = "conv8x3-pool2-bn-conv16x5-bn-pool2-fc32-bn-fc10"
+
+    def step(n):
+        monkeypatch.setattr(parallel, "THREADS", n)
+        monkeypatch.setattr(parallel, "BLOCK_BYTES", 20_000)  # several blocks per layer
+        monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
+        net = build_network(spec, (3, 16, 16), 10, seed=1)
+        loss, grads = net.loss(x, y)
+        return loss, {k: g.copy() for k, g in grads.items()}, net.scores(x)
+
+    loss_1, grads_1, scores_1 = step(1)
+    loss_n, grads_n, scores_n = step(threads)
+    assert loss_1 == loss_n
+    for name in grads_1:
+        assert np.array_equal(grads_1[name], grads_n[name]), name
+    assert np.array_equal(scores_1, scores_n)
