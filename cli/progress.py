@@ -65,6 +65,11 @@ class TrainingProgress(Callback):
             self.batches_per_epoch = batches_per_epoch
             self.last_draw = 0.0
 
+    def on_plan(self, epochs):
+        self.epochs = epochs
+        if self.progress:
+            self.progress.update(self.task, total=epochs * self.batches_per_epoch)
+
     def on_batch_end(self, epoch, batch, batches, samples, loss):
         self.samples += samples
         if self.progress:

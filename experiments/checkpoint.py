@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,10 @@ class TimeBudget(Callback):
 
     calibration = 2
 
-    def __init__(self, budget: float, schedule: Schedule, planned_epochs: int):
+    def __init__(self, budget: float, schedule: Schedule, planned_epochs: int,
+                 notify: Callable[[int], None] | None = None):
         self.budget, self.schedule, self.planned = budget, schedule, planned_epochs
+        self.notify = notify or (lambda epochs: None)  # told each new plan
         self.started = time.perf_counter()
         self.done = 0
 
@@ -107,9 +110,10 @@ class TimeBudget(Callback):
         per_epoch = elapsed / max(1, self.done - self.first_epoch)
         fits = self.done + int((self.budget - elapsed) / per_epoch)
         calibrating = self.done - self.first_epoch <= self.calibration
-        if fits < self.planned or calibrating:
+        if (fits < self.planned or calibrating) and max(self.done, fits) != self.planned:
             self.planned = max(self.done, fits)
             self.schedule.total = self.planned
+            self.notify(self.planned)
         return self.done >= self.planned
 
 

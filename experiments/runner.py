@@ -109,11 +109,11 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         epochs, iterations = max(1, int(config.time_budget / per_epoch)), None
     schedule = make_schedule(config, epochs if iterations is None else iterations / n_batches)
     callbacks = Callbacks(callback)
+    if config.time_budget is not None:  # first: the others see each epoch with the new plan
+        callbacks.callbacks.insert(0, TimeBudget(config.time_budget, schedule, epochs, callbacks.on_plan))
     if checkpoint is not None and config.checkpoint_every:
         callbacks.callbacks.append(Checkpointer(checkpoint, net, optimizer, state,
                                                 config.checkpoint_every))
-    if config.time_budget is not None:
-        callbacks.callbacks.append(TimeBudget(config.time_budget, schedule, epochs))
     started = time.perf_counter()
     train(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
           epochs=epochs, iterations=iterations, batch_size=config.batch_size, schedule=schedule,

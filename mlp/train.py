@@ -32,6 +32,9 @@ class Callback:
     def on_epoch_end(self, record: dict) -> bool | None:
         pass
 
+    def on_plan(self, epochs: int) -> None:
+        """The run's planned number of epochs changed (a time budget re-planned it)."""
+
 
 @dataclass
 class TrainResult:
@@ -167,3 +170,7 @@ class Callbacks(Callback):
 
     def on_epoch_end(self, record):
         return any([bool(c.on_epoch_end(record)) for c in self.callbacks])
+
+    def on_plan(self, epochs):
+        for c in self.callbacks:
+            c.on_plan(epochs)

@@ -122,8 +122,8 @@ def test_time_budget_plans_from_the_first_epochs(monkeypatch, epoch_seconds, pla
     from experiments import checkpoint
     clock = FakeClock()
     monkeypatch.setattr(checkpoint.time, "perf_counter", clock)
-    schedule = Schedule("cosine", 0.1, total=planned)
-    budget = checkpoint.TimeBudget(1000, schedule, planned)
+    schedule, plans = Schedule("cosine", 0.1, total=planned), []
+    budget = checkpoint.TimeBudget(1000, schedule, planned, plans.append)
     budget.on_train_begin(planned, 10, 0)
     epoch, stopped = 0, False
     while not stopped:
@@ -131,6 +131,7 @@ def test_time_budget_plans_from_the_first_epochs(monkeypatch, epoch_seconds, pla
         clock.now += epoch_seconds
         stopped = budget.on_epoch_end({"epoch": epoch})
     assert epoch == expected == budget.planned == schedule.total
+    assert plans == [expected]                # the progress display is told the new plan once
     assert clock.now <= 1000
 
 
