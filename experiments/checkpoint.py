@@ -84,15 +84,14 @@ class TimeBudget(Callback):
 
     After every epoch it re-plans from the mean epoch time so far and moves the
     schedule's end with the plan (a cosine schedule still anneals to its end);
-    training stops once the plan is done. The first ``calibration`` epochs set
-    the plan either way: the probe before training times a few batches only and
+    training stops once the plan is done. Through the first half of the plan it
+    re-plans either way: the probe before training times a few batches only and
     may be off by a fifth or more (measured here: 84 s per epoch planned, 66 s
-    run), and a plan made too short leaves the budget unused. Later epochs only
-    shorten it, when the run falls behind; lengthening a cosine late would lift
-    a learning rate that has already come down.
+    run), and a machine busy with other work early on would otherwise leave the
+    budget unused. In the second half it only shortens the plan, when the run
+    falls behind: lengthening a cosine that has come down would lift its
+    learning rate again.
     """
-
-    calibration = 2
 
     def __init__(self, budget: float, schedule: Schedule, planned_epochs: int,
                  notify: Callable[[int], None] | None = None):
@@ -109,8 +108,8 @@ class TimeBudget(Callback):
         elapsed = time.perf_counter() - self.started
         per_epoch = elapsed / max(1, self.done - self.first_epoch)
         fits = self.done + int((self.budget - elapsed) / per_epoch)
-        calibrating = self.done - self.first_epoch <= self.calibration
-        if (fits < self.planned or calibrating) and max(self.done, fits) != self.planned:
+        first_half = self.done <= self.planned / 2
+        if (fits < self.planned or first_half) and max(self.done, fits) != self.planned:
             self.planned = max(self.done, fits)
             self.schedule.total = self.planned
             self.notify(self.planned)
