@@ -12,7 +12,7 @@ import numpy as np
 import mlp.conv  # noqa: F401  registers the conv layer types, so load() can rebuild them
 from mlp.layers import ACTIVATIONS, Dropout, Layer, Linear, layer_from_spec
 from mlp.losses import LOSSES
-from mlp.parallel import blas_threads
+from mlp.parallel import single_blas_thread
 
 FORMAT = "nnx-model"
 FORMAT_VERSION = 1
@@ -47,14 +47,14 @@ class Network:
     # ---- forward / backward ---------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """x: (N, *input_shape) -> scores: (N, C)."""
-        with blas_threads(1):  # the layers share the batch out among threads themselves
+        with single_blas_thread():  # the layers share the batch out among threads themselves
             for layer in self.layers:
                 x = layer.forward(x, train)
         return x
 
     def backward(self, dscores: np.ndarray) -> np.ndarray:
         """dscores: (N, C) -> dx: (N, *input_shape); fills every layer's grads."""
-        with blas_threads(1):
+        with single_blas_thread():
             for layer in reversed(self.layers):
                 dscores = layer.backward(dscores)
         return dscores

@@ -74,7 +74,7 @@ def over_blocks(fn: Callable[[int, int], object], n: int, block: int) -> list:
     def run(group):
         return [fn(lo, hi) for lo, hi in group]
 
-    with blas_threads(1):
+    with single_blas_thread():
         if THREADS == 1 or len(blocks) == 1:
             return run(blocks)
         edges = [len(blocks) * i // THREADS for i in range(THREADS + 1)]
@@ -95,13 +95,14 @@ MATMUL_BLOCK_ROWS = 64
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b for 2-D arrays; a large product is computed in blocks of rows shared
     out among the threads, a small one in a single call."""
+    if a.size + a.shape[0] * b.shape[1] < MIN_PARALLEL_SIZE:
+        return a @ b
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
 
     def rows(lo, hi):
         np.matmul(a[lo:hi], b, out=out[lo:hi])
 
-    large = a.size + out.size >= MIN_PARALLEL_SIZE
-    over_blocks(rows, a.shape[0], MATMUL_BLOCK_ROWS if large else max(1, a.shape[0]))
+    over_blocks(rows, a.shape[0], MATMUL_BLOCK_ROWS)
     return out
 
 
@@ -113,22 +114,32 @@ def over_batch(fn: Callable[[int, int], object], n: int, size: int = MIN_PARALLE
     return over_blocks(fn, n, -(-n // THREADS))
 
 
-class blas_threads:
-    """Hold BLAS to ``n`` threads inside the block (a plain ctypes call per library).
+_BLAS_THREADS = max([lib.num_threads for lib in _blas] or [1])
+_held = 0   # depth of nested single_blas_thread blocks (entered by the calling thread only)
 
-    A network's forward and backward run inside ``blas_threads(1)``: one threaded
-    BLAS call is enough to leave OpenBLAS's workers spinning for a while after it,
-    and spinning threads take the cores from the chunks (measured here: conv6bn's
-    step took 256 ms with them, 157 ms without)."""
 
-    def __init__(self, n: int):
-        self.n = n
+class single_blas_thread:
+    """Hold BLAS to one thread inside the block; nested blocks cost a counter only.
+
+    A network's forward and backward, and the whole training loop, run inside
+    one: the layers share the batch out among threads themselves, and a single
+    threaded BLAS call is enough to leave OpenBLAS's workers spinning for a
+    while after it, taking the cores from the chunks (measured here: conv6bn's
+    step took 256 ms with them, 157 ms without).
+    """
 
     def __enter__(self):
-        self.before = [lib.num_threads for lib in _blas]
-        for lib in _blas:
-            lib.set_num_threads(self.n)
+        global _held
+        _held += 1
+        if _held == 1 and _BLAS_THREADS > 1:
+            self.before = [lib.num_threads for lib in _blas]
+            for lib in _blas:
+                lib.set_num_threads(1)
+        return self
 
     def __exit__(self, *exc):
-        for lib, n in zip(_blas, self.before, strict=True):
-            lib.set_num_threads(n)
+        global _held
+        _held -= 1
+        if _held == 0 and _BLAS_THREADS > 1:
+            for lib, n in zip(_blas, self.before, strict=True):
+                lib.set_num_threads(n)

@@ -15,6 +15,7 @@ import numpy as np
 
 from mlp.network import Network
 from mlp.optim import Optimizer, Schedule
+from mlp.parallel import single_blas_thread
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
@@ -97,57 +98,58 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
     params = net.params
     validate = X_val is not None and len(X_val) > 0
 
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        order = None if bs == n else epoch_rng(seed, epoch, 0).permutation(n)
-        aug_rng = epoch_rng(seed, epoch, 1) if augment else None
-        net.reseed(lambda i, e=epoch: epoch_rng(seed, e, 2 + i))
-        loss_sum, correct, seen = 0.0, 0, 0
-        for b in range(batches_per_epoch):
-            if result.iterations >= total_iterations:
+    with single_blas_thread():   # held once for the run, not toggled at every step
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            order = None if bs == n else epoch_rng(seed, epoch, 0).permutation(n)
+            aug_rng = epoch_rng(seed, epoch, 1) if augment else None
+            net.reseed(lambda i, e=epoch: epoch_rng(seed, e, 2 + i))
+            loss_sum, correct, seen = 0.0, 0, 0
+            for b in range(batches_per_epoch):
+                if result.iterations >= total_iterations:
+                    break
+                if order is None:
+                    xb, yb = X, y
+                else:
+                    idx = order[b * bs:(b + 1) * bs]
+                    xb, yb = X[idx], y[idx]
+                if augment:
+                    xb = augment(xb, aug_rng)
+                if schedule is not None:
+                    optimizer.lr = schedule(epoch + b / batches_per_epoch)
+                loss, scores, grads = net.loss_and_scores(xb, yb, train=True)
+                if not math.isfinite(loss):
+                    result.status = "diverged"
+                    break
+                optimizer.step(params, grads)
+                result.iterations += 1
+                loss_sum += loss * len(yb)
+                correct += int(np.count_nonzero(scores.argmax(axis=1) == yb))
+                seen += len(yb)
+                callback.on_batch_end(epoch, b, batches_per_epoch, len(yb), loss)
+            if result.status == "diverged" or seen == 0:
                 break
-            if order is None:
-                xb, yb = X, y
-            else:
-                idx = order[b * bs:(b + 1) * bs]
-                xb, yb = X[idx], y[idx]
-            if augment:
-                xb = augment(xb, aug_rng)
-            if schedule is not None:
-                optimizer.lr = schedule(epoch + b / batches_per_epoch)
-            loss, scores, grads = net.loss_and_scores(xb, yb, train=True)
-            if not math.isfinite(loss):
-                result.status = "diverged"
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                      "val_loss": math.nan, "val_acc": math.nan, "lr": optimizer.lr,
+                      "seconds": 0.0}
+            if validate:
+                record["val_loss"], record["val_acc"] = net.evaluate(X_val, y_val, eval_batch_size)
+                if not math.isfinite(record["val_loss"]):
+                    result.status = "diverged"
+            record["seconds"] = time.perf_counter() - started
+            result.history.append(record)
+            if result.status == "diverged":
+                callback.on_epoch_end(record)
                 break
-            optimizer.step(params, grads)
-            result.iterations += 1
-            loss_sum += loss * len(yb)
-            correct += int(np.count_nonzero(scores.argmax(axis=1) == yb))
-            seen += len(yb)
-            callback.on_batch_end(epoch, b, batches_per_epoch, len(yb), loss)
-        if result.status == "diverged" or seen == 0:
-            break
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                  "val_loss": math.nan, "val_acc": math.nan, "lr": optimizer.lr,
-                  "seconds": 0.0}
-        if validate:
-            record["val_loss"], record["val_acc"] = net.evaluate(X_val, y_val, eval_batch_size)
-            if not math.isfinite(record["val_loss"]):
-                result.status = "diverged"
-        record["seconds"] = time.perf_counter() - started
-        result.history.append(record)
-        if result.status == "diverged":
-            callback.on_epoch_end(record)
-            break
-        out_of_patience = False
-        if patience is not None and validate:
-            if record["val_acc"] > result.best_val_acc:
-                result.best_val_acc, result.best_epoch = record["val_acc"], epoch + 1
-                result.best_params = {k: v.copy() for k, v in params.items()}
-            out_of_patience = epoch + 1 - result.best_epoch >= patience
-        if callback.on_epoch_end(record) or out_of_patience:
-            result.stopped_early = True
-            break
+            out_of_patience = False
+            if patience is not None and validate:
+                if record["val_acc"] > result.best_val_acc:
+                    result.best_val_acc, result.best_epoch = record["val_acc"], epoch + 1
+                    result.best_params = {k: v.copy() for k, v in params.items()}
+                out_of_patience = epoch + 1 - result.best_epoch >= patience
+            if callback.on_epoch_end(record) or out_of_patience:
+                result.stopped_early = True
+                break
     if result.stopped_early and result.best_params is not None:
         for name, value in result.best_params.items():
             params[name][...] = value

@@ -29,10 +29,12 @@ def test_over_batch_uses_several_threads_for_large_work_only(monkeypatch):
     assert seen == [threading.current_thread().name]
 
 
-def test_blas_threads_restores_the_thread_count():
+def test_single_blas_thread_nests_and_restores_the_thread_count():
     before = [lib.num_threads for lib in parallel._blas]
-    with parallel.blas_threads(1):
-        assert all(lib.num_threads == 1 for lib in parallel._blas)
+    with parallel.single_blas_thread():
+        with parallel.single_blas_thread():
+            assert all(lib.num_threads == 1 for lib in parallel._blas)
+        assert all(lib.num_threads == 1 for lib in parallel._blas)   # the outer block still holds
     assert [lib.num_threads for lib in parallel._blas] == before
 
 
