@@ -327,3 +327,38 @@ def test_relu_keeps_the_conv_output_layout_and_values(rng):
     out = ReLU().forward(conv.forward(x))
     assert out.shape == (2, 3, 4, 5)
     np.testing.assert_array_equal(np.ascontiguousarray(out), np.maximum(conv.forward(x), 0))
+
+
+@pytest.mark.parametrize("spec", ["conv8x3-pool2-bn-conv16x3-bn-conv16x4s2p1-pool2-fc24-bn-fc10",
+                                  "convnetjs"])
+def test_a_whole_network_step_matches_its_torch_twin(monkeypatch, spec):
+    """Loss and every gradient of one training step, blocks and threads included,
+    against the same network in PyTorch (the mirror the benchmark uses)."""
+    torch = pytest.importorskip("torch")
+    import sys
+    from pathlib import Path
+
+    from mlp import parallel
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_conv import torch_model
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 50_000)    # many blocks per layer
+    rng = np.random.default_rng(0)
+    size = 32 if spec == "convnetjs" else 16
+    net = build_network(spec, (3, size, size), 10, seed=0)
+    twin = torch_model(net, torch)
+    ours = [p for layer in net.layers for p in layer.params.values()]
+    with torch.no_grad():
+        for theirs, mine in zip(twin.parameters(), ours, strict=True):
+            theirs.copy_(torch.from_numpy(mine.T if mine.ndim == 2 else mine))
+    x = rng.standard_normal((23, 3, size, size)).astype(np.float32)
+    y = rng.integers(0, 10, 23)
+    loss, grads = net.loss(x, y)
+    twin.train()
+    torch_loss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x)), torch.from_numpy(y))
+    torch_loss.backward()
+    assert loss == pytest.approx(torch_loss.item(), rel=1e-5)
+    for name, theirs in zip(net.params, twin.parameters(), strict=True):
+        expected = theirs.grad.numpy()
+        np.testing.assert_allclose(grads[name], expected.T if expected.ndim == 2 else expected,
+                                   rtol=1e-3, atol=1e-5, err_msg=name)
