@@ -89,13 +89,15 @@ class Conv2D(Layer):
         return (self.out_channels, conv_output_size(h, k, s, p, "height"),
                 conv_output_size(w, k, s, p, "width"))
 
-    def _padded_input(self, shape, dtype):
-        # Reused between batches of one shape: a fresh large array costs a page
-        # fault per 4 KiB on first touch. It is only ever written inside its
-        # borders, so the zero borders survive reuse.
-        if getattr(self, "xp", None) is None or self.xp.shape != shape or self.xp.dtype != dtype:
-            self.xp = np.zeros(shape, dtype)
-        return self.xp
+    def _zero_bordered(self, name, shape, dtype):
+        """The padded array ``self.<name>``, kept between batches of one shape: a fresh
+        large array costs a page fault per 4 KiB on first touch. It is only ever
+        written inside its borders, so the zero borders survive reuse."""
+        buf = getattr(self, name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = np.zeros(shape, dtype)
+            setattr(self, name, buf)
+        return buf
 
     def _im2col(self, xp, cols, Ho, Wo):
         """Receptive fields of xp: (n, Hp, Wp, C) into cols: (n*Ho*Wo, K*K*C), one row per
@@ -114,7 +116,7 @@ class Conv2D(Layer):
         _, Ho, Wo = self.output_shape((C, H, W))
         F, K, P = self.out_channels, self.kernel_size, self.padding
         dtype = self.params["W"].dtype
-        xp = self._padded_input((N, H + 2 * P, W + 2 * P, C), dtype)
+        xp = self._zero_bordered("xp", (N, H + 2 * P, W + 2 * P, C), dtype)
         out = np.empty((N * Ho * Wo, F), dtype)
         # W as a (kh, kw, c) x F matrix, matching the column order of the im2col rows.
         w_mat = self.params["W"].transpose(2, 3, 1, 0).reshape(K * K * C, F)
@@ -148,7 +150,7 @@ class Conv2D(Layer):
         if by_convolution:
             Q = K - 1 - P
             dx = np.empty((N, H, W, C), dtype)
-            dp = self._padded_dout((N, Ho + 2 * Q, Wo + 2 * Q, F), dtype)
+            dp = self._zero_bordered("dp", (N, Ho + 2 * Q, Wo + 2 * Q, F), dtype)
             w_flipped = self.params["W"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(K * K * F, C)
 
         def block(lo, hi):
@@ -162,10 +164,7 @@ class Conv2D(Layer):
 
         per_image = rows * K * K * max(C, F if by_convolution else 0)
         parts = over_blocks(block, N, self._block(per_image, dtype))
-        dw, db = parts[0]  # each block's share of dW and db, summed in block order
-        for more_dw, more_db in parts[1:]:
-            dw += more_dw
-            db += more_db
+        dw, db = _sum_over([p[0] for p in parts]), _sum_over([p[1] for p in parts])
         self.grads["W"][...] = dw.reshape(K, K, C, F).transpose(3, 2, 0, 1)
         self.grads["b"][...] = db
         if not self.input_grad:
@@ -173,12 +172,6 @@ class Conv2D(Layer):
         if by_convolution:
             return _nchw(dx)
         return self._input_grad_by_col2im(dflat, N, H, W, Ho, Wo)
-
-    def _padded_dout(self, shape, dtype):
-        # As _padded_input: reused, written only inside its zero borders.
-        if getattr(self, "dp", None) is None or self.dp.shape != shape or self.dp.dtype != dtype:
-            self.dp = np.zeros(shape, dtype)
-        return self.dp
 
     def _input_grad_by_col2im(self, dflat, N, H, W, Ho, Wo):
         """dx for any stride: dcols = dout @ W^T, then col2im. Each kernel offset (kh, kw)
