@@ -36,9 +36,10 @@ def main() -> None:
         times, results = {}, {}
         for workers in args.workers:
             times[workers], results[workers] = timed_sweep(workers, Path(folder))
+            trial_seconds = sum(float(row["seconds"]) for row in results[workers].values())
             print(f"default sweep ({len(results[workers])} trials), {workers} worker(s): "
-                  f"{times[workers]:.1f} s  (load average {os.getloadavg()[0]:.1f} on "
-                  f"{os.cpu_count()} cores)", flush=True)
+                  f"{times[workers]:.1f} s; the trials' own times add up to {trial_seconds:.1f} s  "
+                  f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
     base = args.workers[0]
     for workers in args.workers[1:]:
         same = numbers(results[workers]) == numbers(results[base])

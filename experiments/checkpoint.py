@@ -94,8 +94,9 @@ class TimeBudget(Callback):
     """
 
     def __init__(self, budget: float, schedule: Schedule, planned_epochs: int,
-                 notify: Callable[[int], None] | None = None):
+                 notify: Callable[[int], None] | None = None, limit: int | None = None):
         self.budget, self.schedule, self.planned = budget, schedule, planned_epochs
+        self.limit = limit or planned_epochs  # the most epochs the trainer will run
         self.notify = notify or (lambda epochs: None)  # told each new plan
         self.started = time.perf_counter()
         self.done = 0
@@ -107,7 +108,7 @@ class TimeBudget(Callback):
         self.done = record["epoch"]
         elapsed = time.perf_counter() - self.started
         per_epoch = elapsed / max(1, self.done - self.first_epoch)
-        fits = self.done + int((self.budget - elapsed) / per_epoch)
+        fits = min(self.limit, self.done + int((self.budget - elapsed) / per_epoch))
         first_half = self.done <= self.planned / 2
         if (fits < self.planned or first_half) and max(self.done, fits) != self.planned:
             self.planned = max(self.done, fits)

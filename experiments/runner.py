@@ -80,6 +80,11 @@ def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
                     gamma=config.gamma, warmup=config.warmup, min_lr=config.min_lr)
 
 
+# A time budget may lengthen the probe's plan up to this factor (the probe is rarely
+# off by more than a quarter).
+BUDGET_EPOCHS_LIMIT = 4
+
+
 def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | None = None,
         checkpoint: Path | None = None) -> RunOutcome:
     """Train one network as ``config`` says; pass ``data`` to reuse a loaded data set.
@@ -102,15 +107,17 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         from experiments.cifar10 import augment_flip_shift
         augment = augment_flip_shift
     n_batches = math.ceil(len(data.X_train) / (config.batch_size or len(data.X_train)))
-    epochs, iterations = config.epochs, config.iterations
+    epochs, iterations, max_epochs = config.epochs, config.iterations, None
     if config.time_budget is not None:
         per_epoch = estimate_epoch_seconds(net, optimizer, data.X_train, data.y_train, data.X_val,
                                            config.batch_size, augment)
         epochs, iterations = max(1, int(config.time_budget / per_epoch)), None
+        max_epochs = BUDGET_EPOCHS_LIMIT * epochs   # room for the budget to lengthen the plan
     schedule = make_schedule(config, epochs if iterations is None else iterations / n_batches)
     callbacks = Callbacks(callback)
     if config.time_budget is not None:  # first: the others see each epoch with the new plan
-        callbacks.callbacks.insert(0, TimeBudget(config.time_budget, schedule, epochs, callbacks.on_plan))
+        callbacks.callbacks.insert(0, TimeBudget(config.time_budget, schedule, epochs, callbacks.on_plan,
+                                                 limit=max_epochs))
     if checkpoint is not None and config.checkpoint_every:
         callbacks.callbacks.append(Checkpointer(checkpoint, net, optimizer, state,
                                                 config.checkpoint_every))
@@ -118,7 +125,7 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
     train(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
           epochs=epochs, iterations=iterations, batch_size=config.batch_size, schedule=schedule,
           seed=config.seed, callback=callbacks, patience=config.patience, augment=augment,
-          state=state)
+          state=state, max_epochs=max_epochs)
     seconds = time.perf_counter() - started
     return RunOutcome(config, net, state, final_metrics(net, data, state), seconds, data)
 

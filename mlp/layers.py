@@ -11,7 +11,7 @@ import inspect
 import numpy as np
 
 from mlp.init import init_weight
-from mlp.parallel import matmul, over_batch
+from mlp.parallel import MIN_PARALLEL_SIZE, matmul, over_batch
 
 LAYER_TYPES: dict[str, type[Layer]] = {}
 
@@ -92,7 +92,7 @@ class Linear(Layer):
         return out
 
     def backward(self, dout):
-        self.grads["W"][...] = matmul(self.x.T, dout)
+        matmul(self.x.T, dout, out=self.grads["W"])
         np.sum(dout, axis=0, out=self.grads["b"])
         return matmul(dout, self.params["W"].T).reshape(self.x_shape)
 
@@ -111,6 +111,9 @@ class ReLU(Layer):
     kind = "relu"
 
     def forward(self, x, train=False):
+        if x.size < MIN_PARALLEL_SIZE:  # an MLP's small batch: no hand-off to threads
+            self.mask = x > 0
+            return np.maximum(x, 0)
         # empty_like keeps x's memory order (a conv's NHWC), so chunks are contiguous
         self.mask, out = np.empty_like(x, dtype=bool), np.empty_like(x)
 
@@ -122,6 +125,8 @@ class ReLU(Layer):
         return out
 
     def backward(self, dout):
+        if dout.size < MIN_PARALLEL_SIZE:
+            return dout * self.mask
         dx = np.empty_like(dout)
         over_batch(lambda lo, hi: np.multiply(dout[lo:hi], self.mask[lo:hi], out=dx[lo:hi]),
                    len(dout), dout.size)

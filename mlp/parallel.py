@@ -92,12 +92,13 @@ def over_blocks(fn: Callable[[int, int], object], n: int, block: int) -> list:
 MATMUL_BLOCK_ROWS = 64
 
 
-def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for 2-D arrays; a large product is computed in blocks of rows shared
-    out among the threads, a small one in a single call."""
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a @ b for 2-D arrays (into ``out`` if given); a large product is computed in
+    blocks of rows shared out among the threads, a small one in a single call."""
     if a.size + a.shape[0] * b.shape[1] < MIN_PARALLEL_SIZE:
-        return a @ b
-    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+        return np.matmul(a, b, out=out)
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
 
     def rows(lo, hi):
         np.matmul(a[lo:hi], b, out=out[lo:hi])

@@ -70,7 +70,8 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
           epochs: int | None = 10, iterations: int | None = None, batch_size: int = 0,
           schedule: Schedule | None = None, seed: int = 0, callback: Callback | None = None,
           patience: int | None = None, augment: Callable | None = None,
-          eval_batch_size: int = 1024, state: TrainResult | None = None) -> TrainResult:
+          eval_batch_size: int = 1024, state: TrainResult | None = None,
+          max_epochs: int | None = None) -> TrainResult:
     """Train ``net`` in place. X: (N, ...), y: (N,); validation arrays alike.
 
     batch_size 0 (or >= N) is full-batch gradient descent. ``iterations``, when
@@ -80,7 +81,8 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
     training batch. ``state``, a TrainResult from an interrupted run (with the
     network and optimizer restored alongside), continues it where it stopped,
     with the numbers an uninterrupted run would have produced; it is updated in
-    place and returned.
+    place and returned. ``max_epochs`` (default ``epochs``) lets a callback that
+    re-plans the run (a time budget) take it past ``epochs``; a callback then ends it.
     """
     n = len(X)
     bs = n if batch_size <= 0 or batch_size >= n else batch_size
@@ -89,7 +91,8 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
         epochs = math.ceil(iterations / batches_per_epoch)
         total_iterations = iterations
     else:
-        total_iterations = epochs * batches_per_epoch
+        max_epochs = max(epochs, max_epochs or 0)
+        total_iterations = max_epochs * batches_per_epoch
     callback = callback or Callback()
     result = state if state is not None else TrainResult()
     start_epoch = result.epochs_run
@@ -99,7 +102,7 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
     validate = X_val is not None and len(X_val) > 0
 
     with single_blas_thread():   # held once for the run, not toggled at every step
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(start_epoch, max(epochs, max_epochs or 0)):
             started = time.perf_counter()
             order = None if bs == n else epoch_rng(seed, epoch, 0).permutation(n)
             aug_rng = epoch_rng(seed, epoch, 1) if augment else None

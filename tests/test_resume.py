@@ -123,7 +123,7 @@ def test_time_budget_plans_from_the_first_epochs(monkeypatch, epoch_seconds, pla
     clock = FakeClock()
     monkeypatch.setattr(checkpoint.time, "perf_counter", clock)
     schedule, plans = Schedule("cosine", 0.1, total=planned), []
-    budget = checkpoint.TimeBudget(1000, schedule, planned, plans.append)
+    budget = checkpoint.TimeBudget(1000, schedule, planned, plans.append, limit=4 * planned)
     budget.on_train_begin(planned, 10, 0)
     epoch, stopped = 0, False
     while not stopped:
@@ -133,6 +133,18 @@ def test_time_budget_plans_from_the_first_epochs(monkeypatch, epoch_seconds, pla
     assert epoch == expected == budget.planned == schedule.total
     assert plans == [expected]                # the progress display is told the new plan once
     assert clock.now <= 1000
+
+
+def test_time_budget_runs_past_a_pessimistic_probe(monkeypatch):
+    """The probe's plan is only a first guess: a run whose epochs go faster than it
+    said keeps training until the budget is spent, and its cosine still ends."""
+    from experiments import runner
+    monkeypatch.setattr(runner, "estimate_epoch_seconds", lambda *args, **kwargs: 0.5)
+    config = TrainConfig(data="spiral", hidden=[20], schedule="cosine", optimizer="sgd", lr=0.5,
+                         time_budget=1.0)                  # the probe plans 2 epochs
+    outcome = run(config)
+    assert outcome.result.epochs_run > 2
+    assert outcome.result.history[-1]["lr"] < 0.5 * 0.2
 
 
 def test_time_budget_only_shortens_in_the_second_half(monkeypatch):
