@@ -187,7 +187,10 @@ def show_summary(outcome, run_dir: Path) -> None:
     table = Table(title="Run summary", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("status", outcome.status + (" (stopped early)" if outcome.result.stopped_early else ""))
+    ended = ""
+    if outcome.result.stopped_early:
+        ended = " (time budget spent)" if outcome.config.time_budget else " (stopped early)"
+    table.add_row("status", outcome.status + ended)
     table.add_row("epochs", str(outcome.result.epochs_run))
     for split in ("train", "val"):
         acc = outcome.final[f"final_{split}_acc"]
