@@ -8,15 +8,17 @@ product, keep every core busy all the time: that is how PyTorch's CPU kernels
 work too (OpenMP over the batch). While chunks run, BLAS is held to one thread
 so that the chunks' products do not fight over the cores.
 
-The number of threads is the number BLAS was started with, so a process that
-limits BLAS (``OPENBLAS_NUM_THREADS=1``, as sweep workers do) runs serially.
-Results never depend on it: each chunk's numbers are computed the same way
-whatever the split, and reductions over chunks are summed in chunk order.
+The number of threads is the number BLAS was started with (``NNX_THREADS``
+overrides it), so a process that limits BLAS (``OPENBLAS_NUM_THREADS=1``, as
+sweep workers do) runs serially. Results never depend on it: work that sums
+over the batch is cut into blocks whose boundaries are fixed by the sizes
+alone, and the blocks' results are added in block order.
 """
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,13 +29,19 @@ from threadpoolctl import ThreadpoolController
 MIN_PARALLEL_SIZE = 1 << 16
 
 _blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+_BLAS_THREADS = max([lib.num_threads for lib in _blas] or [1])
 
 
 def _default_threads() -> int:
-    env = os.environ.get("NNX_THREADS")
-    if env:
-        return max(1, int(env))
-    return max([lib.num_threads for lib in _blas] or [1])
+    env = os.environ.get("NNX_THREADS", "").strip()
+    if not env:
+        return _BLAS_THREADS
+    if not env.isdigit() or int(env) < 1:
+        # Read at import, before any command can report it: say so and go on.
+        warnings.warn(f"NNX_THREADS={env!r} is not a positive whole number; using {_BLAS_THREADS} "
+                      "threads", stacklevel=2)
+        return _BLAS_THREADS
+    return int(env)
 
 
 THREADS = _default_threads()
@@ -115,7 +123,6 @@ def over_batch(fn: Callable[[int, int], object], n: int, size: int = MIN_PARALLE
     return over_blocks(fn, n, -(-n // THREADS))
 
 
-_BLAS_THREADS = max([lib.num_threads for lib in _blas] or [1])
 _held = 0   # depth of nested single_blas_thread blocks (entered by the calling thread only)
 
 

@@ -69,3 +69,15 @@ def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch,
     for name in grads_1:
         assert np.array_equal(grads_1[name], grads_n[name]), name
     assert np.array_equal(scores_1, scores_n)
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("", parallel._BLAS_THREADS)])
+def test_nnx_threads_sets_the_thread_count(monkeypatch, value, expected):
+    monkeypatch.setenv("NNX_THREADS", value)
+    assert parallel._default_threads() == expected
+
+
+def test_a_bad_nnx_threads_is_named_and_ignored(monkeypatch):
+    monkeypatch.setenv("NNX_THREADS", "lots")
+    with pytest.warns(UserWarning, match="NNX_THREADS='lots'"):
+        assert parallel._default_threads() == parallel._BLAS_THREADS
