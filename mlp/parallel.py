@@ -123,7 +123,9 @@ def over_batch(fn: Callable[[int, int], object], n: int, size: int = MIN_PARALLE
     return over_blocks(fn, n, -(-n // THREADS))
 
 
-_held = 0   # depth of nested single_blas_thread blocks (entered by the calling thread only)
+_held = 0            # threads inside single_blas_thread blocks, nested blocks counted each
+_held_lock = threading.Lock()
+_held_before: list[int] = []
 
 
 class single_blas_thread:
@@ -133,21 +135,28 @@ class single_blas_thread:
     one: the layers share the batch out among threads themselves, and a single
     threaded BLAS call is enough to leave OpenBLAS's workers spinning for a
     while after it, taking the cores from the chunks (measured here: conv6bn's
-    step took 256 ms with them, 157 ms without).
+    step took 256 ms with them, 157 ms without). BLAS's thread count belongs to
+    the whole process, so the count of blocks is too: the first block in sets
+    it, the last one out restores it, whichever threads they run in (a Dask
+    worker trains several networks in threads of one process). threadpoolctl
+    lets only the first thread that set OpenBLAS's count set it again; from
+    other threads the count stays as it is, which costs speed, never numbers.
     """
 
     def __enter__(self):
         global _held
-        _held += 1
-        if _held == 1 and _BLAS_THREADS > 1:
-            self.before = [lib.num_threads for lib in _blas]
-            for lib in _blas:
-                lib.set_num_threads(1)
+        with _held_lock:
+            _held += 1
+            if _held == 1 and _BLAS_THREADS > 1:
+                _held_before[:] = [lib.num_threads for lib in _blas]
+                for lib in _blas:
+                    lib.set_num_threads(1)
         return self
 
     def __exit__(self, *exc):
         global _held
-        _held -= 1
-        if _held == 0 and _BLAS_THREADS > 1:
-            for lib, n in zip(_blas, self.before, strict=True):
-                lib.set_num_threads(n)
+        with _held_lock:
+            _held -= 1
+            if _held == 0 and _BLAS_THREADS > 1:
+                for lib, n in zip(_blas, _held_before, strict=True):
+                    lib.set_num_threads(n)

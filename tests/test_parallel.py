@@ -81,3 +81,37 @@ def test_a_bad_nnx_threads_is_named_and_ignored(monkeypatch):
     monkeypatch.setenv("NNX_THREADS", "lots")
     with pytest.warns(UserWarning, match="NNX_THREADS='lots'"):
         assert parallel._default_threads() == parallel._BLAS_THREADS
+
+
+def test_single_blas_thread_from_several_threads_at_once():
+    """A Dask worker trains several networks in threads of one process: blocks
+    opened and closed in any interleaving leave BLAS as it was."""
+    before = [lib.num_threads for lib in parallel._blas]
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    errors = []
+
+    def first():
+        try:
+            with parallel.single_blas_thread():
+                first_in.set()
+                second_in.wait(5)
+            first_out.set()
+        except Exception as exc:  # noqa: BLE001  reported by the assertion below
+            errors.append(exc)
+
+    def second():
+        try:
+            first_in.wait(5)
+            with parallel.single_blas_thread():
+                second_in.set()
+                first_out.wait(5)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert [lib.num_threads for lib in parallel._blas] == before
