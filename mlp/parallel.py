@@ -140,7 +140,7 @@ class single_blas_thread:
     it, the last one out restores it, whichever threads they run in (a Dask
     worker trains several networks in threads of one process). threadpoolctl
     lets only the first thread that set OpenBLAS's count set it again; from
-    other threads the count stays as it is, which costs speed, never numbers.
+    other threads the count stays as it is (the Dask test finds the same numbers).
     """
 
     def __enter__(self):
