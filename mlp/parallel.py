@@ -16,6 +16,7 @@ alone, and the blocks' results are added in block order.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -128,7 +129,7 @@ _held_lock = threading.Lock()
 _held_before: list[int] = []
 
 
-class single_blas_thread:
+class single_blas_thread(contextlib.ContextDecorator):
     """Hold BLAS to one thread inside the block; nested blocks cost a counter only.
 
     A network's forward and backward, and the whole training loop, run inside
@@ -144,6 +145,8 @@ class single_blas_thread:
     """
 
     def __enter__(self):
+        # The count is process-wide, not per instance, so one instance may serve
+        # as a decorator for every call.
         global _held
         with _held_lock:
             _held += 1

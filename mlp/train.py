@@ -65,6 +65,7 @@ def epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
 
 
 @np.errstate(over="ignore", invalid="ignore")   # a diverging loss is detected and reported
+@single_blas_thread()   # held once for the run, not toggled at every step
 def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
           X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
           epochs: int | None = 10, iterations: int | None = None, batch_size: int = 0,
@@ -89,10 +90,10 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
     batches_per_epoch = math.ceil(n / bs)
     if iterations is not None:
         epochs = math.ceil(iterations / batches_per_epoch)
-        total_iterations = iterations
+        last_epoch, total_iterations = epochs, iterations
     else:
-        max_epochs = max(epochs, max_epochs or 0)
-        total_iterations = max_epochs * batches_per_epoch
+        last_epoch = max(epochs, max_epochs or 0)
+        total_iterations = last_epoch * batches_per_epoch
     callback = callback or Callback()
     result = state if state is not None else TrainResult()
     start_epoch = result.epochs_run
@@ -101,58 +102,57 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
     params = net.params
     validate = X_val is not None and len(X_val) > 0
 
-    with single_blas_thread():   # held once for the run, not toggled at every step
-        for epoch in range(start_epoch, max(epochs, max_epochs or 0)):
-            started = time.perf_counter()
-            order = None if bs == n else epoch_rng(seed, epoch, 0).permutation(n)
-            aug_rng = epoch_rng(seed, epoch, 1) if augment else None
-            net.reseed(lambda i, e=epoch: epoch_rng(seed, e, 2 + i))
-            loss_sum, correct, seen = 0.0, 0, 0
-            for b in range(batches_per_epoch):
-                if result.iterations >= total_iterations:
-                    break
-                if order is None:
-                    xb, yb = X, y
-                else:
-                    idx = order[b * bs:(b + 1) * bs]
-                    xb, yb = X[idx], y[idx]
-                if augment:
-                    xb = augment(xb, aug_rng)
-                if schedule is not None:
-                    optimizer.lr = schedule(epoch + b / batches_per_epoch)
-                loss, scores, grads = net.loss_and_scores(xb, yb, train=True)
-                if not math.isfinite(loss):
-                    result.status = "diverged"
-                    break
-                optimizer.step(params, grads)
-                result.iterations += 1
-                loss_sum += loss * len(yb)
-                correct += int(np.count_nonzero(scores.argmax(axis=1) == yb))
-                seen += len(yb)
-                callback.on_batch_end(epoch, b, batches_per_epoch, len(yb), loss)
-            if result.status == "diverged" or seen == 0:
+    for epoch in range(start_epoch, last_epoch):
+        started = time.perf_counter()
+        order = None if bs == n else epoch_rng(seed, epoch, 0).permutation(n)
+        aug_rng = epoch_rng(seed, epoch, 1) if augment else None
+        net.reseed(lambda i, e=epoch: epoch_rng(seed, e, 2 + i))
+        loss_sum, correct, seen = 0.0, 0, 0
+        for b in range(batches_per_epoch):
+            if result.iterations >= total_iterations:
                 break
-            record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                      "val_loss": math.nan, "val_acc": math.nan, "lr": optimizer.lr,
-                      "seconds": 0.0}
-            if validate:
-                record["val_loss"], record["val_acc"] = net.evaluate(X_val, y_val, eval_batch_size)
-                if not math.isfinite(record["val_loss"]):
-                    result.status = "diverged"
-            record["seconds"] = time.perf_counter() - started
-            result.history.append(record)
-            if result.status == "diverged":
-                callback.on_epoch_end(record)
+            if order is None:
+                xb, yb = X, y
+            else:
+                idx = order[b * bs:(b + 1) * bs]
+                xb, yb = X[idx], y[idx]
+            if augment:
+                xb = augment(xb, aug_rng)
+            if schedule is not None:
+                optimizer.lr = schedule(epoch + b / batches_per_epoch)
+            loss, scores, grads = net.loss_and_scores(xb, yb, train=True)
+            if not math.isfinite(loss):
+                result.status = "diverged"
                 break
-            out_of_patience = False
-            if patience is not None and validate:
-                if record["val_acc"] > result.best_val_acc:
-                    result.best_val_acc, result.best_epoch = record["val_acc"], epoch + 1
-                    result.best_params = {k: v.copy() for k, v in params.items()}
-                out_of_patience = epoch + 1 - result.best_epoch >= patience
-            if callback.on_epoch_end(record) or out_of_patience:
-                result.stopped_early = True
-                break
+            optimizer.step(params, grads)
+            result.iterations += 1
+            loss_sum += loss * len(yb)
+            correct += int(np.count_nonzero(scores.argmax(axis=1) == yb))
+            seen += len(yb)
+            callback.on_batch_end(epoch, b, batches_per_epoch, len(yb), loss)
+        if result.status == "diverged" or seen == 0:
+            break
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "val_loss": math.nan, "val_acc": math.nan, "lr": optimizer.lr,
+                  "seconds": 0.0}
+        if validate:
+            record["val_loss"], record["val_acc"] = net.evaluate(X_val, y_val, eval_batch_size)
+            if not math.isfinite(record["val_loss"]):
+                result.status = "diverged"
+        record["seconds"] = time.perf_counter() - started
+        result.history.append(record)
+        if result.status == "diverged":
+            callback.on_epoch_end(record)
+            break
+        out_of_patience = False
+        if patience is not None and validate:
+            if record["val_acc"] > result.best_val_acc:
+                result.best_val_acc, result.best_epoch = record["val_acc"], epoch + 1
+                result.best_params = {k: v.copy() for k, v in params.items()}
+            out_of_patience = epoch + 1 - result.best_epoch >= patience
+        if callback.on_epoch_end(record) or out_of_patience:
+            result.stopped_early = True
+            break
     if result.stopped_early and result.best_params is not None:
         for name, value in result.best_params.items():
             params[name][...] = value
