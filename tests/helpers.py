@@ -9,6 +9,22 @@ from experiments.cifar10 import BATCHES_DIR, CLASSES
 PER_BATCH = 8
 
 
+def assert_close(actual, expected, rtol: float = 1e-6, err_msg: str = "") -> None:
+    """max |actual - expected| <= rtol * max |expected|, over the whole array.
+
+    For numbers computed in another summation order (another BLAS kernel,
+    another block split): an entry near zero carries the rounding error of the
+    large terms that cancelled in it, so an entry-by-entry relative tolerance
+    fails on some CPUs and not on others. Scaled to the array, it does not.
+    """
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{err_msg} shapes {actual.shape} != {expected.shape}"
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    error = float(np.max(np.abs(actual - expected), initial=0.0))
+    assert error <= rtol * scale, (f"{err_msg} max abs error {error:.3g} > {rtol:g} x max |expected| "
+                                   f"{scale:.3g} (relative {error / max(scale, 1e-300):.3g})")
+
+
 def flat(output: str) -> str:
     """CLI output with Rich's box drawing and line wrapping undone, for substring checks."""
     return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
