@@ -3,10 +3,10 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import assert_close
 
 from mlp import parallel
 from mlp.arch import build_network
-from helpers import assert_close
 
 
 def test_over_blocks_covers_the_batch_in_order(monkeypatch):
