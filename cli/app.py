@@ -12,8 +12,8 @@ from rich.table import Table
 import mlp
 from cli.progress import TrainingProgress, fmt
 from experiments.checkpoint import CHECKPOINT, parse_duration
-from experiments.config import ConfigError, TrainConfig, parse_hidden, resolve
-from experiments.datasets import DataError
+from experiments.config import TrainConfig, parse_hidden, resolve
+from experiments.errors import ConfigError, DataError
 from experiments.runner import default_run_dir, prepare_run_dir, resumable_config, run, save_run, start_run
 from mlp.arch import PRESETS
 from mlp.network import ModelFileError

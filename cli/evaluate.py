@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from cli.app import console, fail
-from experiments.datasets import DataError
+from experiments.errors import DataError
 from experiments.evaluate import SPLITS, Evaluation, evaluate
 from mlp.network import ModelFileError, Network
 

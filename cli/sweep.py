@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cli.app import console, fail, usage_error
 from cli.progress import fmt
-from experiments.config import ConfigError
+from experiments.errors import ConfigError
 from experiments.store import SweepStore
 from experiments.sweep import (
     SweepCallback,

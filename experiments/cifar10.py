@@ -26,7 +26,8 @@ import numpy as np
 
 # one error type for every data set (missing, corrupt, or cannot be fetched), so that
 # `nnx train` and `nnx evaluate` turn any of them into a one-line message
-from experiments.datasets import DataError, Dataset
+from experiments.datasets import Dataset
+from experiments.errors import DataError
 
 try:                                    # NumPy 2 moved it; pickles may name either module
     from numpy._core.multiarray import _reconstruct
@@ -357,7 +358,7 @@ def load_cifar10_split(data_dir: str | Path | None = None, val_size: int = 5000,
 def load_cifar10_dataset(config):
     """The ``experiments.datasets.Dataset`` a resolved TrainConfig with data cifar10 asks for;
     its metadata carries ``mean``/``std`` so they are saved with the model."""
-    from experiments.config import ConfigError
+    from experiments.errors import ConfigError
     try:
         s = load_cifar10_split(config.data_dir, config.val_size, config.data_seed, config.limit)
     except ValueError as exc:

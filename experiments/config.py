@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from experiments.datasets import FIXED_CLASSES, GENERATORS
+from experiments.errors import ConfigError
 from mlp.arch import parse_arch, resolve_arch
 from mlp.init import INIT_SCHEMES
 from mlp.layers import ACTIVATIONS
@@ -22,18 +23,6 @@ from mlp.optim import OPTIMIZERS, SCHEDULES
 IMAGE_DATASETS = ("cifar10",)
 DATASETS = (*GENERATORS, *IMAGE_DATASETS)
 DTYPES = ("auto", "float32", "float64")
-
-
-class ConfigError(ValueError):
-    """A bad option value; ``option`` is the field it concerns."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(message)
-        self.option = option
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.option.replace("_", "-")
 
 
 @dataclass

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from experiments.errors import DataError  # noqa: F401  raised by the loaders of every data set
+
 
 def spiral(points: int = 100, classes: int = 3, noise: float = 0.2, seed: int = 0):
     """The cs231n spiral: ``points`` per class, ``classes`` arms; for arm j the
@@ -71,10 +73,6 @@ def moons(points: int = 100, classes: int = 2, noise: float = 0.1, seed: int = 0
     lower = np.c_[1 - np.cos(t[points:]), 0.5 - np.sin(t[points:])]
     X = np.r_[upper, lower] + rng.standard_normal((2 * points, 2)) * noise
     return X, np.repeat(np.arange(2), points)
-
-
-class DataError(Exception):
-    """A data set that cannot be had (missing or corrupt files); the message says what to run."""
 
 
 GENERATORS = {"spiral": spiral, "circle": circle, "xor": xor, "blobs": blobs, "moons": moons}

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiments.config import TrainConfig, resolve
-from experiments.datasets import DataError, make_2d
+from experiments.datasets import make_2d
+from experiments.errors import DataError
 from mlp.losses import softmax
 from mlp.network import Network
 

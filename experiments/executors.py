@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from experiments.config import ConfigError, TrainConfig
+from experiments.config import TrainConfig
+from experiments.errors import ConfigError
 from experiments.runner import RunOutcome, run
 
 # Workers are one process per core: each must use one BLAS thread or they

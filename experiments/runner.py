@@ -20,8 +20,9 @@ from experiments.checkpoint import (
     estimate_epoch_seconds,
     load_checkpoint,
 )
-from experiments.config import ConfigError, TrainConfig, format_hidden, resolve
+from experiments.config import TrainConfig, format_hidden, resolve
 from experiments.datasets import Dataset, make_2d
+from experiments.errors import ConfigError
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
 from mlp.train import HISTORY_COLUMNS, Callback, Callbacks, TrainResult, train

@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlp
-from experiments.config import ConfigError, TrainConfig, format_hidden
+from experiments.config import TrainConfig, format_hidden
+from experiments.errors import ConfigError
 from experiments.runner import history_csv
 from mlp.network import atomic_write_bytes
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ConfigError, TrainConfig, format_hidden, parse_hidden, resolve
+from experiments.config import TrainConfig, format_hidden, parse_hidden, resolve
+from experiments.errors import ConfigError
 from experiments.store import SweepStore
 
 if sys.version_info >= (3, 11):

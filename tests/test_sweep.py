@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import experiments.executors as executors
 from cli.app import app
-from experiments.config import ConfigError
+from experiments.errors import ConfigError
 from experiments.store import FINAL_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS, SweepStore
 from experiments.sweep import (
     RESULT_SCHEMA_VERSION,
