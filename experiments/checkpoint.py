@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from mlp.network import ModelFileError, Network
-from mlp.optim import Optimizer, Schedule
-from mlp.train import Callback, TrainResult
+from mlp.optim import Optimizer
+from mlp.train import Callback, Decision, TrainResult
 
 CHECKPOINT = "checkpoint.npz"
 _STATE_KEY = "__train_state__"
@@ -34,6 +33,9 @@ class Checkpointer(Callback):
     def on_train_begin(self, epochs, batches_per_epoch, start_epoch):
         self.epochs = epochs
 
+    def on_plan(self, epochs):
+        self.epochs = epochs
+
     def on_epoch_end(self, record):
         if record["epoch"] % self.every == 0 or record["epoch"] == self.epochs:
             save_checkpoint(self.path, self.net, self.optimizer, self.state)
@@ -42,6 +44,7 @@ class Checkpointer(Callback):
 def save_checkpoint(path: Path, net: Network, optimizer: Optimizer, state: TrainResult) -> None:
     progress = {"history": state.history, "status": state.status, "iterations": state.iterations,
                 "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
+                "best_val_loss": state.best_val_loss, "first_loss": state.first_loss,
                 "lr": optimizer.lr}
     extra = {_STATE_KEY: np.array(json.dumps(progress))}
     extra.update({f"optim:{k}": v for k, v in optimizer.state_dict().items()})
@@ -61,7 +64,9 @@ def load_checkpoint(path: Path, optimizer: Optimizer) -> tuple[Network, TrainRes
     optimizer.lr = progress["lr"]
     state = TrainResult(history=progress["history"], status=progress["status"],
                         iterations=progress["iterations"], best_epoch=progress["best_epoch"],
-                        best_val_acc=progress["best_val_acc"], best_params=best or None)
+                        best_val_acc=progress["best_val_acc"], best_params=best or None,
+                        best_val_loss=progress.get("best_val_loss", math.nan),
+                        first_loss=progress.get("first_loss"))
     return net, state
 
 
@@ -82,9 +87,9 @@ def parse_duration(text: str) -> float:
 class TimeBudget(Callback):
     """Fits the run into ``budget`` seconds of wall time.
 
-    After every epoch it re-plans from the mean epoch time so far and moves the
-    schedule's end with the plan (a cosine schedule still anneals to its end);
-    training stops once the plan is done. Through the first half of the plan it
+    After every epoch it re-plans from the mean epoch time so far and returns
+    the new plan (the trainer moves the schedule's end with it, so a cosine
+    still anneals to its end); it stops training once the plan is done. Through the first half of the plan it
     re-plans either way: the probe before training times a few batches only and
     may be off by a fifth or more (measured here: 84 s per epoch planned, 66 s
     run), and a machine busy with other work early on would otherwise leave the
@@ -93,11 +98,9 @@ class TimeBudget(Callback):
     learning rate again.
     """
 
-    def __init__(self, budget: float, schedule: Schedule, planned_epochs: int,
-                 notify: Callable[[int], None] | None = None, limit: int | None = None):
-        self.budget, self.schedule, self.planned = budget, schedule, planned_epochs
+    def __init__(self, budget: float, planned_epochs: int, limit: int | None = None):
+        self.budget, self.planned = budget, planned_epochs
         self.limit = limit or planned_epochs  # the most epochs the trainer will run
-        self.notify = notify or (lambda epochs: None)  # told each new plan
         self.started = time.perf_counter()
         self.done = 0
 
@@ -112,9 +115,7 @@ class TimeBudget(Callback):
         first_half = self.done <= self.planned / 2
         if (fits < self.planned or first_half) and max(self.done, fits) != self.planned:
             self.planned = max(self.done, fits)
-            self.schedule.total = self.planned
-            self.notify(self.planned)
-        return self.done >= self.planned
+        return Decision(stop=self.done >= self.planned, plan=self.planned)
 
 
 def estimate_epoch_seconds(net: Network, optimizer: Optimizer, X, y, X_val, batch_size: int,

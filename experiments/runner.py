@@ -25,7 +25,7 @@ from experiments.datasets import Dataset, make_2d
 from experiments.errors import ConfigError
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
-from mlp.train import HISTORY_COLUMNS, Callback, Callbacks, TrainResult, train
+from mlp.train import HISTORY_COLUMNS, Callback, Callbacks, EarlyStopping, Trainer, TrainResult
 
 RUN_FILES = ("model.npz", "metrics.csv", "config.json")
 
@@ -115,18 +115,19 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         epochs, iterations = max(1, int(config.time_budget / per_epoch)), None
         max_epochs = BUDGET_EPOCHS_LIMIT * epochs   # room for the budget to lengthen the plan
     schedule = make_schedule(config, epochs if iterations is None else iterations / n_batches)
+    trainer = Trainer(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
+                      batch_size=config.batch_size, schedule=schedule, seed=config.seed,
+                      augment=augment, state=state)
     callbacks = Callbacks(callback)
-    if config.time_budget is not None:  # first: the others see each epoch with the new plan
-        callbacks.callbacks.insert(0, TimeBudget(config.time_budget, schedule, epochs, callbacks.on_plan,
-                                                 limit=max_epochs))
+    if config.time_budget is not None:
+        callbacks.callbacks.append(TimeBudget(config.time_budget, epochs, limit=max_epochs))
+    if config.patience is not None and trainer.validate:
+        callbacks.callbacks.append(EarlyStopping(config.patience, state, trainer.params))
     if checkpoint is not None and config.checkpoint_every:
         callbacks.callbacks.append(Checkpointer(checkpoint, net, optimizer, state,
                                                 config.checkpoint_every))
     started = time.perf_counter()
-    train(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
-          epochs=epochs, iterations=iterations, batch_size=config.batch_size, schedule=schedule,
-          seed=config.seed, callback=callbacks, patience=config.patience, augment=augment,
-          state=state, max_epochs=max_epochs)
+    trainer.train(epochs, iterations=iterations, max_epochs=max_epochs, callback=callbacks)
     seconds = time.perf_counter() - started
     return RunOutcome(config, net, state, final_metrics(net, data, state), seconds, data)
 

@@ -18,7 +18,6 @@ from experiments.checkpoint import parse_duration
 from experiments.config import TrainConfig
 from experiments.runner import run
 from mlp.network import Network
-from mlp.optim import Schedule
 from mlp.train import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,16 +121,16 @@ def test_time_budget_plans_from_the_first_epochs(monkeypatch, epoch_seconds, pla
     from experiments import checkpoint
     clock = FakeClock()
     monkeypatch.setattr(checkpoint.time, "perf_counter", clock)
-    schedule, plans = Schedule("cosine", 0.1, total=planned), []
-    budget = checkpoint.TimeBudget(1000, schedule, planned, plans.append, limit=4 * planned)
+    budget = checkpoint.TimeBudget(1000, planned, limit=4 * planned)
     budget.on_train_begin(planned, 10, 0)
-    epoch, stopped = 0, False
-    while not stopped:
+    epoch, decision, plans = 0, None, []
+    while not (decision and decision.stop):
         epoch += 1
         clock.now += epoch_seconds
-        stopped = budget.on_epoch_end({"epoch": epoch})
-    assert epoch == expected == budget.planned == schedule.total
-    assert plans == [expected]                # the progress display is told the new plan once
+        decision = budget.on_epoch_end({"epoch": epoch})
+        plans.append(decision.plan)
+    assert epoch == expected == budget.planned
+    assert set(plans) == {expected}           # the new plan is made after the first epoch
     assert clock.now <= 1000
 
 
@@ -151,13 +150,12 @@ def test_time_budget_only_shortens_in_the_second_half(monkeypatch):
     from experiments import checkpoint
     clock = FakeClock()
     monkeypatch.setattr(checkpoint.time, "perf_counter", clock)
-    schedule = Schedule("cosine", 0.1, total=10)
-    budget = checkpoint.TimeBudget(1000, schedule, 10)
+    budget = checkpoint.TimeBudget(1000, 10)
     budget.on_train_begin(10, 10, 0)
     for epoch, seconds in enumerate([100, 100, 100, 100, 100, 100, 10], 1):  # then it speeds up
         clock.now += seconds
-        assert not budget.on_epoch_end({"epoch": epoch})
-    assert budget.planned == schedule.total == 10                   # a late cosine is not lengthened
+        assert not budget.on_epoch_end({"epoch": epoch}).stop
+    assert budget.planned == 10                                     # a late cosine is not lengthened
     for epoch in range(8, 10):
         clock.now += 300                                            # and slows down a lot
         budget.on_epoch_end({"epoch": epoch})

@@ -76,3 +76,36 @@ def test_callback_sees_every_epoch_and_can_stop_training():
 def test_float32_dtype_trains_in_float32():
     outcome = run(TrainConfig(data="circle", hidden=[16], dtype="float32", epochs=50))
     assert all(p.dtype == np.float32 for p in outcome.network.params.values())
+
+
+def test_a_callback_re_plans_the_run_and_the_schedule_follows():
+    from mlp.optim import Schedule
+    from mlp.train import Decision
+
+    class Shorten(Callback):
+        def __init__(self):
+            self.plans = []
+
+        def on_epoch_end(self, record):
+            return Decision(plan=5) if record["epoch"] == 2 else None
+
+        def on_plan(self, epochs):
+            self.plans.append(epochs)
+
+    cb, schedule = Shorten(), Schedule("cosine", 0.1, total=10)
+    X, y = np.random.default_rng(0).standard_normal((20, 2)), np.arange(20) % 2
+    result = train(build_mlp(2, [4], 2), SGD(0.1), X, y, epochs=10, schedule=schedule, callback=cb)
+    assert result.epochs_run == 5 and cb.plans == [5] and schedule.total == 5
+    assert result.history[-1]["lr"] == pytest.approx(schedule(4.0))   # the last epoch's first batch
+
+
+def test_a_runaway_loss_is_divergence_even_while_finite():
+    """lr 1000 on the spiral: the loss jumps a hundredfold and more, then oscillates
+    without ever reaching inf; the 100x rule calls it diverged."""
+    from mlp.train import RUNAWAY_FACTOR, is_runaway
+    outcome = run(TrainConfig(data="spiral", hidden=[100], optimizer="sgd", lr=1000.0, epochs=50))
+    assert outcome.status == "diverged"
+    losses = [r["train_loss"] for r in outcome.result.history]
+    assert all(np.isfinite(losses))              # it never went NaN or inf before the rule fired
+    assert is_runaway(RUNAWAY_FACTOR * 1.1 + 1e-9, 1.1) and not is_runaway(50.0, 1.1)
+    assert is_runaway(float("nan"), 1.0) and is_runaway(float("inf"), 1.0)
