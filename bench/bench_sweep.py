@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 from experiments.store import METRIC_COLUMNS
-from experiments.sweep import default_spec, run_sweep
+from experiments.sweep import default_sweep, run_sweep
 
 
 def timed_sweep(workers: int, root: Path) -> tuple[float, dict]:
     started = time.perf_counter()
-    outcome = run_sweep(default_spec(), root / f"workers{workers}", workers=workers)
+    outcome = run_sweep(default_sweep(), root / f"workers{workers}", workers=workers)
     return time.perf_counter() - started, outcome.rows
 
 

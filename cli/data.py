@@ -6,32 +6,31 @@ from pathlib import Path
 
 import typer
 from rich import progress as rp
-from rich.console import Console
-from rich.markup import escape
 
+from cli.common import console, fail
+from cli.options import config_option, parse_option
 from experiments import cifar10
 
-DATASETS = ("cifar10",)
+DOWNLOADABLE = ("cifar10",)
 
 data_app = typer.Typer(help="Download data sets for `nnx train --data cifar10`.",
                        no_args_is_help=True, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
 
 
 @data_app.command()
 def download(
     name: str = typer.Argument(..., metavar="NAME", help="Data set to fetch: cifar10."),
-    data_dir: Path | None = typer.Option(None, envvar="NNX_DATA_DIR", show_default="~/.cache/nnx",
-                                         help="Where to keep data sets."),
+    data_dir: str | None = config_option("data_dir", help="Where to keep data sets (also "
+                                         "$NNX_DATA_DIR) \\[default: ~/.cache/nnx]."),
     url: str = typer.Option(cifar10.CIFAR10_URL, hidden=True),
     md5: str = typer.Option(cifar10.CIFAR10_MD5, hidden=True),
 ):
     """Download, verify (MD5) and extract a data set; a no-op when a verified copy is there."""
-    if name not in DATASETS:
-        raise typer.BadParameter(f"unknown data set {name!r}; choose from: {', '.join(DATASETS)}",
+    if name not in DOWNLOADABLE:
+        raise typer.BadParameter(f"unknown data set {name!r}; choose from: {', '.join(DOWNLOADABLE)}",
                                  param_hint="'NAME'")
-    data_dir = (data_dir or cifar10.default_data_dir()).expanduser()
+    data_dir = parse_option("data_dir", data_dir)
+    data_dir = Path(data_dir).expanduser() if data_dir else cifar10.default_data_dir()
     present = cifar10.is_verified(data_dir, md5)
     try:
         with download_progress(show=not present) as report:
@@ -40,12 +39,6 @@ def download(
         fail(str(exc))
     outcome = "already present and verified in" if present else "downloaded, verified and extracted to"
     console.print(f"CIFAR-10 {outcome} {path}", highlight=False, soft_wrap=True)
-
-
-def fail(message: str):
-    """One red line on stderr and exit code 1: a data problem, not a usage error."""
-    err_console.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 @contextmanager

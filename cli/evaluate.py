@@ -6,7 +6,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.app import console, fail
+from cli.common import console, fail
+from cli.options import config_option, parse_option
 from experiments.errors import DataError
 from experiments.evaluate import SPLITS, Evaluation, evaluate
 from mlp.network import ModelFileError, Network
@@ -14,17 +15,17 @@ from mlp.network import ModelFileError, Network
 
 def evaluate_command(
     model: Path = typer.Argument(..., help="A model.npz written by nnx train (or a run directory)."),
-    data: str | None = typer.Option(None, help="The data set; must be the one the model was "
-                                       "trained on [default: read from the model]."),
+    data: str | None = config_option("data", help="The data set; must be the one the model was "
+                                     "trained on \\[default: read from the model]."),
     split: str = typer.Option("test", help="train, val or test (2D data: a fresh draw)."),
-    data_dir: str | None = typer.Option(None, envvar="NNX_DATA_DIR",
-                                           help="CIFAR-10 location [default: ~/.cache/nnx]."),
+    data_dir: str | None = config_option("data_dir"),
     flip_average: bool = typer.Option(False, "--flip-average", help="Images: average the "
                                       "predictions on each image and its mirror image."),
     plot: Path | None = typer.Option(None, help="Also draw the confusion matrix to this "
                                         "image file (PNG, SVG or PDF by extension)."),
 ):
     """Score a saved model: accuracy, per-class accuracy and the confusion matrix."""
+    data, data_dir = parse_option("data", data), parse_option("data_dir", data_dir)
     if split not in SPLITS:
         raise typer.BadParameter(f"{split!r} is not one of {', '.join(SPLITS)}", param_hint="'--split'")
     path = model / "model.npz" if model.is_dir() else model

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import typer
 
-from cli.app import console, fail
+from cli.common import console, fail
+from cli.options import config_option, parse_option
 
 FORMAT_HELP = "png, svg or pdf (ignored when --out names a file with one of these extensions)."
 OUT_HELP = "Image file to write [default: {name}.<format> inside the directory drawn]."
@@ -50,7 +51,7 @@ def plot_boundary(
                                  "of the data's span on each side."),
     rows: str = typer.Option("hidden", help="Sweeps: the option whose values are the rows."),
     cols: str = typer.Option("reg", help="Sweeps: the option whose values are the columns."),
-    seed: str | None = typer.Option(None, help="Sweeps: the seed to draw [default: the smallest]."),
+    seed: str | None = config_option("seed", help="Sweeps: the seed to draw \\[default: the smallest]."),
     where: list[str] = typer.Option([], help="Sweeps: keep trials with NAME=VALUE (repeatable), "
                                     "for options that vary but are not rows or columns."),
 ):
@@ -59,7 +60,9 @@ def plot_boundary(
     target = output_path(path, "boundary", out, format)
     draw(check_dir, path)
     if is_sweep_dir(path):
-        draw(plot_sweep_boundaries, path, target, rows=rows, cols=cols, seed=seed,
+        seed = parse_option("seed", seed)
+        draw(plot_sweep_boundaries, path, target, rows=rows, cols=cols,
+             seed=None if seed is None else str(seed),
              where=parse_where(where), resolution=resolution, margin=margin)
     else:
         draw(plot_run_boundary, path, target, resolution=resolution, margin=margin)

@@ -16,27 +16,30 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cli.app import console, fail, usage_error
+from cli.common import console, fail, usage_error
+from cli.options import parse_options, with_config_options
 from cli.progress import fmt
 from experiments.errors import ConfigError
 from experiments.store import SweepStore
 from experiments.sweep import (
+    Sweep,
     SweepCallback,
+    SweepError,
     SweepOutcome,
-    SweepSpec,
     Trial,
-    build_spec,
+    build_sweep,
     format_value,
     parse_fixed,
-    parse_value,
     plan,
     run_sweep,
 )
 
-GRID, FIXED, RUN = "Grid", "Fixed options (as in nnx train)", "Run"
+GRID, SWEEP_RUN = "Grid", "Sweep"
 
 
-def sweep(
+@with_config_options(fixed=True)
+def sweep_command(
+    options: dict,
     grid: list[str] | None = typer.Option(None, "--grid", metavar="NAME=V1,V2", help="An axis: any "
                                           "nnx train option and its values, e.g. hidden=3,6,20 "
                                           "(64x64 for two layers) or reg=0.001,0.01. Repeat for more "
@@ -49,67 +52,52 @@ def sweep(
     name: str | None = typer.Option(None, help="Name of the sweep; names its default --out.",
                                     rich_help_panel=GRID),
     set_: list[str] | None = typer.Option(None, "--set", metavar="NAME=VALUE", help="Fix any nnx "
-                                          "train option, e.g. --set patience=20 or --set "
-                                          "schedule=cosine (repeatable).", rich_help_panel=FIXED),
-    data: str | None = typer.Option(None, help="Data set.", rich_help_panel=FIXED),
-    points: int | None = typer.Option(None, help="2D data: points per class.", rich_help_panel=FIXED),
-    classes: int | None = typer.Option(None, help="2D data: classes.", rich_help_panel=FIXED),
-    noise: float | None = typer.Option(None, help="2D data: noise std.", rich_help_panel=FIXED),
-    val_fraction: float | None = typer.Option(None, help="Fraction held out for validation.",
-                                              rich_help_panel=FIXED),
-    hidden: str | None = typer.Option(None, help="MLP hidden sizes: 100, 64,64 or none.",
-                                      rich_help_panel=FIXED),
-    activation: str | None = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid.",
-                                          rich_help_panel=FIXED),
-    reg: float | None = typer.Option(None, help="L2 strength.", rich_help_panel=FIXED),
-    optimizer: str | None = typer.Option(None, help="Optimizer.", rich_help_panel=FIXED),
-    lr: float | None = typer.Option(None, help="Learning rate.", rich_help_panel=FIXED),
-    batch_size: int | None = typer.Option(None, help="Minibatch size; 0 = full batch.",
-                                          rich_help_panel=FIXED),
-    epochs: int | None = typer.Option(None, help="Epochs.", rich_help_panel=FIXED),
+                                          "train option, e.g. --set patience=20 (the same as "
+                                          "--patience 20; repeatable).", rich_help_panel=GRID),
     out: Path | None = typer.Option(None, help="Output directory \\[default: runs/sweep-<name>, or "
                                     "runs/sweep-<data>-<axes>-<id> derived from the trials, so "
-                                    "the same command resumes].", rich_help_panel=RUN),
+                                    "the same command resumes].", rich_help_panel=SWEEP_RUN),
     workers: int | None = typer.Option(None, min=0, help="Local worker processes, one BLAS thread "
                                        "each; 0 runs the trials in this process "
-                                       "\\[default: the number of cores].", rich_help_panel=RUN),
+                                       "\\[default: the number of cores].", rich_help_panel=SWEEP_RUN),
     scheduler: str | None = typer.Option(None, metavar="tcp://HOST:PORT", help="Run the trials on "
                                          "this Dask cluster (needs the dask extra).",
-                                         rich_help_panel=RUN),
-    retry_failed: bool = typer.Option(False, help="Run failed trials again.", rich_help_panel=RUN),
+                                         rich_help_panel=SWEEP_RUN),
+    retry_failed: bool = typer.Option(False, help="Run failed trials again.", rich_help_panel=SWEEP_RUN),
     force: bool = typer.Option(False, help="Replace a different sweep in --out (the trials the "
-                               "two share are kept).", rich_help_panel=RUN),
-    dry_run: bool = typer.Option(False, help="List the trials and exit.", rich_help_panel=RUN),
+                               "two share are kept).", rich_help_panel=SWEEP_RUN),
+    dry_run: bool = typer.Option(False, help="List the trials and exit.", rich_help_panel=SWEEP_RUN),
 ):
     """Train a grid of networks, several seeds each; write results.csv, summary.csv, curves
-    and models. Re-running the same command resumes."""
-    direct = {"data": data, "points": points, "classes": classes, "noise": noise,
-              "val_fraction": val_fraction, "activation": activation, "reg": reg,
-              "optimizer": optimizer, "lr": lr, "batch_size": batch_size, "epochs": epochs}
+    and models. Every nnx train option may be fixed (--epochs 2000) or an axis (--grid).
+    Re-running the same command resumes."""
     try:
-        fixed = {k: v for k, v in direct.items() if v is not None}
-        if hidden is not None:
-            fixed["hidden"] = parse_value("hidden", hidden)
-        fixed.update(parse_fixed(set_ or []))
-        spec = build_spec(grid or [], seeds, config, fixed, name)
-        trials, out_dir = plan(spec, out)
+        fixed = parse_options(options)
+        for option_name, value in parse_fixed(set_ or []).items():
+            if option_name in fixed:
+                raise SweepError(option_name, f"{option_name} is fixed twice (--set and its own "
+                                              "option); give it once", f"--set {option_name}")
+            fixed[option_name] = value
+        definition = build_sweep(grid or [], seeds, config, fixed, name)
+        trials, out_dir = plan(definition, out)
     except ConfigError as exc:
         raise usage_error(exc) from None
     if dry_run:
-        show_trials(spec, trials, out_dir)
+        show_trials(definition, trials, out_dir)
         return
-    outcome = run_with_progress(spec, out_dir, workers, scheduler, retry_failed, force)
-    show_summary(spec, outcome)
+    outcome = run_with_progress(definition, out_dir, workers, scheduler, retry_failed, force)
+    show_sweep_summary(definition, outcome)
     failed = outcome.count("failed")
     if failed:
         fail(f"{failed} trial(s) failed (see the error column of {outcome.out / 'results.csv'}); "
              "--retry-failed runs them again")
 
 
-def run_with_progress(spec, out_dir, workers, scheduler, retry_failed, force) -> SweepOutcome:
+def run_with_progress(definition: Sweep, out_dir, workers, scheduler, retry_failed, force
+                      ) -> SweepOutcome:
     try:
         with SweepProgress(console) as progress:
-            return run_sweep(spec, out_dir, workers=workers, scheduler=scheduler,
+            return run_sweep(definition, out_dir, workers=workers, scheduler=scheduler,
                              retry_failed=retry_failed, force=force, callback=progress)
     except ConfigError as exc:
         raise usage_error(exc) from None
@@ -190,27 +178,27 @@ def _number(text: str) -> float:
 
 
 # ---- output --------------------------------------------------------------------
-def show_trials(spec: SweepSpec, trials: list[Trial], out_dir: Path) -> None:
+def show_trials(definition: Sweep, trials: list[Trial], out_dir: Path) -> None:
     """--dry-run: every trial, and whether ``out_dir`` already holds its result."""
     rows = SweepStore(out_dir).read_rows() if out_dir.is_dir() else {}
     table = Table(title=f"{len(trials)} trials -> {out_dir}")
-    for column in ("#", "trial", *spec.grid, "status"):
+    for column in ("#", "trial", *definition.grid, "status"):
         table.add_column(column, justify="right" if column == "#" else "left")
     for i, trial in enumerate(trials, 1):
         values = [format_value(k, v) for k, v in trial.params.items()]
         status = rows[trial.key]["status"] if trial.key in rows else "to run"
         table.add_row(str(i), trial.key, *values, status)
     console.print(table)
-    fixed = " ".join(f"{k}={format_value(k, v)}" for k, v in spec.fixed.items())
+    fixed = " ".join(f"{k}={format_value(k, v)}" for k, v in definition.fixed.items())
     console.print(f"fixed: {fixed or '(nnx train defaults)'}", highlight=False, soft_wrap=True)
 
 
-def show_summary(spec: SweepSpec, outcome: SweepOutcome) -> None:
+def show_sweep_summary(definition: Sweep, outcome: SweepOutcome) -> None:
     """The summary table over seeds, then where the files are."""
     import pandas as pd
 
     summary = pd.read_csv(outcome.out / "summary.csv")
-    axes = [a for a in spec.grid if a != "seed"]
+    axes = [a for a in definition.grid if a != "seed"]
     has_val = summary["mean_final_val_acc"].notna().any()
     split = "val" if has_val else "train"
     metrics = [f"{split}_acc", f"{split}_loss"] + (["train_acc"] if has_val else [])

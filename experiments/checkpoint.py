@@ -70,20 +70,6 @@ def load_checkpoint(path: Path, optimizer: Optimizer) -> tuple[Network, TrainRes
     return net, state
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '45m', '1.5h' or a plain number of seconds -> seconds."""
-    text = text.strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
-    number = text[:-1] if scale else text
-    try:
-        seconds = float(number) * (scale or 1)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration such as 90s, 45m or 1.5h") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"a duration must be positive, got {text!r}")
-    return seconds
-
-
 class TimeBudget(Callback):
     """Fits the run into ``budget`` seconds of wall time.
 

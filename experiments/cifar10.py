@@ -26,8 +26,8 @@ import numpy as np
 
 # one error type for every data set (missing, corrupt, or cannot be fetched), so that
 # `nnx train` and `nnx evaluate` turn any of them into a one-line message
-from experiments.datasets import Dataset
-from experiments.errors import DataError
+from experiments.datasets import Dataset, stratified_split
+from experiments.errors import ConfigError, DataError
 
 try:                                    # NumPy 2 moved it; pickles may name either module
     from numpy._core.multiarray import _reconstruct
@@ -306,29 +306,10 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
     return out
 
 
-def validation_indices(y: np.ndarray, val_size: int, seed: int = 0,
-                       stratify: bool = True) -> np.ndarray:
-    """Sorted indices of ``val_size`` images chosen by ``seed``; stratified means each
-    class gives its share (within one image) of the validation set."""
-    if not 0 <= val_size < len(y):
-        raise ValueError(f"val_size {val_size} must be at least 0 and leave training images "
-                         f"out of {len(y)}")
-    order = np.random.default_rng(seed).permutation(len(y))
-    if stratify:
-        # an image's key is its rank within its class (in random order) over the class size:
-        # the smallest keys take each class in proportion, ties fall in random order
-        labels = y[order]
-        counts = np.bincount(labels)
-        by_class = np.argsort(labels, kind="stable")
-        rank = np.empty(len(y))
-        rank[by_class] = np.arange(len(y)) - np.repeat(np.cumsum(counts) - counts, counts)
-        order = order[np.argsort((rank + 0.5) / counts[labels], kind="stable")]
-    return np.sort(order[:val_size])
-
-
-def split_and_normalize(data: CIFAR10, val_size: int = 5000, seed: int = 0,
-                        limit: int | None = None, stratify: bool = True) -> Split:
-    """Carve ``val_size`` validation images out of the training batches (``seed``),
+def split_and_normalize(data: CIFAR10, val_size: int | float = 5000, seed: int = 0,
+                        limit: int | None = None) -> Split:
+    """Carve ``val_size`` validation images (a count or a fraction) out of the training
+    batches, each class in proportion (``stratified_split`` with ``seed``),
     keep the first ``limit`` of the remaining training images (batch order), and
     normalise train, validation and test with the training split's statistics.
 
@@ -336,9 +317,8 @@ def split_and_normalize(data: CIFAR10, val_size: int = 5000, seed: int = 0,
     the same images as full ones.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
-    is_val = np.zeros(len(data.y_train), dtype=bool)
-    is_val[validation_indices(data.y_train, val_size, seed, stratify)] = True
+        raise ConfigError("limit", f"must be at least 1, not {limit}")
+    is_val = stratified_split(data.y_train, val_size, seed)
     train_idx = np.flatnonzero(~is_val)[:limit]
     X_train = data.X_train[train_idx]
     mean, std = channel_stats(X_train)
@@ -348,21 +328,17 @@ def split_and_normalize(data: CIFAR10, val_size: int = 5000, seed: int = 0,
                  mean, std, list(data.class_names))
 
 
-def load_cifar10_split(data_dir: str | Path | None = None, val_size: int = 5000, seed: int = 0,
-                       limit: int | None = None, stratify: bool = True) -> Split:
+def load_cifar10_split(data_dir: str | Path | None = None, val_size: int | float = 5000,
+                       seed: int = 0, limit: int | None = None) -> Split:
     """``load_cifar10`` then ``split_and_normalize``; ``data_dir`` defaults to ``default_data_dir()``."""
     data = load_cifar10(default_data_dir() if data_dir is None else data_dir)
-    return split_and_normalize(data, val_size, seed, limit, stratify)
+    return split_and_normalize(data, val_size, seed, limit)
 
 
 def load_cifar10_dataset(config):
     """The ``experiments.datasets.Dataset`` a resolved TrainConfig with data cifar10 asks for;
     its metadata carries ``mean``/``std`` so they are saved with the model."""
-    from experiments.errors import ConfigError
-    try:
-        s = load_cifar10_split(config.data_dir, config.val_size, config.data_seed, config.limit)
-    except ValueError as exc:
-        raise ConfigError("limit" if "limit" in str(exc) else "val_size", str(exc)) from None
+    s = load_cifar10_split(config.data_dir, config.val_size, config.data_seed, config.limit)
     return Dataset("cifar10", s.X_train, s.y_train, s.X_val, s.y_val, len(s.class_names),
                    s.class_names, s.X_test, s.y_test,
                    metadata={"kind": "image", "mean": s.mean.tolist(), "std": s.std.tolist()})

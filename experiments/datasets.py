@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from experiments.errors import DataError  # noqa: F401  raised by the loaders of every data set
+from experiments.errors import (
+    ConfigError,
+    DataError,  # noqa: F401  raised by the loaders of every data set
+)
 
 
 def spiral(points: int = 100, classes: int = 3, noise: float = 0.2, seed: int = 0):
@@ -100,27 +103,48 @@ class Dataset:
         return tuple(self.X_train.shape[1:])
 
 
-def split(X: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
-    """Stratified train/validation split: ``val_fraction`` of each class, chosen by ``seed``."""
-    if val_fraction <= 0:
-        return X, y, X[:0], y[:0]
-    rng = np.random.default_rng(seed)
-    val_idx = []
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        val_idx.append(rng.permutation(members)[:int(round(val_fraction * len(members)))])
+def held_out_count(n: int, val_size: int | float) -> int:
+    """How many of ``n`` examples a val_size holds out: a float is a fraction
+    (rounded), an int a count; ConfigError unless it leaves training examples."""
+    count = int(round(val_size * n)) if isinstance(val_size, float) else int(val_size)
+    if not 0 <= count < n:
+        raise ConfigError("val_size", f"{val_size} would hold out {count} of {n} examples; it must "
+                                      "leave some for training")
+    return count
+
+
+def stratified_split(y: np.ndarray, val_size: int | float, seed: int) -> np.ndarray:
+    """A boolean mask of the validation examples: ``val_size`` of them (a count, or a
+    fraction of all) chosen by ``seed``, each class giving its share within one
+    example. y: (N,) ints -> (N,) bool.
+
+    An example's key is its rank within its class (in random order) over the
+    class's size; the smallest keys take each class in proportion, and ties
+    fall in random order.
+    """
+    count = held_out_count(len(y), val_size)
     is_val = np.zeros(len(y), dtype=bool)
-    is_val[np.concatenate(val_idx)] = True
-    return X[~is_val], y[~is_val], X[is_val], y[is_val]
+    if count == 0:
+        return is_val
+    order = np.random.default_rng(seed).permutation(len(y))
+    labels = y[order]
+    counts = np.bincount(labels)
+    by_class = np.argsort(labels, kind="stable")
+    rank = np.empty(len(y))
+    rank[by_class] = np.arange(len(y)) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = order[np.argsort((rank + 0.5) / counts[labels], kind="stable")]
+    is_val[order[:count]] = True
+    return is_val
 
 
 def make_2d(name: str, points: int, classes: int, noise: float | None, seed: int,
-            val_fraction: float = 0.0) -> Dataset:
-    """One of GENERATORS, split into train/validation."""
+            val_size: int | float = 0) -> Dataset:
+    """One of GENERATORS, split into train/validation (``stratified_split``)."""
     noise = DEFAULT_NOISE[name] if noise is None else noise
     classes = FIXED_CLASSES.get(name, classes)
     X, y = GENERATORS[name](points=points, classes=classes, noise=noise, seed=seed)
-    X_train, y_train, X_val, y_val = split(X, y, val_fraction, seed)
+    is_val = stratified_split(y, val_size, seed)
+    X_train, y_train, X_val, y_val = X[~is_val], y[~is_val], X[is_val], y[is_val]
     return Dataset(name, X_train, y_train, X_val, y_val, classes,
                    [f"class {c}" for c in range(classes)],
                    metadata={"kind": "2d", "noise": noise})

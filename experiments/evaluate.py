@@ -73,9 +73,9 @@ def split_arrays(net: Network, split: str, data_dir: str | None = None):
                      config.data_seed + TEST_SEED_OFFSET, 0.0)
         return ds.X_train, ds.y_train, ds.class_names
     ds = make_2d(config.data, config.points, config.classes, config.noise, config.data_seed,
-                 config.val_fraction)
+                 config.val_size)
     if split == "val" and not len(ds.X_val):
-        raise DataError("this model was trained without a validation split (--val-fraction 0)")
+        raise DataError("this model was trained without a validation split (--val-size 0)")
     return _train_or_val(ds, split)
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 from experiments import plots
 from experiments.boundary import decision_regions
-from experiments.sweep import SweepSpec, run_sweep
+from experiments.sweep import Sweep, run_sweep
 
 TARGETS = ("cs231n",)
 RESOLUTION = 150     # complexity is compared only between grids of this one resolution
@@ -34,7 +34,7 @@ class Settings:
     """Everything the three sweeps use; ``quick()`` is a seconds-long version for tests."""
 
     data: dict = field(default_factory=lambda: {
-        "data": "moons", "points": 40, "noise": 0.35, "data_seed": 0, "val_fraction": 0.0})
+        "data": "moons", "points": 40, "noise": 0.35, "data_seed": 0, "val_size": 0})
     train: dict = field(default_factory=lambda: {
         "activation": "tanh", "optimizer": "adam", "lr": 0.02, "batch_size": 0, "epochs": 4000})
     capacity_hidden: tuple = (3, 6, 20)
@@ -78,18 +78,18 @@ class Report:
     seconds: float
 
 
-# ---- sweeps --------------------------------------------------------------------
-def specs(s: Settings) -> dict[str, SweepSpec]:
+# ---- sweeps and sweep files --------------------------------------------------------------------
+def sweeps(s: Settings) -> dict[str, Sweep]:
     """The three sweeps, by the name of their folder."""
     fixed = {**s.data, **s.train}
     seeds = list(range(s.boundary_seeds))
     return {
-        "capacity": SweepSpec({**fixed, "reg": s.capacity_reg},
+        "capacity": Sweep({**fixed, "reg": s.capacity_reg},
                               {"hidden": [[h] for h in s.capacity_hidden], "seed": seeds},
                               "cs231n-capacity"),
-        "regularization": SweepSpec({**fixed, "hidden": [s.reg_hidden]},
+        "regularization": Sweep({**fixed, "hidden": [s.reg_hidden]},
                                     {"reg": list(s.regs), "seed": seeds}, "cs231n-regularization"),
-        "variance": SweepSpec({**fixed, "epochs": s.variance_epochs,
+        "variance": Sweep({**fixed, "epochs": s.variance_epochs,
                                "activation": s.variance_activation},
                               {"hidden": [[h] for h in s.variance_hidden], "reg": list(s.variance_regs),
                                "seed": list(range(s.variance_seeds))}, "cs231n-variance"),
@@ -98,8 +98,8 @@ def specs(s: Settings) -> dict[str, SweepSpec]:
 
 def run_sweeps(s: Settings, runs: Path, workers: int, log: Callable) -> dict[str, Path]:
     folders = {}
-    for name, spec in specs(s).items():
-        outcome = run_sweep(spec, runs / name, workers=workers)
+    for name, sweep in sweeps(s).items():
+        outcome = run_sweep(sweep, runs / name, workers=workers)
         log(f"{name}: {len(outcome.trials)} trials ({outcome.skipped} already done) "
             f"in {outcome.seconds:.1f}s -> {outcome.out}")
         folders[name] = outcome.out

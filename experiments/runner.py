@@ -1,10 +1,9 @@
 """One training run: config -> data + network -> trainer -> outcome -> files."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,12 +19,13 @@ from experiments.checkpoint import (
     estimate_epoch_seconds,
     load_checkpoint,
 )
-from experiments.config import TrainConfig, format_hidden, resolve
+from experiments.config import TrainConfig, format_hidden, format_option, resolve
 from experiments.datasets import Dataset, make_2d
 from experiments.errors import ConfigError
+from experiments.files import history_csv
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
-from mlp.train import HISTORY_COLUMNS, Callback, Callbacks, EarlyStopping, Trainer, TrainResult
+from mlp.train import Callback, Callbacks, EarlyStopping, Trainer, TrainResult
 
 RUN_FILES = ("model.npz", "metrics.csv", "config.json")
 
@@ -50,20 +50,20 @@ def load_data(config: TrainConfig) -> Dataset:
         from experiments.cifar10 import load_cifar10_dataset
         return load_cifar10_dataset(config)
     return make_2d(config.data, config.points, config.classes, config.noise, config.data_seed,
-                   config.val_fraction)
+                   config.val_size)
 
 
 def build_network(config: TrainConfig, data: Dataset) -> Network:
     """The untrained network for a resolved config, initialised from ``config.seed``."""
-    if config.model is not None:
+    if config.arch is not None:
         from mlp.arch import build_network as build_conv
         try:
-            net = build_conv(config.model, data.input_shape, data.num_classes, seed=config.seed,
+            net = build_conv(config.arch, data.input_shape, data.num_classes, seed=config.seed,
                              dtype=np.dtype(config.dtype), loss=config.loss, reg=config.reg,
                              init="he" if config.init == "auto" else config.init,
                              weight_scale=config.weight_scale)
         except ValueError as exc:
-            raise ConfigError("model", str(exc)) from None
+            raise ConfigError("arch", str(exc)) from None
     else:
         net = build_mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes,
                         activation=config.activation, init=config.init,
@@ -78,7 +78,7 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
 
 def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
     return Schedule(config.schedule, config.lr, total=epochs, step_size=config.step_size,
-                    gamma=config.gamma, warmup=config.warmup, min_lr=config.min_lr)
+                    gamma=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr)
 
 
 # A time budget may lengthen the probe's plan up to this factor (the probe is rarely
@@ -150,7 +150,7 @@ def final_metrics(net: Network, data: Dataset, result: TrainResult) -> dict:
 
 # ---- files ---------------------------------------------------------------------
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
-    arch = config.model or f"mlp{format_hidden(config.hidden)}"
+    arch = config.arch or f"mlp{format_hidden(config.hidden)}"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{config.data}-{arch}-seed{config.seed}-{stamp}"
 
@@ -195,15 +195,6 @@ def resumable_config(path: Path) -> TrainConfig:
     return config
 
 
-def history_csv(history: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
-    return buf.getvalue()
-
-
 def run_record(outcome: RunOutcome) -> dict:
     """Everything config.json holds: the resolved config, the command to rerun it, the outcome."""
     return {"nnx_version": mlp.__version__, "config": outcome.config.to_dict(),
@@ -229,18 +220,17 @@ def _json_default(value):
 
 
 def rerun_command(config: TrainConfig) -> str:
-    """The ``nnx train`` command line that reproduces ``config``."""
+    """The ``nnx train`` command line that reproduces ``config``, each value written by
+    its option's formatter (the text its parser reads back), quoted for a POSIX shell."""
     args = ["nnx", "train"]
     for name, value in config.to_dict().items():
-        if value is None or name == "extra":
+        if value is None:
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif name == "hidden":
-            args += [flag, format_hidden(value).replace("x", ",")]
         else:
-            args += [flag, str(value)]
+            args += [flag, shlex.quote(format_option(name, value))]
     return " ".join(args)
 
 

@@ -2,7 +2,7 @@
 
 Layout of a sweep directory::
 
-    sweep.toml          the spec (``nnx sweep --config`` reads it back)
+    sweep.toml          the sweep (``nnx sweep --config`` reads it back)
     results.csv         one row per finished trial, RESULT_COLUMNS
     summary.csv         one row per configuration, aggregated over seeds
     curves/<trial>.csv  per-epoch history (epoch, train_loss, ..., lr, seconds)
@@ -22,14 +22,13 @@ import io
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import mlp
-from experiments.config import TrainConfig, format_hidden
+from experiments.config import OPTIONS, format_option
 from experiments.errors import ConfigError
-from experiments.runner import history_csv
+from experiments.files import history_csv
 from mlp.network import atomic_write_bytes
 
 try:
@@ -38,8 +37,8 @@ except ImportError:  # pragma: no cover - Windows: no lock, one driver per direc
     fcntl = None
 
 # Every TrainConfig field is a column (the resolved value), seed last: the table
-# describes each run on its own and its columns never depend on the spec.
-OPTION_COLUMNS = (*(f.name for f in fields(TrainConfig) if f.name not in ("extra", "seed")), "seed")
+# describes each run on its own and its columns never depend on the sweep.
+OPTION_COLUMNS = (*(name for name in OPTIONS if name != "seed"), "seed")
 FINAL_COLUMNS = ("final_train_loss", "final_train_acc", "final_val_loss", "final_val_acc")
 METRIC_COLUMNS = (*FINAL_COLUMNS, "epochs_run", "seconds")
 RESULT_COLUMNS = ("trial", "status", *OPTION_COLUMNS, *METRIC_COLUMNS, "error", "nnx_version",
@@ -57,7 +56,7 @@ class SweepStore:
         self.path = Path(path)
         self.results_path = self.path / "results.csv"
         self.summary_path = self.path / "summary.csv"
-        self.spec_path = self.path / "sweep.toml"
+        self.sweep_file = self.path / "sweep.toml"
         self.curves_dir = self.path / "curves"
         self.models_dir = self.path / "models"
 
@@ -72,12 +71,12 @@ class SweepStore:
         with _locked(store.path):
             yield store
 
-    # ---- spec ------------------------------------------------------------------
-    def read_spec(self) -> str | None:
-        return self.spec_path.read_text() if self.spec_path.exists() else None
+    # ---- sweep ------------------------------------------------------------------
+    def read_sweep_file(self) -> str | None:
+        return self.sweep_file.read_text() if self.sweep_file.exists() else None
 
-    def write_spec(self, text: str) -> None:
-        atomic_write_bytes(self.spec_path, text.encode())
+    def write_sweep_file(self, text: str) -> None:
+        atomic_write_bytes(self.sweep_file, text.encode())
 
     def has_foreign_files(self) -> bool:
         """Whether the directory holds anything but a sweep's own files."""
@@ -197,12 +196,12 @@ def make_row(trial, record: dict) -> dict:
 
 
 def cell(name: str, value) -> str:
-    """How a value is written in a CSV cell: floats round-trip (repr), None is empty,
-    hidden is 64x64 (none for a linear classifier)."""
+    """How a value is written in a CSV cell: an option's value as its formatter writes
+    it (floats round-trip, hidden is 64x64), a metric by repr; None is empty."""
     if value is None:
         return ""
-    if name == "hidden":
-        return format_hidden(value)
+    if name in OPTIONS:
+        return format_option(name, value)
     return repr(value) if isinstance(value, float) else str(value)
 
 

@@ -1,16 +1,15 @@
 """Sweeps: a grid of ``nnx train`` options, expanded into trials and run resumably.
 
-A spec is fixed options plus axes (``hidden=3,6,20``, ``reg=0.001,0.1``,
+A sweep is fixed options plus axes (``hidden=3,6,20``, ``reg=0.001,0.1``,
 ``seed=0-4``); every option name is a TrainConfig field, parsed with that
 field's type. Each trial is identified by a hash of its *resolved* config, so
-a re-run of the same spec finds the trials it already finished. The driver
+a re-run of the same sweep finds the trials it already finished. The driver
 (``run_sweep``) is the only process that writes files; workers return records.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -18,11 +17,12 @@ import re
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.config import TrainConfig, format_hidden, parse_hidden, resolve
+from experiments.config import OPTIONS, TrainConfig, format_option, parse_option, resolve
+from experiments.config import check_option as config_check_option
 from experiments.errors import ConfigError
 from experiments.store import SweepStore
 
@@ -36,12 +36,13 @@ else:  # pragma: no cover - Python 3.10
 RESULT_SCHEMA_VERSION = 1
 KEY_LENGTH = 16
 
-OPTIONS = {f.name: f for f in fields(TrainConfig) if f.name != "extra"}
-SPEC_KEYS = ("name", "seeds", "fixed", "grid")
+SWEEP_FILE_KEYS = ("name", "seeds", "fixed", "grid")
+MAX_AXIS_VALUES = 1_000_000      # a range such as 0-9999999999 is a typo, not a sweep
+MAX_TRIALS = 1_000_000
 
 
 class SweepError(ConfigError):
-    """A bad sweep spec; ``flag`` names where it came from (``--grid reg``, ``--config``)."""
+    """A bad sweep definition; ``flag`` names where it came from (``--grid reg``, ``--config``)."""
 
     def __init__(self, option: str, message: str, source: str | None = None):
         super().__init__(option, message)
@@ -53,7 +54,7 @@ class SweepError(ConfigError):
 
 
 @dataclass
-class SweepSpec:
+class Sweep:
     """Fixed options and axes, values typed as TrainConfig fields; ``seed`` is an axis like any other."""
 
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -74,66 +75,27 @@ class Trial:
 
 
 # ---- values --------------------------------------------------------------------
-def _kind(name: str) -> tuple[str, bool]:
-    """('int' | 'float' | 'str' | 'bool' | 'list[int]', optional) of a TrainConfig field."""
-    annotation = OPTIONS[name].type
-    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-    parts = [p.strip() for p in text.split("|")]
-    return next(p for p in parts if p != "None"), "None" in parts
-
-
-def check_option(name: str, source: str | None = None) -> None:
-    if name not in OPTIONS:
-        close = difflib.get_close_matches(name, OPTIONS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else " (see nnx train --help)"
-        raise SweepError(name, f"unknown option {name!r}{hint}", source or "--grid")
+def check_option(name: str, source: str | None = None) -> str:
+    """The option ``name`` (dashes allowed, older names read as today's); SweepError if unknown."""
+    try:
+        return config_check_option(name)
+    except ConfigError as exc:
+        raise SweepError(exc.option, str(exc), source or "--grid") from None
 
 
 def parse_value(name: str, text: str) -> Any:
-    """One option value from text, with the type of TrainConfig's field ``name``."""
-    kind, optional = _kind(name)
-    text = text.strip()
-    if kind == "list[int]":
-        return parse_hidden(text)
-    if optional and text.lower() in ("none", "null"):
-        return None
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-    except ValueError:
-        raise ConfigError(name, f"{text!r} is not {'an integer' if kind == 'int' else 'a number'}") from None
-    if kind == "bool":
-        if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
-            raise ConfigError(name, f"{text!r} is not true or false")
-        return text.lower() in ("true", "yes", "1")
-    return text
+    """One option value from text: the option's own parser, as ``nnx train`` uses."""
+    return parse_option(name, text)
 
 
 def coerce_value(name: str, value: Any) -> Any:
-    """A typed value (from TOML or Python) as TrainConfig's field ``name`` wants it:
-    1 for a float field is 1.0, so equal configs hash to equal trial keys."""
-    if isinstance(value, str):
-        return parse_value(name, value)
-    kind, optional = _kind(name)
-    if value is None and optional:
-        return None
-    if kind == "list[int]":
-        sizes = [value] if isinstance(value, int) else value
-        if isinstance(sizes, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-            return parse_hidden(",".join(map(str, sizes)) or "none")
-    elif kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif kind == "bool" and isinstance(value, bool):
-        return value
-    raise ConfigError(name, f"{value!r} is not a valid {kind} value")
+    """A typed value (from TOML or Python) as the option holds it."""
+    return OPTIONS[name].coerce(name, value)
 
 
 def parse_values(name: str, text: str) -> list:
-    """An axis from text: 'V1,V2,...'; integer options also take ranges such as 0-9."""
+    """An axis from text: 'V1,V2,...' (a value of several layers is written 64x64);
+    whole-number options also take ranges such as 0-9."""
     items = [item.strip() for item in text.split(",")]
     if not any(items):
         raise ConfigError(name, "the axis has no values")
@@ -142,10 +104,13 @@ def parse_values(name: str, text: str) -> list:
     values = []
     for item in items:
         low, dash, high = item.partition("-")
-        if _kind(name)[0] == "int" and dash and low.isdigit() and high.isdigit():
+        if OPTIONS[name].kind == "int" and dash and low.isdigit() and high.isdigit():
             if int(high) < int(low):
                 raise ConfigError(name, f"range {item!r} is empty")
-            values += range(int(low), int(high) + 1)
+            if int(high) - int(low) >= MAX_AXIS_VALUES:
+                raise ConfigError(name, f"range {item!r} has more than {MAX_AXIS_VALUES:,} values")
+            first, last = parse_value(name, low), parse_value(name, high)
+            values += range(first, last + 1)
         else:
             values.append(parse_value(name, item))
     return values
@@ -153,24 +118,21 @@ def parse_values(name: str, text: str) -> list:
 
 def format_value(name: str, value: Any) -> str:
     """The text ``parse_value`` reads back: hidden as 64x64, None as none."""
-    if name == "hidden" and value is not None:
-        return format_hidden(value)
-    return "none" if value is None else str(value)
+    return format_option(name, value)
 
 
 def describe(params: dict) -> str:
     return " ".join(f"{name}={format_value(name, value)}" for name, value in params.items())
 
 
-# ---- specs ---------------------------------------------------------------------
+# ---- sweeps and sweep files ------------------------------------------------------
 def parse_assignment(text: str, source: str) -> tuple[str, str]:
     """'NAME=VALUE' -> (name, value); dashes in the name count as underscores."""
     name, eq, value = text.partition("=")
     name = name.strip().replace("-", "_")
     if not eq or not name:
         raise SweepError(name or text, f"{text!r} is not NAME=VALUE", source)
-    check_option(name, source)
-    return name, value
+    return check_option(name, source), value
 
 
 def parse_grid(items: Iterable[str]) -> dict[str, list]:
@@ -213,40 +175,43 @@ def check_name(name, source: str = "--name") -> str | None:
     return name
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_sweep_file(path: str | Path) -> Sweep:
     """A TOML sweep file: ``name``, ``seeds``, a ``[fixed]`` table and a ``[grid]`` table."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SweepError("config", f"cannot read {path}: {exc.strerror}", "--config") from None
-    return spec_from_toml(text, str(path))
+    except UnicodeDecodeError:
+        raise SweepError("config", f"{path} is not a text file (a TOML sweep file is UTF-8 text)",
+                         "--config") from None
+    return sweep_from_toml(text, str(path))
 
 
-def spec_from_toml(text: str, where: str = "sweep file") -> SweepSpec:
+def sweep_from_toml(text: str, where: str = "sweep file") -> Sweep:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SweepError("config", f"{where}: {exc}", "--config") from None
-    unknown = sorted(set(doc) - set(SPEC_KEYS))
+    unknown = sorted(set(doc) - set(SWEEP_FILE_KEYS))
     if unknown:
         raise SweepError("config", f"{where}: unknown key {unknown[0]!r} (a sweep file has "
-                                   f"{', '.join(SPEC_KEYS)})", "--config")
+                                   f"{', '.join(SWEEP_FILE_KEYS)})", "--config")
     for table in ("fixed", "grid"):
         if not isinstance(doc.get(table, {}), dict):
             raise SweepError("config", f"{where}: {table} must be a table ([{table}])", "--config")
     if "seeds" in doc and "seed" in doc.get("grid", {}):
         raise SweepError("seed", f"{where}: give the seeds once, as seeds or in [grid]", "--config")
-    spec = SweepSpec(name=check_name(doc.get("name"), "--config"))
+    sweep = Sweep(name=check_name(doc.get("name"), "--config"))
     for name, value in doc.get("fixed", {}).items():
-        check_option(name, "--config")
-        spec.fixed[name] = _sourced(name, coerce_value, name, value, source=f"--config [fixed] {name}")
+        name = check_option(name, "--config")
+        sweep.fixed[name] = _sourced(name, coerce_value, name, value, source=f"--config [fixed] {name}")
     for name, values in doc.get("grid", {}).items():
-        check_option(name, "--config")
-        spec.grid[name] = _toml_axis(name, values)
+        name = check_option(name, "--config")
+        sweep.grid[name] = _toml_axis(name, values)
     if "seeds" in doc:
         seeds = doc["seeds"]
-        spec.grid["seed"] = _toml_axis("seed", seeds if isinstance(seeds, (list, str)) else [seeds])
-    return spec
+        sweep.grid["seed"] = _toml_axis("seed", seeds if isinstance(seeds, (list, str)) else [seeds])
+    return sweep
 
 
 def _toml_axis(name: str, values) -> list:
@@ -259,16 +224,16 @@ def _toml_axis(name: str, values) -> list:
     return [_sourced(name, coerce_value, name, v, source=source) for v in values]
 
 
-def spec_to_toml(spec: SweepSpec) -> str:
-    """The spec as a TOML sweep file that ``load_spec`` reads back to the same trials."""
-    lines = ["# nnx sweep spec; run it again with: nnx sweep --config sweep.toml --out DIR"]
-    if spec.name:
-        lines.append(f"name = {json.dumps(spec.name)}")
+def sweep_to_toml(sweep: Sweep) -> str:
+    """The sweep as a TOML sweep file that ``load_sweep_file`` reads back to the same trials."""
+    lines = ["# nnx sweep sweep; run it again with: nnx sweep --config sweep.toml --out DIR"]
+    if sweep.name:
+        lines.append(f"name = {json.dumps(sweep.name)}")
     lines += ["", "[fixed]"]
-    lines += [f"{name} = {_toml_value(name, value)}" for name, value in spec.fixed.items()]
+    lines += [f"{name} = {_toml_value(name, value)}" for name, value in sweep.fixed.items()]
     lines += ["", "[grid]"]
     lines += [f"{name} = [{', '.join(_toml_value(name, v) for v in values)}]"
-              for name, values in spec.grid.items()]
+              for name, values in sweep.grid.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -280,9 +245,9 @@ def _toml_value(name: str, value) -> str:
     return repr(value) if isinstance(value, float) else json.dumps(value)
 
 
-def build_spec(grid: Iterable[str] = (), seeds: str | None = None, config: str | Path | None = None,
-               fixed: dict | None = None, name: str | None = None) -> SweepSpec:
-    """The spec the command line asks for: the default grid unless --config or --grid is
+def build_sweep(grid: Iterable[str] = (), seeds: str | None = None, config: str | Path | None = None,
+               fixed: dict | None = None, name: str | None = None) -> Sweep:
+    """The sweep the command line asks for: the default grid unless --config or --grid is
     given, overridden by --seeds and the fixed options."""
     fixed = dict(fixed or {})
     axes = parse_grid(grid)
@@ -291,17 +256,17 @@ def build_spec(grid: Iterable[str] = (), seeds: str | None = None, config: str |
             raise SweepError("seed", "give the seeds once: --seeds or --grid seed=...", "--seeds")
         axes["seed"] = parse_seeds(seeds)
     if config is not None:
-        base = load_spec(config)
+        base = load_sweep_file(config)
     elif axes.keys() - {"seed"}:
-        base = SweepSpec()
+        base = Sweep()
     else:
-        base = default_spec()
+        base = default_sweep()
         if fixed or axes:          # changed: no longer the sweep called "default"
             base.name = None
-    return merge_spec(base, fixed, axes, check_name(name))
+    return merge_sweep(base, fixed, axes, check_name(name))
 
 
-def merge_spec(base: SweepSpec, fixed: dict, grid: dict, name: str | None = None) -> SweepSpec:
+def merge_sweep(base: Sweep, fixed: dict, grid: dict, name: str | None = None) -> Sweep:
     """``base`` (a file or the default grid) overridden by the command line: an option
     fixed there stops being an axis, and an axis given there stops being fixed."""
     both = sorted(set(fixed) & set(grid))
@@ -314,24 +279,24 @@ def merge_spec(base: SweepSpec, fixed: dict, grid: dict, name: str | None = None
     merged_fixed.update(fixed)
     if "seed" in merged_grid:      # seeds innermost: one configuration's seeds sit together
         merged_grid["seed"] = merged_grid.pop("seed")
-    return SweepSpec(merged_fixed, merged_grid, name or base.name)
+    return Sweep(merged_fixed, merged_grid, name or base.name)
 
 
 # The README's main job: from a 3-unit net that underfits the spiral to a
 # 100-unit one, under four L2 strengths from weak to too strong, five seeds each.
 # Full-batch gradient descent as in the cs231n notes; the 80 trials take about
 # a minute on 2 cores (bench/bench_sweep.py).
-DEFAULT_SPEC = SweepSpec(
-    fixed={"data": "spiral", "val_fraction": 0.2, "optimizer": "sgd", "lr": 1.0,
+DEFAULT_SWEEP = Sweep(
+    fixed={"data": "spiral", "val_size": 0.2, "optimizer": "sgd", "lr": 1.0,
            "batch_size": 0, "epochs": 4000},
     grid={"hidden": [[3], [6], [20], [100]], "reg": [0.0001, 0.001, 0.01, 0.1],
           "seed": [0, 1, 2, 3, 4]},
     name="default")
 
 
-def default_spec() -> SweepSpec:
-    return dataclasses.replace(DEFAULT_SPEC, fixed=dict(DEFAULT_SPEC.fixed),
-                               grid={k: list(v) for k, v in DEFAULT_SPEC.grid.items()})
+def default_sweep() -> Sweep:
+    return dataclasses.replace(DEFAULT_SWEEP, fixed=dict(DEFAULT_SWEEP.fixed),
+                               grid={k: list(v) for k, v in DEFAULT_SWEEP.grid.items()})
 
 
 # ---- trials --------------------------------------------------------------------
@@ -342,18 +307,18 @@ def trial_key(config: TrainConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
-def expand(spec: SweepSpec) -> list[Trial]:
+def expand(sweep: Sweep) -> list[Trial]:
     """Every trial of the grid, built and resolved: a bad value anywhere raises
     SweepError before anything runs."""
-    for name in [*spec.fixed, *spec.grid]:
+    for name in [*sweep.fixed, *sweep.grid]:
         check_option(name)
-    for name, values in spec.grid.items():
+    for name, values in sweep.grid.items():
         if not values:
             raise SweepError(name, "the axis has no values", f"--grid {name}")
     trials, seen = [], {}
-    for combo in itertools.product(*spec.grid.values()):
-        params = dict(zip(spec.grid, combo, strict=True))
-        config = _resolve_trial(spec, params)
+    for combo in itertools.product(*sweep.grid.values()):
+        params = dict(zip(sweep.grid, combo, strict=True))
+        config = _resolve_trial(sweep, params)
         key = trial_key(config)
         if key in seen:
             hint = " (two layers of 64 are written 64x64)" if "hidden" in params else ""
@@ -364,9 +329,9 @@ def expand(spec: SweepSpec) -> list[Trial]:
     return trials
 
 
-def _resolve_trial(spec: SweepSpec, params: dict) -> TrainConfig:
+def _resolve_trial(sweep: Sweep, params: dict) -> TrainConfig:
     try:
-        values = {name: coerce_value(name, v) for name, v in {**spec.fixed, **params}.items()}
+        values = {name: coerce_value(name, v) for name, v in {**sweep.fixed, **params}.items()}
         return resolve(TrainConfig(**values))
     except ConfigError as exc:
         if exc.option in params:
@@ -375,19 +340,19 @@ def _resolve_trial(spec: SweepSpec, params: dict) -> TrainConfig:
         raise SweepError(exc.option, str(exc), f"--{exc.option.replace('_', '-')}") from None
 
 
-def spec_id(trials: list[Trial]) -> str:
-    """A short hash of the set of trials: two specs with the same trials are the same sweep."""
+def sweep_id(trials: list[Trial]) -> str:
+    """A short hash of the set of trials: two sweeps with the same trials are the same sweep."""
     return hashlib.sha256("\n".join(sorted(t.key for t in trials)).encode()).hexdigest()[:8]
 
 
-def default_out(spec: SweepSpec, trials: list[Trial], root: str | Path = "runs") -> Path:
-    """runs/sweep-<name>, or runs/sweep-<data>-<axes>-<id> for an unnamed spec: the same
+def default_out(sweep: Sweep, trials: list[Trial], root: str | Path = "runs") -> Path:
+    """runs/sweep-<name>, or runs/sweep-<data>-<axes>-<id> for an unnamed sweep: the same
     command always lands in the same directory, so re-running it resumes."""
-    if spec.name:
-        return Path(root) / f"sweep-{spec.name}"
+    if sweep.name:
+        return Path(root) / f"sweep-{sweep.name}"
     data = trials[0].config.data if trials else "none"
-    axes = "-".join(spec.grid) or "single"
-    return Path(root) / f"sweep-{data}-{axes}-{spec_id(trials)}"
+    axes = "-".join(sweep.grid) or "single"
+    return Path(root) / f"sweep-{data}-{axes}-{sweep_id(trials)}"
 
 
 # ---- running -------------------------------------------------------------------
@@ -414,23 +379,23 @@ class SweepOutcome:
         return sum(row["status"] == status for row in self.rows.values())
 
 
-def plan(spec: SweepSpec, out: str | Path | None = None) -> tuple[list[Trial], Path]:
-    """The validated trials of ``spec`` and the directory they go to."""
-    trials = expand(spec)
-    return trials, Path(out) if out is not None else default_out(spec, trials)
+def plan(sweep: Sweep, out: str | Path | None = None) -> tuple[list[Trial], Path]:
+    """The validated trials of ``sweep`` and the directory they go to."""
+    trials = expand(sweep)
+    return trials, Path(out) if out is not None else default_out(sweep, trials)
 
 
-def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int | None = None,
+def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | None = None,
               scheduler: str | None = None, retry_failed: bool = False, force: bool = False,
               callback: SweepCallback | None = None) -> SweepOutcome:
-    """Run every trial of ``spec`` not yet finished in ``out``; write rows as they finish."""
+    """Run every trial of ``sweep`` not yet finished in ``out``; write rows as they finish."""
     from experiments.executors import default_workers, execute
 
     started = time.perf_counter()
     callback = callback or SweepCallback()
-    trials, out = plan(spec, out)
+    trials, out = plan(sweep, out)
     with SweepStore.open(out) as store:
-        _adopt_spec(store, spec, trials, force)
+        _adopt_sweep(store, sweep, trials, force)
         store.repair(force)
         rows = store.read_rows()
         rerun = {k for k, row in rows.items() if row["status"] == "failed"} if retry_failed else set()
@@ -456,16 +421,16 @@ def _cost(config) -> float:
     return (config.epochs or 1) * (1 + sum(config.hidden or [])) * config.points
 
 
-def _adopt_spec(store: SweepStore, spec: SweepSpec, trials: list[Trial], force: bool) -> None:
-    """Write the spec into a new sweep directory; refuse a different one without ``force``."""
-    text = spec_to_toml(spec)
-    stored = store.read_spec()
+def _adopt_sweep(store: SweepStore, sweep: Sweep, trials: list[Trial], force: bool) -> None:
+    """Write the sweep into a new sweep directory; refuse a different one without ``force``."""
+    text = sweep_to_toml(sweep)
+    stored = store.read_sweep_file()
     if stored is None and store.has_foreign_files() and not force:
         raise ConfigError("out", f"{store.path} is not empty and holds no sweep; choose another "
                                  "--out or pass --force to use it")
     if stored is not None and stored != text and not force:
         try:
-            same = {t.key for t in expand(spec_from_toml(stored))} == {t.key for t in trials}
+            same = {t.key for t in expand(sweep_from_toml(stored))} == {t.key for t in trials}
         except ConfigError:
             same = False
         if not same:
@@ -473,4 +438,4 @@ def _adopt_spec(store: SweepStore, spec: SweepSpec, trials: list[Trial], force: 
                                      "choose another --out, or pass --force to replace it (finished "
                                      "trials the two sweeps share are kept)")
     if stored != text:
-        store.write_spec(text)
+        store.write_sweep_file(text)

@@ -37,8 +37,9 @@ from experiments.cifar10 import (
     load_cifar10,
     normalize,
     split_and_normalize,
-    validation_indices,
 )
+from experiments.datasets import stratified_split
+from experiments.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -346,7 +347,7 @@ def test_normalisation_uses_training_statistics_only():
     data.X_test[:] = 255            # test and validation pixels far from the training ones
     split = split_and_normalize(data, val_size=50, seed=1)
     assert split.X_train.dtype == split.X_val.dtype == split.X_test.dtype == np.float32
-    train_idx = np.setdiff1d(np.arange(200), validation_indices(data.y_train, 50, seed=1))
+    train_idx = np.setdiff1d(np.arange(200), np.flatnonzero(stratified_split(data.y_train, 50, seed=1)))
     raw = data.X_train[train_idx].astype(np.float64)
     mean, std = raw.mean(axis=(0, 2, 3)), raw.std(axis=(0, 2, 3))
     np.testing.assert_allclose(split.mean, mean, rtol=1e-6)
@@ -355,7 +356,7 @@ def test_normalisation_uses_training_statistics_only():
     np.testing.assert_allclose(split.X_train.std(axis=(0, 2, 3)), 1, atol=1e-4)
     expected_test = (255 - mean) / std
     np.testing.assert_allclose(split.X_test[:, :, 0, 0], np.tile(expected_test, (30, 1)), rtol=1e-5)
-    val_raw = data.X_train[validation_indices(data.y_train, 50, seed=1)].astype(np.float64)
+    val_raw = data.X_train[np.flatnonzero(stratified_split(data.y_train, 50, seed=1))].astype(np.float64)
     np.testing.assert_allclose(split.X_val, (val_raw - mean[:, None, None]) / std[:, None, None],
                                rtol=1e-5, atol=1e-5)
 
@@ -368,7 +369,7 @@ def test_split_is_seeded_disjoint_stratified_and_limitable():
     assert np.array_equal(a.X_val, b.X_val) and not np.array_equal(a.X_val, c.X_val)
     assert len(a.y_train) == 150 and len(a.y_val) == 50 and len(a.y_test) == 30
     assert np.bincount(a.y_val, minlength=10).tolist() == [5] * 10
-    val = validation_indices(data.y_train, 50, seed=3)
+    val = np.flatnonzero(stratified_split(data.y_train, 50, seed=3))
     assert len(np.unique(val)) == 50
     small = split_and_normalize(data, val_size=50, seed=3, limit=20)
     assert len(small.y_train) == 20
@@ -378,10 +379,12 @@ def test_split_is_seeded_disjoint_stratified_and_limitable():
 
 
 def test_split_rejects_impossible_sizes():
-    with pytest.raises(ValueError, match="val_size"):
+    with pytest.raises(ConfigError, match="would hold out 20 of 20") as refused:
         split_and_normalize(tiny_dataset(20), val_size=20)
-    with pytest.raises(ValueError, match="limit"):
+    assert refused.value.option == "val_size"
+    with pytest.raises(ConfigError, match="at least 1") as refused:
         split_and_normalize(tiny_dataset(20), val_size=5, limit=0)
+    assert refused.value.option == "limit"
 
 
 def test_normalize_reapplies_saved_statistics():

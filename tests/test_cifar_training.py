@@ -24,7 +24,7 @@ def data_dir(tmp_path_factory):
 
 def test_train_convnetjs_with_augmentation_then_evaluate(data_dir, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--data", "cifar10", "--model", "convnetjs", "--augment",
+    result = runner.invoke(app, ["train", "--data", "cifar10", "--arch", "convnetjs", "--augment",
                                  "--data-dir", str(data_dir), "--val-size", "20", "--epochs", "2",
                                  "--batch-size", "25", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -47,12 +47,12 @@ def test_mlp_on_flattened_cifar(data_dir):
     outcome = run(TrainConfig(data="cifar10", hidden=[32], data_dir=str(data_dir), val_size=20,
                               epochs=2, batch_size=20, optimizer="adam", lr=1e-3))
     assert outcome.status == "ok" and outcome.network.input_shape == (3, 32, 32)
-    assert outcome.config.model is None and outcome.network.layers[0].in_features == 3072
+    assert outcome.config.arch is None and outcome.network.layers[0].in_features == 3072
 
 
 def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
     from test_resume import KillAt, without_seconds
-    config = dict(data="cifar10", model="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10", augment=True,
+    config = dict(data="cifar10", arch="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10", augment=True,
                   data_dir=str(data_dir), val_size=20, epochs=4, batch_size=25, optimizer="nesterov",
                   lr=0.05, schedule="cosine", label_smoothing=0.1, seed=2)
     whole = run(TrainConfig(**config))
@@ -65,9 +65,9 @@ def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
 
 
 def test_a_bad_architecture_is_a_usage_error_before_any_data_is_read(tmp_path):
-    result = runner.invoke(app, ["train", "--data", "cifar10", "--model", "conv16x5-blah",
+    result = runner.invoke(app, ["train", "--data", "cifar10", "--arch", "conv16x5-blah",
                                  "--data-dir", str(tmp_path), "--epochs", "1"])
-    assert result.exit_code == 2 and "Invalid value for '--model'" in flat(result.output)
+    assert result.exit_code == 2 and "Invalid value for '--arch'" in flat(result.output)
 
 
 def test_missing_cifar_data_says_what_to_run(tmp_path):

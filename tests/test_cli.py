@@ -21,7 +21,7 @@ def invoke(*args):
 
 def test_train_writes_model_metrics_and_config(tmp_path):
     out = tmp_path / "run"
-    result = invoke("train", *QUICK, "--val-fraction", "0.2", "--out", out)
+    result = invoke("train", *QUICK, "--val-size", "0.2", "--out", out)
     assert result.exit_code == 0, result.output
     assert "Run summary" in result.output and "epoch 30/30" in result.output
     metrics = pd.read_csv(out / "metrics.csv")
@@ -70,7 +70,7 @@ def test_train_refuses_to_overwrite_a_run_unless_told(tmp_path):
     (["--dropout", "1"], "--dropout"),
     (["--epochs", "0"], "--epochs"),
     (["--activation", "swish"], "--activation"),
-    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--val-size", "1.5"], "--val-size"),
 ])
 def test_bad_options_get_one_line_naming_the_option_and_exit_2(tmp_path, args, option):
     result = invoke("train", *QUICK, *args, "--out", tmp_path / "x")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from experiments.datasets import GENERATORS, make_2d, spiral, split
+from experiments.datasets import GENERATORS, make_2d, spiral, stratified_split
 
 
 def test_spiral_is_the_cs231n_construction():
@@ -35,11 +35,12 @@ def test_xor_labels_are_quadrant_parity_without_noise():
 
 def test_split_is_stratified_and_disjoint():
     _, y = spiral(points=100, classes=3)
-    index = np.arange(300)[:, None]
-    it, yt, iv, yv = split(index, y, 0.2, seed=0)
-    assert np.bincount(yv).tolist() == [20, 20, 20]
-    assert sorted(np.r_[it[:, 0], iv[:, 0]]) == list(range(300))
-    np.testing.assert_array_equal(y[iv[:, 0]], yv)
+    is_val = stratified_split(y, 0.2, seed=0)
+    assert np.bincount(y[is_val]).tolist() == [20, 20, 20]
+    assert is_val.sum() == 60 and not np.array_equal(is_val, stratified_split(y, 0.2, seed=1))
+    assert np.array_equal(is_val, stratified_split(y, 60, seed=0))      # a count or a fraction
+    uneven = np.repeat([0, 1, 2], [50, 30, 20])
+    assert np.bincount(uneven[stratified_split(uneven, 10, seed=0)]).tolist() == [5, 3, 2]
 
 
 def test_two_class_sets_ignore_the_classes_option():

@@ -16,7 +16,7 @@ runner = CliRunner()
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     result = runner.invoke(app, ["train", "--data", "blobs", "--hidden", "16", "--epochs", "300",
-                                 "--val-fraction", "0.2", "--out", str(out), "--overwrite"])
+                                 "--val-size", "0.2", "--out", str(out), "--overwrite"])
     assert result.exit_code == 0, result.output
     return out
 

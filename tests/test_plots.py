@@ -12,20 +12,20 @@ from experiments import plots
 from experiments.boundary import boundary_complexity, decision_regions, grid_axes
 from experiments.config import TrainConfig
 from experiments.runner import run, save_run
-from experiments.sweep import SweepSpec, run_sweep
+from experiments.sweep import Sweep, run_sweep
 from mlp.conv import Conv2D
 from mlp.layers import Flatten, Linear
 from mlp.network import Network, build_mlp
 
 runner = CliRunner()
 QUICK = {"data": "moons", "points": 20, "optimizer": "adam", "lr": 0.05, "batch_size": 0,
-         "epochs": 30, "val_fraction": 0.25}
+         "epochs": 30, "val_size": 0.25}
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """A real nnx sweep: hidden 3,8 x reg 0.001,0.1 x seeds 0-2."""
-    spec = SweepSpec(dict(QUICK), {"hidden": [[3], [8]], "reg": [0.001, 0.1], "seed": [0, 1, 2]})
+    spec = Sweep(dict(QUICK), {"hidden": [[3], [8]], "reg": [0.001, 0.1], "seed": [0, 1, 2]})
     return run_sweep(spec, tmp_path_factory.mktemp("sweep") / "sweep", workers=1).out
 
 

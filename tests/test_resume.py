@@ -14,15 +14,14 @@ from helpers import flat
 from typer.testing import CliRunner
 
 from cli.app import app
-from experiments.checkpoint import parse_duration
-from experiments.config import TrainConfig
+from experiments.config import TrainConfig, parse_duration
 from experiments.runner import run
 from mlp.network import Network
 from mlp.train import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(data="moons", hidden=[32, 32], dropout=0.2, optimizer="adam", lr=0.01,
-              batch_size=32, epochs=12, val_fraction=0.2, patience=50, schedule="cosine",
+              batch_size=32, epochs=12, val_size=0.2, patience=50, schedule="cosine",
               checkpoint_every=1, seed=3)
 
 
@@ -52,7 +51,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_cli_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     args = ["train", "--data", "moons", "--hidden", "64,64", "--dropout", "0.1", "--optimizer",
             "momentum", "--lr", "0.05", "--batch-size", "8", "--epochs", "150",
-            "--val-fraction", "0.2", "--checkpoint-every", "1"]
+            "--val-size", "0.2", "--checkpoint-every", "1"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", str(killed)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

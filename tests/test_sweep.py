@@ -17,14 +17,14 @@ from experiments.errors import ConfigError
 from experiments.store import FINAL_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS, SweepStore
 from experiments.sweep import (
     RESULT_SCHEMA_VERSION,
-    SweepSpec,
-    build_spec,
+    Sweep,
+    build_sweep,
     expand,
     parse_grid,
     parse_seeds,
     run_sweep,
-    spec_from_toml,
-    spec_to_toml,
+    sweep_from_toml,
+    sweep_to_toml,
 )
 from mlp.network import Network
 
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 # 2 x 2 x 2 trials of 30 epochs on 90 points: well under a second in all.
 QUICK = ["--grid", "hidden=3,20", "--grid", "reg=0.001,0.1", "--seeds", "0-1",
-         "--epochs", "30", "--points", "30", "--val-fraction", "0.2"]
-QUICK_SPEC = SweepSpec(fixed={"epochs": 30, "points": 30, "val_fraction": 0.2},
+         "--epochs", "30", "--points", "30", "--val-size", "0.2"]
+QUICK_SPEC = Sweep(fixed={"epochs": 30, "points": 30, "val_size": 0.2},
                        grid={"hidden": [[3], [20]], "reg": [0.001, 0.1], "seed": [0, 1]})
 
 
@@ -78,14 +78,14 @@ def test_axis_values_take_the_train_option_types():
     assert grid["activation"] == ["relu", "tanh"] and grid["batch_size"] == [0, 32]
     assert grid["augment"] == [True, False]
     assert parse_grid(["hidden=64x64,none"])["hidden"] == [[64, 64], []]
-    assert parse_grid(["val-fraction=0.1"]) == {"val_fraction": [0.1]}
+    assert parse_grid(["val-size=0.1"]) == {"val_size": [0.1]}
 
 
 def test_seeds_are_ranges_or_lists_and_an_ordinary_axis():
     assert parse_seeds("0-9") == list(range(10))
     assert parse_seeds("0,3,5") == [0, 3, 5]
     assert parse_grid(["seed=2-4"])["seed"] == [2, 3, 4]
-    spec = build_spec(["seed=0,1", "hidden=3"])
+    spec = build_sweep(["seed=0,1", "hidden=3"])
     assert list(spec.grid) == ["hidden", "seed"]      # seeds innermost
 
 
@@ -95,10 +95,10 @@ def test_seeds_are_ranges_or_lists_and_an_ordinary_axis():
     (["--grid", "hiden=3,6"], "--grid", "did you mean 'hidden'"),
     (["--grid", "reg=0.1,abc"], "--grid reg", "'abc' is not a number"),
     (["--grid", "reg=0.1,-1"], "--grid reg", "must be >= 0"),
-    (["--grid", "hidden=3,0"], "--grid hidden", "positive"),
+    (["--grid", "hidden=3,0"], "--grid hidden", "between 1 and"),
     (["--grid", "activation=relu,swish"], "--grid activation", "not one of"),
     (["--seeds", "5-2"], "--seeds", "is empty"),
-    (["--set", "patience=soon"], "--set patience", "not an integer"),
+    (["--set", "patience=soon"], "--set patience", "not a whole number"),
     (["--set", "nope=1"], "--set", "unknown option 'nope'"),
     (["--grid", "reg=0.1,0.2", "--reg", "0.1"], "--grid reg", "both fixed and a grid axis"),
     (["--grid", "lr=0.5", "--grid", "lr=0.1"], "--grid lr", "given twice"),
@@ -115,17 +115,17 @@ def test_a_bad_grid_is_one_usage_error_before_anything_runs(tmp_path, args, flag
 
 def test_every_trial_is_resolved_and_validated_up_front():
     # one bad combination deep in the grid is caught before any trial runs
-    spec = SweepSpec(grid={"loss": ["softmax", "svm"], "label_smoothing": [0.0, 0.1]})
+    spec = Sweep(grid={"loss": ["softmax", "svm"], "label_smoothing": [0.0, 0.1]})
     with pytest.raises(ConfigError, match="softmax loss only"):
         expand(spec)
 
 
 def test_trial_key_hashes_the_resolved_config():
-    implicit = expand(SweepSpec(fixed={"epochs": 30}, grid={"seed": [0]}))[0]
-    explicit = expand(SweepSpec(fixed={"epochs": 30, "reg": 1e-3, "lr": 1, "hidden": [100]},
+    implicit = expand(Sweep(fixed={"epochs": 30}, grid={"seed": [0]}))[0]
+    explicit = expand(Sweep(fixed={"epochs": 30, "reg": 1e-3, "lr": 1, "hidden": [100]},
                                 grid={"seed": [0]}))[0]
     assert implicit.key == explicit.key and len(implicit.key) == 16
-    other = expand(SweepSpec(fixed={"epochs": 30}, grid={"seed": [1]}))[0]
+    other = expand(Sweep(fixed={"epochs": 30}, grid={"seed": [1]}))[0]
     assert other.key != implicit.key
     assert RESULT_SCHEMA_VERSION >= 1
 
@@ -133,15 +133,15 @@ def test_trial_key_hashes_the_resolved_config():
 def test_toml_file_round_trips_and_matches_the_command_line(tmp_path):
     file = tmp_path / "sweep.toml"
     file.write_text('name = "quick"\nseeds = "0-1"\n[fixed]\nepochs = 30\npoints = 30\n'
-                    'val_fraction = 0.2\n[grid]\nhidden = [3, 20]\nreg = [0.001, 0.1]\n')
-    from_file = build_spec(config=file)
-    from_cli = build_spec(["hidden=3,20", "reg=0.001,0.1"], "0-1",
-                          fixed={"epochs": 30, "points": 30, "val_fraction": 0.2})
+                    'val_size = 0.2\n[grid]\nhidden = [3, 20]\nreg = [0.001, 0.1]\n')
+    from_file = build_sweep(config=file)
+    from_cli = build_sweep(["hidden=3,20", "reg=0.001,0.1"], "0-1",
+                          fixed={"epochs": 30, "points": 30, "val_size": 0.2})
     assert [t.key for t in expand(from_file)] == [t.key for t in expand(from_cli)]
-    again = spec_from_toml(spec_to_toml(from_file))
+    again = sweep_from_toml(sweep_to_toml(from_file))
     assert [t.key for t in expand(again)] == [t.key for t in expand(from_file)]
     assert again.name == "quick"
-    nested = spec_from_toml('[grid]\nhidden = [[64, 64], "32x16", "none"]\n')
+    nested = sweep_from_toml('[grid]\nhidden = [[64, 64], "32x16", "none"]\n')
     assert nested.grid["hidden"] == [[64, 64], [32, 16], []]
 
 
@@ -155,12 +155,12 @@ def test_bad_toml_names_the_config_file(tmp_path):
 
 
 def test_default_sweep_is_a_named_grid_on_the_spiral():
-    spec = build_spec()
+    spec = build_sweep()
     trials = expand(spec)
     assert spec.name == "default" and list(spec.grid) == ["hidden", "reg", "seed"]
     assert len(trials) == 80 and {t.config.data for t in trials} == {"spiral"}
-    assert all(t.config.val_fraction == 0.2 for t in trials)
-    changed = build_spec(fixed={"epochs": 30}, seeds="0-1")
+    assert all(t.config.val_size == 0.2 for t in trials)
+    changed = build_sweep(fixed={"epochs": 30}, seeds="0-1")
     assert changed.name is None and changed.grid["seed"] == [0, 1]
     assert len(expand(changed)) == 32 and changed.fixed["epochs"] == 30
 
@@ -252,7 +252,7 @@ def test_a_curve_without_its_row_is_replaced_on_resume(tmp_path):
 def test_a_changed_spec_is_refused_unless_forced(tmp_path):
     assert invoke(*QUICK, "--out", tmp_path, "--workers", "0").exit_code == 0
     changed = ["--grid", "hidden=3,50", "--grid", "reg=0.001,0.1", "--seeds", "0-1",
-               "--epochs", "30", "--points", "30", "--val-fraction", "0.2"]
+               "--epochs", "30", "--points", "30", "--val-size", "0.2"]
     result = invoke(*changed, "--out", tmp_path, "--workers", "0")
     assert result.exit_code == 2 and "holds a different sweep" in flat(result.output)
     result = invoke(*changed, "--out", tmp_path, "--workers", "0", "--force")
@@ -306,7 +306,7 @@ def test_failed_trials_rerun_only_with_retry_failed(tmp_path, monkeypatch):
 
 
 def test_a_diverging_trial_is_recorded_as_diverged(tmp_path):
-    result = invoke("--grid", "lr=1,1e9", "--epochs", "30", "--points", "30", "--val-fraction",
+    result = invoke("--grid", "lr=1,1e9", "--epochs", "30", "--points", "30", "--val-size",
                     "0.2", "--hidden", "20", "--out", tmp_path, "--workers", "0")
     assert result.exit_code == 0, result.output
     results = pd.read_csv(tmp_path / "results.csv").set_index("lr")
@@ -345,7 +345,7 @@ def test_an_unreachable_scheduler_is_a_usage_error(tmp_path, monkeypatch):
 def test_kill_and_resume_finds_every_trial_exactly_once(tmp_path):
     """SIGKILL a running sweep, tear its last line, resume: same trials, same numbers."""
     args = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3",
-            "--epochs", "600", "--points", "30", "--val-fraction", "0.2", "--workers", "1",
+            "--epochs", "600", "--points", "30", "--val-size", "0.2", "--workers", "1",
             "--out", str(tmp_path / "killed")]
     results = tmp_path / "killed" / "results.csv"
     proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -365,8 +365,8 @@ def test_kill_and_resume_finds_every_trial_exactly_once(tmp_path):
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping {done} finished trial(s) of 16" in resumed.stdout
-    spec = build_spec(["hidden=5,10,20,30"], "0-3",
-                      fixed={"epochs": 600, "points": 30, "val_fraction": 0.2})
+    spec = build_sweep(["hidden=5,10,20,30"], "0-3",
+                      fixed={"epochs": 600, "points": 30, "val_size": 0.2})
     run_sweep(spec, tmp_path / "uninterrupted", workers=0)
     rows = pd.read_csv(results)
     assert len(rows) == 16 and rows["trial"].is_unique

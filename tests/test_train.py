@@ -24,7 +24,7 @@ def test_linear_softmax_on_the_spiral_lands_near_the_notes_49_percent():
 
 def test_same_seed_gives_bit_identical_metrics():
     config = TrainConfig(data="moons", hidden=[16], optimizer="adam", lr=0.01, batch_size=32,
-                         epochs=15, val_fraction=0.2, dropout=0.1, seed=7)
+                         epochs=15, val_size=0.2, dropout=0.1, seed=7)
     a, b = run(config), run(config)
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in a.result.history] == \
            [{k: v for k, v in r.items() if k != "seconds"} for r in b.result.history]
