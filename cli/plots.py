@@ -42,7 +42,7 @@ def parse_where(items: list[str]) -> dict[str, str]:
     return where
 
 
-def plot_boundary(
+def plot_boundary_command(
     path: Path = typer.Argument(..., help="A run directory (nnx train) or a sweep directory (nnx sweep)."),
     out: Path | None = typer.Option(None, help=OUT_HELP.format(name="boundary")),
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
@@ -69,7 +69,7 @@ def plot_boundary(
     console.print(f"decision regions drawn to {target}")
 
 
-def plot_variance(
+def plot_variance_command(
     path: Path = typer.Argument(..., help="A sweep directory with several seeds per configuration."),
     out: Path | None = typer.Option(None, help=OUT_HELP.format(name="variance")),
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
@@ -78,25 +78,25 @@ def plot_variance(
     metric: str = typer.Option("final_train_loss", help="The results.csv column to spread out."),
 ):
     """Final loss of every seed against hidden size, and its std across seeds."""
-    from experiments.plots import plot_variance as draw_variance
+    from experiments.plots import plot_variance
     target = output_path(path, "variance", out, format)
-    draw(draw_variance, path, target, x=x, line=line, metric=metric)
+    draw(plot_variance, path, target, x=x, line=line, metric=metric)
     console.print(f"spread across seeds drawn to {target}")
 
 
-def plot_curves(
+def plot_curves_command(
     path: Path = typer.Argument(..., help="A run directory or a sweep directory."),
     out: Path | None = typer.Option(None, help=OUT_HELP.format(name="curves")),
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
 ):
     """Loss and accuracy per epoch; for a sweep the mean over seeds with a +-1 std band."""
-    from experiments.plots import plot_curves as draw_curves
+    from experiments.plots import plot_curves
     target = output_path(path, "curves", out, format)
-    draw(draw_curves, path, target)
+    draw(plot_curves, path, target)
     console.print(f"learning curves drawn to {target}")
 
 
-def plot_sweep(
+def plot_sweep_command(
     path: Path = typer.Argument(..., help="A sweep directory."),
     out: Path | None = typer.Option(None, help=OUT_HELP.format(name="heatmap")),
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
@@ -106,26 +106,25 @@ def plot_sweep(
                                "mean_final_train_acc when the sweep had no validation data]."),
 ):
     """A heatmap of a summary.csv column over two axes, each cell annotated."""
-    from experiments.plots import plot_sweep as draw_heatmap
+    from experiments.plots import plot_sweep
     target = output_path(path, "heatmap", out, format)
-    draw(draw_heatmap, path, target, x=x, y=y, metric=metric)
+    draw(plot_sweep, path, target, x=x, y=y, metric=metric)
     console.print(f"heatmap drawn to {target}")
 
 
-def plot_filters(
+def plot_filters_command(
     model: Path = typer.Argument(..., help="A model.npz of an image model, or its run directory."),
     out: Path | None = typer.Option(None, help=OUT_HELP.format(name="filters")),
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
 ):
     """The first conv layer's filters as a tiled image."""
-    from experiments.plots import load_model
-    from experiments.plots import plot_filters as draw_filters
+    from experiments.plots import load_model, plot_filters
     target = output_path(model, "filters", out, format)
-    draw(lambda: draw_filters(load_model(model), target))
+    draw(lambda: plot_filters(load_model(model), target))
     console.print(f"filters drawn to {target}")
 
 
-def reproduce(
+def reproduce_command(
     target: str = typer.Argument(..., help="What to reproduce: cs231n (the neural-networks notes' "
                                  "capacity, regularization and seed-variance figures)."),
     out: Path = typer.Option(Path("docs/cs231n"), help="Folder for the figures, report.md and the "
@@ -148,6 +147,7 @@ def reproduce(
 
 
 def register_plot_commands(app: typer.Typer) -> None:
-    for function in (plot_boundary, plot_variance, plot_curves, plot_sweep, plot_filters):
-        app.command(function.__name__.replace("_", "-"))(function)
-    app.command("reproduce")(reproduce)
+    for command in (plot_boundary_command, plot_variance_command, plot_curves_command,
+                    plot_sweep_command, plot_filters_command):
+        app.command(command.__name__.removesuffix("_command").replace("_", "-"))(command)
+    app.command("reproduce")(reproduce_command)

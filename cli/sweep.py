@@ -182,7 +182,7 @@ def show_trials(definition: Sweep, trials: list[Trial], out_dir: Path) -> None:
     """--dry-run: every trial, and whether ``out_dir`` already holds its result."""
     rows = SweepStore(out_dir).read_rows() if out_dir.is_dir() else {}
     table = Table(title=f"{len(trials)} trials -> {out_dir}")
-    for column in ("#", "trial", *definition.grid, "status"):
+    for column in ("#", "trial key", *definition.grid, "status"):
         table.add_column(column, justify="right" if column == "#" else "left")
     for i, trial in enumerate(trials, 1):
         values = [format_value(k, v) for k, v in trial.params.items()]
@@ -206,7 +206,7 @@ def show_sweep_summary(definition: Sweep, outcome: SweepOutcome) -> None:
     for column in (*axes, "seeds", *metrics, "seconds"):
         table.add_column(column, justify="left" if column in axes else "right")
     for _, row in summary.iterrows():
-        seeds = f"{int(row['n_seeds'])}" + _problems(row)
+        seeds = f"{int(row['n_ok'])}" + _problems(row)
         table.add_row(*(_cell(row[a]) for a in axes), seeds,
                       *(_mean_std(row, f"final_{m}") for m in metrics),
                       fmt(row["mean_seconds"], ".2f"))

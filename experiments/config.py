@@ -101,7 +101,8 @@ def parse_size(option: str, text: str) -> int | float:
     text = text.strip()
     if text.replace("_", "").isdigit():
         return parse_int(option, text)
-    return parse_float(option, text)
+    value = parse_float(option, text)
+    return 0 if value == 0 else value       # 0.0 and 0 both hold out nothing: one value
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class Option:
         elif kind in ("int", "size") and _is_int(value):
             value, ok = int(value), True
         elif kind == "size" and _is_number(value):
-            value, ok = float(value), True
+            value, ok = (0 if value == 0 else float(value)), True
         elif kind == "bool" and isinstance(value, bool):
             ok = True
         if not ok:
@@ -328,11 +329,11 @@ DROPPED = ("extra",)       # always empty; nothing read it
 
 def upgrade_names(values: dict) -> dict:
     """Stored option values with older names renamed; a value under both names is
-    refused. (``val_fraction`` 0.0 of a CIFAR-10 run said nothing: its
-    ``val_size`` was the count in effect.)"""
+    refused. nnx 0.1 stored both val_fraction and val_size and read only one: the
+    fraction for 2D data, the count for images."""
     values = {k: v for k, v in values.items() if k not in DROPPED}
-    if values.get("val_fraction") in (0, 0.0) and "val_size" in values:
-        del values["val_fraction"]
+    if "val_fraction" in values and "val_size" in values:
+        del values["val_size" if values.get("data", "spiral") not in IMAGE_DATASETS else "val_fraction"]
     for old, new in RENAMED.items():
         if old in values:
             if new in values:

@@ -31,6 +31,7 @@ from experiments.boundary import (  # noqa: E402
     decision_regions,
 )
 from experiments.config import TrainConfig, parse_hidden  # noqa: E402
+from experiments.stats import over_seeds  # noqa: E402
 from experiments.store import GROUP_COLUMNS, OPTION_COLUMNS  # noqa: E402
 from mlp.network import ModelFileError, Network  # noqa: E402
 
@@ -225,7 +226,7 @@ def plot_run_boundary(run_dir, path, resolution: int = DEFAULT_RESOLUTION,
 
 
 def sweep_panel(sweep_dir: Path, row, settings: str, resolution: int, margin: float) -> Panel:
-    net = load_model(sweep_dir / "models" / f"{row['trial']}.npz")
+    net = load_model(sweep_dir / "models" / f"{row['trial_key']}.npz")
     X, y = training_points(net)
     regions = decision_regions(net, X, resolution, margin)
     return Panel(regions, X, y, boundary_title(settings, float(row["final_train_acc"]),
@@ -279,9 +280,8 @@ def plot_sweep_boundaries(sweep_dir, path, rows: str = "hidden", cols: str = "re
 def seed_spread(results: pd.DataFrame, x: str, line: str, metric: str) -> pd.DataFrame:
     """mean and std (ddof 0, as summary.csv) of ``metric`` over seeds, per (line, x)."""
     ok = results[results["status"] == "ok"]
-    stats = ok.groupby([line, x])[metric].agg(["mean", lambda v: float(np.std(v, ddof=0)), "count"])
-    stats.columns = ["mean", "std", "count"]
-    return stats.reset_index()
+    stats = over_seeds(ok, [line, x], [metric], ("mean", "std", "count"))
+    return stats.rename(columns=lambda c: c.split("_", 1)[0]).reset_index()
 
 
 def plot_variance(sweep_dir, path, x: str = "hidden", line: str = "reg",
@@ -342,9 +342,8 @@ def read_curve(path: Path) -> pd.DataFrame:
 def curve_band(curves: list[pd.DataFrame], column: str) -> pd.DataFrame:
     """Per epoch: mean and std (ddof 0) of ``column`` over the seeds' curves that reach it."""
     frame = pd.concat([c[["epoch", column]] for c in curves])
-    stats = frame.groupby("epoch")[column].agg(["mean", lambda v: float(np.std(v, ddof=0))])
-    stats.columns = ["mean", "std"]
-    return stats
+    stats = over_seeds(frame, ["epoch"], [column], ("mean", "std")).sort_index()
+    return stats.rename(columns=lambda c: c.split("_", 1)[0])
 
 
 def has_values(curves: list[pd.DataFrame], column: str) -> bool:
@@ -387,7 +386,7 @@ def sweep_curve_groups(sweep_dir: Path) -> dict[str, list[pd.DataFrame]]:
     axes = varying_options(results)
     groups: dict[str, list[pd.DataFrame]] = {}
     for _, row in ok.iterrows():
-        curve = Path(sweep_dir) / "curves" / f"{row['trial']}.csv"
+        curve = Path(sweep_dir) / "curves" / f"{row['trial_key']}.csv"
         if curve.is_file():
             label = settings_label(row, axes) or str(row.get("data", "all"))
             groups.setdefault(label, []).append(read_curve(curve))

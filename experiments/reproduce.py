@@ -23,6 +23,7 @@ import pandas as pd
 
 from experiments import plots
 from experiments.boundary import decision_regions
+from experiments.stats import over_seeds
 from experiments.sweep import Sweep, run_sweep
 
 TARGETS = ("cs231n",)
@@ -112,7 +113,7 @@ def complexities(sweep_dir: Path, resolution: int) -> pd.DataFrame:
     results = plots.read_results(sweep_dir)
     results = results[results["status"] == "ok"].copy()
     values = []
-    for trial in results["trial"]:
+    for trial in results["trial_key"]:
         net = plots.load_model(sweep_dir / "models" / f"{trial}.npz")
         X, _ = plots.training_points(net)
         values.append(decision_regions(net, X, resolution).complexity)
@@ -123,12 +124,9 @@ def complexities(sweep_dir: Path, resolution: int) -> pd.DataFrame:
 def by_axis(table: pd.DataFrame, axis: str) -> pd.DataFrame:
     """Per value of ``axis`` (in axis order): mean and std (ddof 0) of complexity and
     the mean final training accuracy over seeds."""
-    grouped = table.groupby(axis)
-    stats = pd.DataFrame({
-        "mean_complexity": grouped["complexity"].mean(),
-        "std_complexity": grouped["complexity"].std(ddof=0),
-        "mean_final_train_acc": grouped["final_train_acc"].mean(),
-        "n_seeds": grouped["complexity"].count()})
+    stats = over_seeds(table, [axis], ["complexity"], ("mean", "std", "count"))
+    stats = stats.join(over_seeds(table, [axis], ["final_train_acc"], ("mean",)))
+    stats = stats.rename(columns={"count_complexity": "n_seeds"})
     return stats.reindex(plots.axis_values(table, axis))
 
 
@@ -165,7 +163,7 @@ def boundary_figure(table: pd.DataFrame, stats: pd.DataFrame, axis: str, path: P
     for value in stats.index:
         trial = table[(table[axis] == value) & (table["seed"] == seed)].iloc[0]
         sweep_dir = Path(trial["sweep_dir"])
-        net = plots.load_model(sweep_dir / "models" / f"{trial['trial']}.npz")
+        net = plots.load_model(sweep_dir / "models" / f"{trial['trial_key']}.npz")
         X, y = plots.training_points(net)
         regions = decision_regions(net, X, resolution)
         heading = (f"{axis}={value}\ntrain acc {trial['final_train_acc']:.1%} · complexity "
@@ -192,7 +190,7 @@ def variance_table(summary: pd.DataFrame) -> str:
         for hidden in plots.axis_values(part, "hidden"):
             r = part[part["hidden"] == hidden].iloc[0]
             lines.append(f"| {hidden} | {reg} | {float(r['mean_final_train_loss']):.4f} | "
-                         f"{float(r['std_final_train_loss']):.4f} | {r['n_seeds']} |")
+                         f"{float(r['std_final_train_loss']):.4f} | {r['n_ok']} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -41,12 +43,25 @@ except ImportError:  # pragma: no cover - Windows: no lock, one driver per direc
 OPTION_COLUMNS = (*(name for name in OPTIONS if name != "seed"), "seed")
 FINAL_COLUMNS = ("final_train_loss", "final_train_acc", "final_val_loss", "final_val_acc")
 METRIC_COLUMNS = (*FINAL_COLUMNS, "epochs_run", "seconds")
-RESULT_COLUMNS = ("trial", "status", *OPTION_COLUMNS, *METRIC_COLUMNS, "error", "nnx_version",
+RESULT_COLUMNS = ("trial_key", "status", *OPTION_COLUMNS, *METRIC_COLUMNS, "error", "nnx_version",
                   "finished")
 GROUP_COLUMNS = tuple(c for c in OPTION_COLUMNS if c != "seed")
 STATUSES = ("ok", "diverged", "failed")
-STATS = ("mean", "std", "min", "max")
 HEADER = ",".join(RESULT_COLUMNS) + "\n"
+
+# Part of every trial key: bump it when a result row would mean something else
+# for the same config (new columns, different metrics), so old rows re-run
+# unless ``upgrade_row`` can carry them over.
+RESULT_SCHEMA_VERSION = 2
+KEY_LENGTH = 16
+
+
+def trial_key(config) -> str:
+    """The hash of a resolved config (a TrainConfig) and the result schema: equal keys,
+    equal results. It names the trial's row (the trial_key column) and its files."""
+    payload = {"schema": RESULT_SCHEMA_VERSION, "config": config.to_dict()}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
 class SweepStore:
@@ -96,6 +111,8 @@ class SweepStore:
             atomic_write_bytes(self.results_path, HEADER.encode())
             return len(data)
         if data[:len(HEADER)].decode(errors="replace") != HEADER:
+            if self.upgrade():
+                return 0
             if force:
                 atomic_write_bytes(self.results_path, HEADER.encode())
                 return len(data)
@@ -108,6 +125,34 @@ class SweepStore:
                 os.fsync(f.fileno())
         return len(data) - keep
 
+    def upgrade(self) -> bool:
+        """Rewrite a results.csv of an older nnx in today's columns; False when the file
+        is not one. Each kept row gets its new trial key and its curve and model are
+        renamed to match (files first: a kill in between leaves the old results.csv,
+        which is upgraded again, finding the files already renamed)."""
+        try:
+            text = self.results_path.read_text(encoding="utf-8")
+            old = list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
+            reader = csv.DictReader(io.StringIO(text))
+            columns = set(reader.fieldnames or ())
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return False
+        if not {"trial", "status", *FINAL_COLUMNS} <= columns:
+            return False
+        try:
+            pairs = [(row["trial"], upgrade_row(row)) for row in old
+                     if None not in row.values() and row["status"] in STATUSES]
+        except (ConfigError, KeyError, TypeError, ValueError):
+            return False
+        pairs = [(key, row) for key, row in pairs if row is not None]
+        for folder, suffix in ((self.curves_dir, ".csv"), (self.models_dir, ".npz")):
+            for key, row in pairs:
+                source = folder / f"{key}{suffix}"
+                if source.exists():
+                    os.replace(source, folder / f"{row['trial_key']}{suffix}")
+        atomic_write_bytes(self.results_path, (HEADER + "".join(format_line(r) for _, r in pairs)).encode())
+        return True
+
     def read_rows(self) -> dict[str, dict]:
         """trial key -> row (strings) for every complete row; a later row for a key wins."""
         if not self.results_path.exists():
@@ -117,7 +162,7 @@ class SweepStore:
         rows = {}
         for row in csv.DictReader(io.StringIO(text)):
             if None not in row and None not in row.values() and row["status"] in STATUSES:
-                rows[row["trial"]] = row
+                rows[row["trial_key"]] = row
         return rows
 
     def append(self, trial, record: dict) -> dict:
@@ -143,7 +188,7 @@ class SweepStore:
         if keys & set(rows):
             kept = [row for key, row in rows.items() if key not in keys]
             atomic_write_bytes(self.results_path, (HEADER + "".join(map(format_line, kept))).encode())
-            rows = {row["trial"]: row for row in kept}
+            rows = {row["trial_key"]: row for row in kept}
         for folder, suffix in ((self.curves_dir, ".csv"), (self.models_dir, ".npz")):
             if folder.is_dir():
                 for file in folder.iterdir():
@@ -165,28 +210,47 @@ class SweepStore:
 def summarize(results):
     """One row per configuration (every option but seed), aggregated over its seeds as
     scikit-learn's cv_results_ does over folds: mean_*, std_* (ddof 0), min_*, max_*
-    over the ``ok`` trials; n_seeds counts those, n_diverged and n_failed the others.
-    ``results``: results.csv as a DataFrame of strings."""
+    over the ``ok`` trials (``experiments.stats``); n_ok, n_diverged and n_failed
+    count the trials of each status. ``results``: results.csv as a DataFrame of strings."""
     import pandas as pd
 
+    from experiments.stats import over_seeds
     ok = results["status"] == "ok"
     metrics = results[list(METRIC_COLUMNS)].apply(pd.to_numeric, errors="coerce").where(ok)
     frame = pd.concat([results[list(GROUP_COLUMNS)], metrics], axis=1)
-    for status in STATUSES:
-        frame[status] = (results["status"] == status).astype(int)
-    groups = frame.groupby(list(GROUP_COLUMNS), sort=False, dropna=False)
-    columns = {f"{stat}_{m}": getattr(groups[m], stat)(**({"ddof": 0} if stat == "std" else {}))
-               for m in METRIC_COLUMNS for stat in STATS}
-    columns.update(n_seeds=groups["ok"].sum(), n_diverged=groups["diverged"].sum(),
-                   n_failed=groups["failed"].sum())
-    return pd.DataFrame(columns).reset_index()
+    counts = {f"n_{status}": (results["status"] == status).astype(int) for status in STATUSES}
+    frame = frame.assign(**counts)
+    table = over_seeds(frame, list(GROUP_COLUMNS), list(METRIC_COLUMNS))
+    table = table.join(over_seeds(frame, list(GROUP_COLUMNS), list(counts), ("sum",)))
+    return table.rename(columns={f"sum_{c}": c for c in counts}).reset_index()
 
 
 # ---- rows ----------------------------------------------------------------------
+def upgrade_row(old: dict) -> dict | None:
+    """A results.csv row written by nnx 0.1 (old option names, the key in column
+    "trial") in today's columns with its new key; None when today's nnx would
+    measure it differently, so that the trial runs again: 2D trials with a
+    validation split (the split is now drawn by the one stratified split all
+    data sets use)."""
+    from experiments.config import TrainConfig, resolve
+    not_options = ("trial", "status", *METRIC_COLUMNS, "error", "nnx_version", "finished")
+    config = resolve(TrainConfig.from_dict({name: text for name, text in old.items()
+                                            if name not in not_options and text != ""}))
+    if not config.is_image and config.val_size:
+        return None
+    row = {"trial_key": trial_key(config), "status": old["status"]}
+    row.update({name: cell(name, getattr(config, name)) for name in OPTION_COLUMNS})
+    row.update({name: old.get(name, "") for name in METRIC_COLUMNS})
+    row.update(error=old.get("error", ""), nnx_version=old.get("nnx_version", ""),
+               finished=old.get("finished", ""))
+    return row
+
+
+
 def make_row(trial, record: dict) -> dict:
     """A results.csv row (strings) for ``trial`` (key, resolved config) and a run record."""
     config = trial.config.to_dict()
-    row = {"trial": trial.key, "status": record["status"]}
+    row = {"trial_key": trial.key, "status": record["status"]}
     row.update({name: cell(name, config[name]) for name in OPTION_COLUMNS})
     row.update({name: cell(name, record.get(name, math.nan)) for name in METRIC_COLUMNS})
     row["error"] = " ".join(str(record.get("error") or "").split())   # one line, always

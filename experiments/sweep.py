@@ -24,17 +24,12 @@ from typing import Any
 from experiments.config import OPTIONS, TrainConfig, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
 from experiments.errors import ConfigError
-from experiments.store import SweepStore
+from experiments.store import SweepStore, trial_key
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-# Part of every trial key: bump it when a result row would mean something else
-# for the same config (new columns, different metrics), so old rows re-run.
-RESULT_SCHEMA_VERSION = 1
-KEY_LENGTH = 16
 
 SWEEP_FILE_KEYS = ("name", "seeds", "fixed", "grid")
 MAX_AXIS_VALUES = 1_000_000      # a range such as 0-9999999999 is a typo, not a sweep
@@ -300,13 +295,6 @@ def default_sweep() -> Sweep:
 
 
 # ---- trials --------------------------------------------------------------------
-def trial_key(config: TrainConfig) -> str:
-    """The hash of a resolved config and the result schema: equal keys, equal results."""
-    payload = {"schema": RESULT_SCHEMA_VERSION, "config": config.to_dict()}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
-
-
 def expand(sweep: Sweep) -> list[Trial]:
     """Every trial of the grid, built and resolved: a bad value anywhere raises
     SweepError before anything runs."""
@@ -409,7 +397,7 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         with contextlib.closing(results):      # an error here stops the workers too
             for index, record in results:
                 row = store.append(todo[index], record)
-                rows[row["trial"]] = row
+                rows[row["trial_key"]] = row
                 callback.on_trial_end(todo[index], row)
         store.write_summary([t.key for t in trials])
     return SweepOutcome(out, trials, {t.key: rows[t.key] for t in trials}, len(todo),

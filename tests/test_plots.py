@@ -146,7 +146,7 @@ def test_run_curves_are_metrics_csv(run_dir, tmp_path):
 def test_sweep_curves_are_the_mean_over_seeds_with_a_band(sweep_dir, tmp_path):
     fig = plots.plot_curves(sweep_dir, tmp_path / "c.png")
     table = results(sweep_dir)
-    trials = table[(table.hidden == 3) & (table.reg == 0.001)].trial
+    trials = table[(table.hidden == 3) & (table.reg == 0.001)].trial_key
     curves = [pd.read_csv(sweep_dir / "curves" / f"{t}.csv") for t in trials]
     mean = np.mean([c.train_loss for c in curves], axis=0)
     line = next(line for line in fig.axes[0].get_lines()

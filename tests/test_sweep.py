@@ -16,7 +16,6 @@ from cli.app import app
 from experiments.errors import ConfigError
 from experiments.store import FINAL_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS, SweepStore
 from experiments.sweep import (
-    RESULT_SCHEMA_VERSION,
     Sweep,
     build_sweep,
     expand,
@@ -127,7 +126,6 @@ def test_trial_key_hashes_the_resolved_config():
     assert implicit.key == explicit.key and len(implicit.key) == 16
     other = expand(Sweep(fixed={"epochs": 30}, grid={"seed": [1]}))[0]
     assert other.key != implicit.key
-    assert RESULT_SCHEMA_VERSION >= 1
 
 
 def test_toml_file_round_trips_and_matches_the_command_line(tmp_path):
@@ -173,14 +171,14 @@ def test_sweep_writes_results_summary_curves_models_and_spec(tmp_path):
     assert "Sweep summary" in result.output and "8 trials: 8 ok" in flat(result.output)
     results = pd.read_csv(out / "results.csv")
     assert tuple(results.columns) == RESULT_COLUMNS and len(results) == 8
-    assert results["trial"].is_unique and set(results["status"]) == {"ok"}
+    assert results["trial_key"].is_unique and set(results["status"]) == {"ok"}
     assert sorted(results["hidden"].astype(str).unique()) == ["20", "3"]
     assert set(results["seed"]) == {0, 1} and set(results["epochs_run"]) == {30}
     summary = pd.read_csv(out / "summary.csv")
-    assert len(summary) == 4 and set(summary["n_seeds"]) == {2} and "seed" not in summary
+    assert len(summary) == 4 and set(summary["n_ok"]) == {2} and "seed" not in summary
     for metric in ("final_val_acc", "final_train_loss", "epochs_run", "seconds"):
         assert {f"{s}_{metric}" for s in ("mean", "std", "min", "max")} <= set(summary.columns)
-    for key in results["trial"]:
+    for key in results["trial_key"]:
         curve = pd.read_csv(out / "curves" / f"{key}.csv")
         assert curve["epoch"].tolist() == list(range(1, 31))
         assert Network.load(out / "models" / f"{key}.npz").metadata["data"] == "spiral"
@@ -290,7 +288,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     assert set(results[results["status"] == "ok"]["hidden"]) == {20}
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert summary.set_index("hidden")["n_failed"].to_dict() == {3: 2, 20: 0}
-    assert not any((tmp_path / "models" / f"{k}.npz").exists() for k in failed["trial"])
+    assert not any((tmp_path / "models" / f"{k}.npz").exists() for k in failed["trial_key"])
 
 
 def test_failed_trials_rerun_only_with_retry_failed(tmp_path, monkeypatch):
@@ -302,7 +300,7 @@ def test_failed_trials_rerun_only_with_retry_failed(tmp_path, monkeypatch):
     retried = run_sweep(QUICK_SPEC, tmp_path, workers=0, retry_failed=True)
     assert retried.ran == 4 and retried.count("ok") == 8
     results = pd.read_csv(tmp_path / "results.csv")
-    assert len(results) == 8 and results["trial"].is_unique
+    assert len(results) == 8 and results["trial_key"].is_unique
 
 
 def test_a_diverging_trial_is_recorded_as_diverged(tmp_path):
@@ -312,9 +310,9 @@ def test_a_diverging_trial_is_recorded_as_diverged(tmp_path):
     results = pd.read_csv(tmp_path / "results.csv").set_index("lr")
     assert results.loc[1e9, "status"] == "diverged" and results.loc[1.0, "status"] == "ok"
     assert results.loc[1e9, "epochs_run"] < 30 and np.isnan(results.loc[1e9, "final_val_acc"])
-    assert (tmp_path / "curves" / f"{results.loc[1e9, 'trial']}.csv").exists()
+    assert (tmp_path / "curves" / f"{results.loc[1e9, 'trial_key']}.csv").exists()
     summary = pd.read_csv(tmp_path / "summary.csv").set_index("lr")
-    assert summary.loc[1e9, "n_diverged"] == 1 and summary.loc[1e9, "n_seeds"] == 0
+    assert summary.loc[1e9, "n_diverged"] == 1 and summary.loc[1e9, "n_ok"] == 0
 
 
 # ---- backends --------------------------------------------------------------------
@@ -369,5 +367,31 @@ def test_kill_and_resume_finds_every_trial_exactly_once(tmp_path):
                       fixed={"epochs": 600, "points": 30, "val_size": 0.2})
     run_sweep(spec, tmp_path / "uninterrupted", workers=0)
     rows = pd.read_csv(results)
-    assert len(rows) == 16 and rows["trial"].is_unique
+    assert len(rows) == 16 and rows["trial_key"].is_unique
     assert numbers(tmp_path / "killed") == numbers(tmp_path / "uninterrupted")
+
+
+def test_a_sweep_of_nnx_0_1_resumes_with_its_rows_carried_over(tmp_path):
+    """tests/data/sweep-nnx-0.1.0 was written by nnx 0.1 (options model, val_fraction,
+    gamma; the key in column "trial"). Its rows are upgraded in place and re-keyed
+    with their files; the two trials with a 2D validation split run again, because
+    the split is now drawn by the stratified split every data set shares."""
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(ROOT / "tests" / "data" / "sweep-nnx-0.1.0", old)
+    before = pd.read_csv(old / "results.csv")
+    kept = before[before["val_fraction"] == 0.0]
+    result = invoke("--config", old / "sweep.toml", "--out", old, "--workers", 0)
+    assert result.exit_code == 0, result.output
+    assert "skipping 2 finished trial(s) of 4; 2 to run" in flat(result.output)
+    after = pd.read_csv(old / "results.csv")
+    assert list(after.columns) == list(RESULT_COLUMNS) and len(after) == 4
+    carried = after[after["finished"].isin(kept["finished"])]
+    assert sorted(carried["final_train_loss"]) == sorted(kept["final_train_loss"])
+    for key in after["trial_key"]:
+        assert (old / "curves" / f"{key}.csv").exists() and (old / "models" / f"{key}.npz").exists()
+    assert sorted(p.stem for p in (old / "models").iterdir()) == sorted(after["trial_key"])
+    # the carried rows are what today's nnx computes for those trials
+    fresh = tmp_path / "fresh"
+    assert invoke("--config", old / "sweep.toml", "--out", fresh, "--workers", 0).exit_code == 0
+    assert numbers(fresh) == numbers(old)
