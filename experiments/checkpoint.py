@@ -49,7 +49,31 @@ def save_checkpoint(path: Path, net: Network, optimizer: Optimizer, state: Train
     extra = {_STATE_KEY: np.array(json.dumps(progress))}
     extra.update({f"optim:{k}": v for k, v in optimizer.state_dict().items()})
     extra.update({f"best:{k}": v for k, v in (state.best_params or {}).items()})
+    extra.update(snapshot_arrays(state.snapshots, prefix="snapshot:"))
     net.save(path, extra)
+
+
+def snapshot_arrays(snapshots: list[tuple[int, dict]], prefix: str = "") -> dict[str, np.ndarray]:
+    """Snapshots as arrays for an .npz file: ``epochs``: (S,), and per parameter its S
+    copies stacked, (S, *shape), named by the parameter's name."""
+    if not snapshots:
+        return {}
+    arrays = {f"{prefix}epochs": np.array([epoch for epoch, _ in snapshots])}
+    for name in snapshots[0][1]:
+        arrays[f"{prefix}{name}"] = np.stack([params[name] for _, params in snapshots])
+    return arrays
+
+
+def read_snapshot_arrays(data, prefix: str = "") -> list[tuple[int, dict[str, np.ndarray]]]:
+    """The inverse of ``snapshot_arrays``, from an open .npz (or a dict of arrays)."""
+    keys = [k for k in data.keys() if k.startswith(prefix)] if prefix else list(data.keys())
+    if f"{prefix}epochs" not in keys:
+        return []
+    epochs = [int(e) for e in data[f"{prefix}epochs"]]
+    names = [k for k in keys if k != f"{prefix}epochs"]
+    stacked = {k[len(prefix):]: data[k] for k in names}
+    return [(epoch, {name: values[i] for name, values in stacked.items()})
+            for i, epoch in enumerate(epochs)]
 
 
 def load_checkpoint(path: Path, optimizer: Optimizer) -> tuple[Network, TrainResult]:
@@ -61,12 +85,13 @@ def load_checkpoint(path: Path, optimizer: Optimizer) -> tuple[Network, TrainRes
         progress = json.loads(str(data[_STATE_KEY]))
         optimizer.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("optim:")})
         best = {k[5:]: data[k] for k in data.files if k.startswith("best:")}
+        snapshots = read_snapshot_arrays(data, prefix="snapshot:")
     optimizer.lr = progress["lr"]
     state = TrainResult(history=progress["history"], status=progress["status"],
                         iterations=progress["iterations"], best_epoch=progress["best_epoch"],
                         best_val_acc=progress["best_val_acc"], best_params=best or None,
                         best_val_loss=progress.get("best_val_loss", math.nan),
-                        first_loss=progress.get("first_loss"))
+                        first_loss=progress.get("first_loss"), snapshots=snapshots)
     return net, state
 
 

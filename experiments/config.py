@@ -292,6 +292,9 @@ class TrainConfig:
     checkpoint_every: int | None = option(None, "Write checkpoint.npz every N epochs; 0 = never.",
                                           RUN, kind="int", low=0, high=MAX_COUNT,
                                           default_help="1 for cifar10, 0 for 2D data")
+    snapshot_every: int = option(0, "2D data: keep the network every N epochs (and before the "
+                                 "first) in snapshots.npz, for `nnx plot-boundary --animate`; "
+                                 "0 = never.", RUN, kind="int", low=0, high=MAX_COUNT)
 
     @property
     def is_image(self) -> bool:
@@ -417,6 +420,9 @@ def validate(c: TrainConfig) -> None:
     if isinstance(c.val_size, float) and c.val_size >= 1:
         raise ConfigError("val_size", f"a fraction must be below 1, got {c.val_size} (write a number "
                                       "of examples without a point, e.g. 5000)")
+    if c.snapshot_every and (c.is_image or c.arch is not None):
+        raise ConfigError("snapshot_every", "snapshots are for animating 2D decision regions; "
+                                            "this run trains on images")
     if c.label_smoothing and c.loss != "softmax":
         raise ConfigError("label_smoothing", "applies to the softmax loss only")
 

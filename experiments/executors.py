@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from experiments.config import TrainConfig
 from experiments.errors import ConfigError
-from experiments.runner import RunOutcome, run
+from experiments.runner import RunOutcome, best_metrics, run, snapshots_bytes
 
 # Workers are one process per core: each must use one BLAS thread or they
 # oversubscribe the cores. The variables are read when numpy loads, so they
@@ -32,15 +32,18 @@ CONNECT_TIMEOUT = "10s"                # to reach a Dask scheduler
 def run_trial(config: dict) -> dict:
     """Train one trial from its resolved config (``TrainConfig.to_dict()``).
 
-    Returns status (ok, diverged or failed), final_* metrics, epochs_run,
-    seconds, error (``Type: message``, empty unless failed), history (list of
-    per-epoch dicts) and model (``.npz`` bytes or None).
+    Returns status (ok, diverged or failed), final_* and best_* metrics
+    (``best_metrics``), epochs_run, seconds, error (``Type: message``, empty
+    unless failed), history (list of per-epoch dicts), model (``.npz`` bytes or
+    None) and snapshots (the bytes of a snapshots.npz, or None).
     """
     started = time.perf_counter()
     try:
         outcome = run(TrainConfig.from_dict(config))
-        record = {"status": outcome.status, **outcome.final, "epochs_run": outcome.result.epochs_run,
-                  "error": "", "history": outcome.result.history, "model": model_bytes(outcome)}
+        record = {"status": outcome.status, **outcome.final, **best_metrics(outcome.result),
+                  "epochs_run": outcome.result.epochs_run, "error": "",
+                  "history": outcome.result.history, "model": model_bytes(outcome),
+                  "snapshots": snapshots_bytes(outcome.result)}
     except Exception as exc:            # a failed trial is a result, not the end of the sweep
         record = {"status": "failed", "epochs_run": 0, "error": error_line(exc), "history": [],
                   "model": None}

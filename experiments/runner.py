@@ -1,6 +1,7 @@
 """One training run: config -> data + network -> trainer -> outcome -> files."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import shlex
@@ -18,6 +19,7 @@ from experiments.checkpoint import (
     TimeBudget,
     estimate_epoch_seconds,
     load_checkpoint,
+    snapshot_arrays,
 )
 from experiments.config import TrainConfig, format_hidden, format_option, resolve
 from experiments.datasets import Dataset, make_2d
@@ -27,7 +29,8 @@ from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
 from mlp.train import Callback, Callbacks, EarlyStopping, Trainer, TrainResult
 
-RUN_FILES = ("model.npz", "metrics.csv", "config.json")
+SNAPSHOTS = "snapshots.npz"
+RUN_FILES = ("model.npz", "metrics.csv", "config.json", SNAPSHOTS)
 
 
 @dataclass
@@ -117,7 +120,7 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
     schedule = make_schedule(config, epochs if iterations is None else iterations / n_batches)
     trainer = Trainer(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,
                       batch_size=config.batch_size, schedule=schedule, seed=config.seed,
-                      augment=augment, state=state)
+                      augment=augment, state=state, snapshot_every=config.snapshot_every)
     callbacks = Callbacks(callback)
     if config.time_budget is not None:
         callbacks.callbacks.append(TimeBudget(config.time_budget, epochs, limit=max_epochs))
@@ -195,19 +198,41 @@ def resumable_config(path: Path) -> TrainConfig:
     return config
 
 
+def best_metrics(result: TrainResult) -> dict:
+    """The epoch of highest validation accuracy and its accuracy and loss (NaN and
+    None without validation)."""
+    found = result.best_epoch is not None
+    return {"best_epoch": result.best_epoch,
+            "best_val_acc": result.best_val_acc if found else math.nan,
+            "best_val_loss": result.best_val_loss if found else math.nan}
+
+
+def snapshots_bytes(result: TrainResult) -> bytes | None:
+    """The run's snapshots as the bytes of snapshots.npz, or None when it took none."""
+    if not result.snapshots:
+        return None
+    buf = io.BytesIO()
+    np.savez(buf, **snapshot_arrays(result.snapshots))
+    return buf.getvalue()
+
+
 def run_record(outcome: RunOutcome) -> dict:
     """Everything config.json holds: the resolved config, the command to rerun it, the outcome."""
     return {"nnx_version": mlp.__version__, "config": outcome.config.to_dict(),
             "command": rerun_command(outcome.config), "status": outcome.status,
             "epochs_run": outcome.result.epochs_run, "stopped_early": outcome.result.stopped_early,
-            "seconds": outcome.seconds, **outcome.final,
+            "seconds": outcome.seconds, **outcome.final, **best_metrics(outcome.result),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def save_run(path: str | Path, outcome: RunOutcome) -> None:
-    """Write model.npz, metrics.csv and config.json into ``path``, each atomically."""
+    """Write model.npz, metrics.csv, config.json (and snapshots.npz when the run took
+    snapshots) into ``path``, each atomically."""
     path = Path(path)
     outcome.network.save(path / "model.npz")
+    snapshots = snapshots_bytes(outcome.result)
+    if snapshots is not None:
+        atomic_write_bytes(path / SNAPSHOTS, snapshots)
     atomic_write_bytes(path / "metrics.csv", history_csv(outcome.result.history).encode())
     text = json.dumps(run_record(outcome), indent=2, default=_json_default) + "\n"
     atomic_write_bytes(path / "config.json", text.encode())

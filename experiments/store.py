@@ -7,6 +7,7 @@ Layout of a sweep directory::
     summary.csv         one row per configuration, aggregated over seeds
     curves/<trial>.csv  per-epoch history (epoch, train_loss, ..., lr, seconds)
     models/<trial>.npz  the trained network (``Network.load``), for ok trials
+    snapshots/<trial>.npz  the network every snapshot_every epochs, when asked for
 
 Crash safety: a trial's curve and model are written atomically first, then
 its row is appended as one line, flushed and fsynced. A row therefore always
@@ -74,6 +75,7 @@ class SweepStore:
         self.sweep_file = self.path / "sweep.toml"
         self.curves_dir = self.path / "curves"
         self.models_dir = self.path / "models"
+        self.snapshots_dir = self.path / "snapshots"
 
     @classmethod
     @contextlib.contextmanager
@@ -95,7 +97,7 @@ class SweepStore:
 
     def has_foreign_files(self) -> bool:
         """Whether the directory holds anything but a sweep's own files."""
-        ours = {"results.csv", "summary.csv", "sweep.toml", "curves", "models"}
+        ours = {"results.csv", "summary.csv", "sweep.toml", "curves", "models", "snapshots"}
         return any(p.name not in ours and not p.name.startswith(".tmp-") for p in self.path.iterdir())
 
     # ---- results.csv -----------------------------------------------------------
@@ -172,6 +174,9 @@ class SweepStore:
         if record.get("model") is not None:
             self.models_dir.mkdir(exist_ok=True)
             atomic_write_bytes(self.models_dir / f"{trial.key}.npz", record["model"])
+        if record.get("snapshots") is not None:
+            self.snapshots_dir.mkdir(exist_ok=True)
+            atomic_write_bytes(self.snapshots_dir / f"{trial.key}.npz", record["snapshots"])
         row = make_row(trial, record)
         line = format_line(row).encode()
         with open(self.results_path, "ab", buffering=0) as f:
@@ -189,7 +194,8 @@ class SweepStore:
             kept = [row for key, row in rows.items() if key not in keys]
             atomic_write_bytes(self.results_path, (HEADER + "".join(map(format_line, kept))).encode())
             rows = {row["trial_key"]: row for row in kept}
-        for folder, suffix in ((self.curves_dir, ".csv"), (self.models_dir, ".npz")):
+        for folder, suffix in ((self.curves_dir, ".csv"), (self.models_dir, ".npz"),
+                               (self.snapshots_dir, ".npz")):
             if folder.is_dir():
                 for file in folder.iterdir():
                     if (file.suffix == suffix and file.stem not in rows) or file.name.startswith(".tmp-"):

@@ -60,6 +60,8 @@ class TrainResult:
     """What training produced so far; pass it back to ``train`` to continue a run.
 
     status: "ok", or "diverged" when the loss ran away (``is_runaway``).
+    ``snapshots``: (epoch, copies of the parameters) every ``snapshot_every``
+    epochs, epoch 0 being the initial network (for animations).
     ``best_*`` follow the epoch of highest validation accuracy (the first on
     ties); ``best_params`` is the snapshot early stopping restores (None without it).
     """
@@ -73,6 +75,7 @@ class TrainResult:
     best_params: dict[str, np.ndarray] | None = None
     iterations: int = 0
     first_loss: float | None = None     # the first batch's, for ``is_runaway``
+    snapshots: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
 
     @property
     def epochs_run(self) -> int:
@@ -132,7 +135,7 @@ class Trainer:
                  X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                  batch_size: int = 0, schedule: Schedule | None = None, seed: int = 0,
                  augment: Callable | None = None, eval_batch_size: int = 1024,
-                 state: TrainResult | None = None):
+                 state: TrainResult | None = None, snapshot_every: int = 0):
         self.net, self.optimizer, self.schedule = net, optimizer, schedule
         self.X, self.y = X.astype(net.dtype, copy=False), y
         self.X_val, self.y_val = X_val, y_val
@@ -143,6 +146,12 @@ class Trainer:
         self.seed, self.augment, self.eval_batch_size = seed, augment, eval_batch_size
         self.result = state if state is not None else TrainResult()
         self.params = net.params
+        self.snapshot_every = snapshot_every
+
+    def snapshot(self, epoch: int) -> None:
+        """Keep a copy of the parameters after ``epoch`` epochs when the run asks for it."""
+        if self.snapshot_every and epoch % self.snapshot_every == 0:
+            self.result.snapshots.append((epoch, {k: v.copy() for k, v in self.params.items()}))
 
     def run_epoch(self, epoch: int, max_iterations: float = math.inf) -> dict | None:
         """One pass over the training set (0-based ``epoch``), stopping early at
@@ -214,11 +223,14 @@ class Trainer:
         plan, max_iterations = epochs, math.inf if iterations is None else iterations
         callback.on_train_begin(epochs, self.batches_per_epoch, result.epochs_run)
         epoch = result.epochs_run
+        if epoch == 0:
+            self.snapshot(0)
         while epoch < min(plan, limit):
             record = self.run_epoch(epoch, max_iterations)
             if record is None:      # diverged, or no update left to make
                 break
             result.history.append(record)
+            self.snapshot(epoch + 1)
             decision = _decision(callback.on_epoch_end(record))
             if result.status != "ok":
                 break
@@ -249,12 +261,12 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
           schedule: Schedule | None = None, seed: int = 0, callback: Callback | None = None,
           patience: int | None = None, augment: Callable | None = None,
           eval_batch_size: int = 1024, state: TrainResult | None = None,
-          max_epochs: int | None = None) -> TrainResult:
+          max_epochs: int | None = None, snapshot_every: int = 0) -> TrainResult:
     """Train ``net`` in place (a ``Trainer`` run in one call). ``patience`` adds early
     stopping on validation accuracy, restoring the best parameters."""
     trainer = Trainer(net, optimizer, X, y, X_val=X_val, y_val=y_val, batch_size=batch_size,
                       schedule=schedule, seed=seed, augment=augment,
-                      eval_batch_size=eval_batch_size, state=state)
+                      eval_batch_size=eval_batch_size, state=state, snapshot_every=snapshot_every)
     callbacks = [callback]
     if patience is not None and trainer.validate:
         callbacks.append(EarlyStopping(patience, trainer.result, trainer.params))

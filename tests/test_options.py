@@ -27,7 +27,7 @@ SAMPLE = {"data": "moons", "points": 37, "classes": 2, "noise": 0.15, "val_size"
           "label_smoothing": 0.05, "dtype": "float32", "optimizer": "adam", "lr": 0.004,
           "momentum": 0.8, "schedule": "step", "step_size": 3, "lr_decay": 0.5, "warmup": 1.5,
           "min_lr": 1e-4, "epochs": 7, "iterations": 90, "batch_size": 16, "patience": 4,
-          "time_budget": 90.0, "seed": 11, "checkpoint_every": 2}
+          "time_budget": 90.0, "seed": 11, "checkpoint_every": 2, "snapshot_every": 5}
 
 
 def test_the_sample_covers_every_option():
