@@ -20,6 +20,7 @@ from cli.common import console, fail, usage_error
 from cli.options import parse_options, with_config_options
 from cli.progress import fmt
 from experiments.errors import ConfigError
+from experiments.stacks import DEFAULT_STACK_SIZE
 from experiments.store import SweepStore
 from experiments.sweep import (
     Sweep,
@@ -63,6 +64,10 @@ def sweep_command(
     scheduler: str | None = typer.Option(None, metavar="tcp://HOST:PORT", help="Run the trials on "
                                          "this Dask cluster (needs the dask extra).",
                                          rich_help_panel=SWEEP_RUN),
+    stack_size: int | None = typer.Option(None, min=1, help="Train up to N compatible MLP trials "
+                                          "(same data and steps) together as one computation; 1 "
+                                          "trains each alone \\[default: "
+                                          f"{DEFAULT_STACK_SIZE}].", rich_help_panel=SWEEP_RUN),
     retry_failed: bool = typer.Option(False, help="Run failed trials again.", rich_help_panel=SWEEP_RUN),
     force: bool = typer.Option(False, help="Replace a different sweep in --out (the trials the "
                                "two share are kept).", rich_help_panel=SWEEP_RUN),
@@ -85,7 +90,8 @@ def sweep_command(
     if dry_run:
         show_trials(definition, trials, out_dir)
         return
-    outcome = run_with_progress(definition, out_dir, workers, scheduler, retry_failed, force)
+    outcome = run_with_progress(definition, out_dir, workers, scheduler, retry_failed, force,
+                                stack_size)
     show_sweep_summary(definition, outcome)
     failed = outcome.count("failed")
     if failed:
@@ -93,12 +99,13 @@ def sweep_command(
              "--retry-failed runs them again")
 
 
-def run_with_progress(definition: Sweep, out_dir, workers, scheduler, retry_failed, force
-                      ) -> SweepOutcome:
+def run_with_progress(definition: Sweep, out_dir, workers, scheduler, retry_failed, force,
+                      stack_size=None) -> SweepOutcome:
     try:
         with SweepProgress(console) as progress:
             return run_sweep(definition, out_dir, workers=workers, scheduler=scheduler,
-                             retry_failed=retry_failed, force=force, callback=progress)
+                             retry_failed=retry_failed, force=force, callback=progress,
+                             stack_size=stack_size)
     except ConfigError as exc:
         raise usage_error(exc) from None
     except KeyboardInterrupt:

@@ -130,20 +130,25 @@ class TimeBudget(Callback):
 
 
 def estimate_epoch_seconds(net: Network, optimizer: Optimizer, X, y, X_val, batch_size: int,
-                           augment=None, probe_batches: int = 6) -> float:
+                           augment=None, probe_batches: int = 6, train_epoch=None) -> float:
     """Seconds one epoch (training plus validation) takes, from timing a few
-    batches on a copy of ``net``: the real network and optimizer are untouched."""
+    batches on a copy of ``net``: the real network and optimizer are untouched.
+    ``train_epoch(net, optimizer, X, y, batch_size)`` trains one epoch as the run
+    will (default: ``mlp.train.train``)."""
     import copy
 
     from mlp.train import train
+    if train_epoch is None:
+        def train_epoch(net, optimizer, X, y, batch_size):
+            train(net, optimizer, X, y, epochs=1, batch_size=batch_size, augment=augment)
     net, optimizer = copy.deepcopy(net), copy.deepcopy(optimizer)
     bs = len(X) if batch_size <= 0 else min(batch_size, len(X))
     batches_per_epoch = math.ceil(len(X) / bs)
     probe = min(probe_batches, batches_per_epoch)
     subset = slice(0, probe * bs)
-    train(net, optimizer, X[:bs], y[:bs], epochs=1, batch_size=bs, augment=augment)   # warm-up
+    train_epoch(net, optimizer, X[:bs], y[:bs], bs)   # warm-up
     started = time.perf_counter()
-    train(net, optimizer, X[subset], y[subset], epochs=1, batch_size=bs, augment=augment)
+    train_epoch(net, optimizer, X[subset], y[subset], bs)
     per_batch = (time.perf_counter() - started) / probe
     eval_seconds = 0.0
     if X_val is not None and len(X_val):

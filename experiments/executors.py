@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from experiments.config import TrainConfig
 from experiments.errors import ConfigError
-from experiments.runner import RunOutcome, best_metrics, run, snapshots_bytes
+from experiments.runner import RunOutcome, best_metrics, run, run_stack, snapshots_bytes
 
 # Workers are one process per core: each must use one BLAS thread or they
 # oversubscribe the cores. The variables are read when numpy loads, so they
@@ -34,21 +34,50 @@ def run_trial(config: dict) -> dict:
 
     Returns status (ok, diverged or failed), final_* and best_* metrics
     (``best_metrics``), epochs_run, seconds, error (``Type: message``, empty
-    unless failed), history (list of per-epoch dicts), model (``.npz`` bytes or
-    None) and snapshots (the bytes of a snapshots.npz, or None).
+    unless failed), history (the per-epoch dicts, a list or a ``History``),
+    model (``.npz`` bytes or None) and snapshots (the bytes of a snapshots.npz,
+    or None).
     """
     started = time.perf_counter()
     try:
-        outcome = run(TrainConfig.from_dict(config))
-        record = {"status": outcome.status, **outcome.final, **best_metrics(outcome.result),
-                  "epochs_run": outcome.result.epochs_run, "error": "",
-                  "history": outcome.result.history, "model": model_bytes(outcome),
-                  "snapshots": snapshots_bytes(outcome.result)}
+        record = outcome_record(run(TrainConfig.from_dict(config)))
     except Exception as exc:            # a failed trial is a result, not the end of the sweep
         record = {"status": "failed", "epochs_run": 0, "error": error_line(exc), "history": [],
                   "model": None}
     record["seconds"] = time.perf_counter() - started
     return record
+
+
+def outcome_record(outcome: RunOutcome) -> dict:
+    """The record of a trained trial (``run_trial``'s, but seconds)."""
+    return {"status": outcome.status, **outcome.final, **best_metrics(outcome.result),
+            "epochs_run": outcome.result.epochs_run, "error": "",
+            "history": outcome.result.history, "model": model_bytes(outcome),
+            "snapshots": snapshots_bytes(outcome.result)}
+
+
+def run_stack_trials(task: dict) -> list[dict]:
+    """Train the trials of one stack as one computation (``runner.run_stack``): ``task`` is
+    {"configs": resolved config dicts, "widths": padded hidden sizes, or None for a
+    trial that trains alone}. One ``run_trial`` record per trial, in order; each
+    trial's seconds are its share of the stack's. Never raises: when the stack
+    fails as a whole, its trials run again one by one, so a failure is a trial's own."""
+    configs, widths = task["configs"], task["widths"]
+    if widths is None and len(configs) == 1:
+        return [run_trial(configs[0])]
+    started = time.perf_counter()
+    try:
+        outcomes = run_stack([TrainConfig.from_dict(c) for c in configs], widths=widths)
+    except Exception:
+        return [run_trial(config) for config in configs]
+    shared = (time.perf_counter() - started - sum(o.seconds for o in outcomes)) / len(outcomes)
+    records = []
+    for outcome in outcomes:
+        own = time.perf_counter()
+        record = outcome_record(outcome)
+        record["seconds"] = outcome.seconds + shared + (time.perf_counter() - own)
+        records.append(record)
+    return records
 
 
 def error_line(exc: BaseException) -> str:
@@ -72,9 +101,11 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def execute(configs: list[dict], workers: int = 1, scheduler: str | None = None
+def execute(configs: list, workers: int = 1, scheduler: str | None = None, function=run_trial
             ) -> Iterator[tuple[int, dict]]:
-    """Run ``run_trial`` on each config; yield (index in ``configs``, record) as each finishes.
+    """Run ``function`` (``run_trial``, or ``run_stack_trials`` on stacks) on each config;
+    yield (index in ``configs``, its result) as each finishes. A backend's own
+    failure (a lost Dask worker) yields one failed record.
 
     ``scheduler``: a Dask scheduler address; else ``workers`` local processes,
     or 0 to run in this process, one after another.
@@ -84,11 +115,11 @@ def execute(configs: list[dict], workers: int = 1, scheduler: str | None = None
     if scheduler is None and workers == 0:
         with _one_blas_thread_here():
             for index, config in enumerate(configs):
-                yield index, run_trial(config)
+                yield index, function(config)
         return
     opener = dask_executor(scheduler) if scheduler else process_executor(min(workers, len(configs)))
     with opener as executor:       # on an early exit, the opener stops what is still queued
-        futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
+        futures = {executor.submit(function, config): i for i, config in enumerate(configs)}
         for future in as_completed(futures):
             yield futures[future], _result(future)
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 import csv
 import io
 
+from mlp.history import History
 from mlp.train import HISTORY_COLUMNS
 
 
-def history_csv(history: list[dict]) -> str:
+def history_csv(history) -> str:
+    """metrics.csv and curves/<trial>.csv: one row per epoch, floats written by repr.
+    ``history``: a list of per-epoch dicts or a ``History`` (the same text, faster)."""
+    if isinstance(history, History):
+        return history.to_csv()
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -25,8 +25,10 @@ from experiments.config import TrainConfig, format_hidden, format_option, resolv
 from experiments.datasets import Dataset, make_2d
 from experiments.errors import ConfigError
 from experiments.files import history_csv
+from experiments.stacks import stack_key
 from mlp.network import Network, atomic_write_bytes, build_mlp
-from mlp.optim import Schedule, make_optimizer
+from mlp.optim import Optimizer, Schedule, make_optimizer
+from mlp.stack_trainer import StackTrainer
 from mlp.train import Callback, Callbacks, EarlyStopping, Trainer, TrainResult
 
 SNAPSHOTS = "snapshots.npz"
@@ -95,17 +97,15 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
 
     With ``checkpoint`` (a path), progress is saved there every
     ``config.checkpoint_every`` epochs, and a checkpoint already there is
-    resumed, giving the numbers an uninterrupted run gives.
+    resumed, giving the numbers an uninterrupted run gives. An MLP on 2D data
+    trains as a stack of one (``run_stack``); ConvNets and image data through
+    ``Trainer``.
     """
     config = resolve(config)
     data = data if data is not None else load_data(config)
-    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
-    if checkpoint is not None and Path(checkpoint).exists():
-        net, state = load_checkpoint(checkpoint, optimizer)
-        if net.metadata.get("config") != config.to_dict():
-            raise ConfigError("resume", f"{checkpoint} belongs to a run with another config")
-    else:
-        net, state = build_network(config, data), TrainResult()
+    if trains_stacked(config):
+        return run_stack([config], data, callbacks=[callback], checkpoint=checkpoint)[0]
+    net, optimizer, state = start(config, data, checkpoint)
     augment = None
     if config.augment:
         from experiments.cifar10 import augment_flip_shift
@@ -133,6 +133,84 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
     trainer.train(epochs, iterations=iterations, max_epochs=max_epochs, callback=callbacks)
     seconds = time.perf_counter() - started
     return RunOutcome(config, net, state, final_metrics(net, data, state), seconds, data)
+
+
+def start(config: TrainConfig, data: Dataset, checkpoint: Path | None = None
+          ) -> tuple[Network, Optimizer, TrainResult]:
+    """The network, optimizer and progress a run starts from: new, or those of the
+    checkpoint already at ``checkpoint``."""
+    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
+    if checkpoint is not None and Path(checkpoint).exists():
+        net, state = load_checkpoint(checkpoint, optimizer)
+        if net.metadata.get("config") != config.to_dict():
+            raise ConfigError("resume", f"{checkpoint} belongs to a run with another config")
+    else:
+        net, state = build_network(config, data), TrainResult()
+    return net, optimizer, state
+
+
+def trains_stacked(config: TrainConfig) -> bool:
+    """Whether a resolved config trains through the stacked code: an MLP on 2D data. (An
+    MLP on CIFAR-10 gains nothing there: its products are large and already threaded.)"""
+    return not config.is_image and config.arch is None
+
+
+def run_stack(configs: list[TrainConfig], data: Dataset | None = None,
+              callbacks: list[Callback | None] | None = None, checkpoint: Path | None = None,
+              widths: tuple[int, ...] | None = None) -> list[RunOutcome]:
+    """Train several MLPs on 2D data as one stacked computation (``mlp.stack_trainer``), one
+    outcome per config, each with the numbers it has alone (see ``mlp.stack``).
+
+    ``configs`` share a ``stack_key``; a single config may also have a time budget,
+    a ``callback`` and a ``checkpoint`` (as ``run``). ``widths``: the hidden layers'
+    padded sizes (default: the largest of the stack).
+    """
+    configs = [resolve(c) for c in configs]
+    if not all(trains_stacked(c) for c in configs):
+        raise ValueError("only MLPs on 2D data train in a stack")
+    if len(configs) > 1 and (len({stack_key(c) for c in configs}) > 1 or stack_key(configs[0]) is None):
+        raise ValueError("these configs cannot share a stack (see experiments.stacks.stack_key)")
+    if checkpoint is not None and len(configs) > 1:
+        raise ValueError("a checkpoint belongs to a stack of one")
+    first = configs[0]
+    data = data if data is not None else load_data(first)
+    nets, optimizers, states = zip(*(start(c, data, checkpoint) for c in configs), strict=True)
+    n_batches = math.ceil(len(data.X_train) / (first.batch_size or len(data.X_train)))
+    epochs, iterations, max_epochs = first.epochs, first.iterations, None
+    if first.time_budget is not None:
+        per_epoch = estimate_epoch_seconds(nets[0], optimizers[0], data.X_train, data.y_train,
+                                           data.X_val, first.batch_size, train_epoch=_stack_epoch)
+        epochs, iterations = max(1, int(first.time_budget / per_epoch)), None
+        max_epochs = BUDGET_EPOCHS_LIMIT * epochs
+    progress = epochs if iterations is None else iterations / n_batches
+    trainer = StackTrainer(nets, optimizers, data.X_train, data.y_train, X_val=data.X_val,
+                           y_val=data.y_val, batch_size=first.batch_size,
+                           schedules=[make_schedule(c, progress) for c in configs],
+                           seeds=[c.seed for c in configs], patience=[c.patience for c in configs],
+                           snapshot_every=[c.snapshot_every for c in configs], states=states,
+                           widths=None if widths is None else
+                           (nets[0].layers[0].in_features, *widths, data.num_classes))
+    watching = []
+    for i, config in enumerate(configs):
+        watch = Callbacks(callbacks[i] if callbacks else None)
+        if config.time_budget is not None:
+            watch.callbacks.append(TimeBudget(config.time_budget, epochs, limit=max_epochs))
+        if checkpoint is not None and config.checkpoint_every:
+            watch.callbacks.append(Checkpointer(checkpoint, nets[i], optimizers[i], states[i],
+                                                config.checkpoint_every))
+        watching.append(watch if watch.callbacks else None)
+    started = time.perf_counter()
+    results = trainer.train(epochs, iterations=iterations, max_epochs=max_epochs, callbacks=watching)
+    seconds = time.perf_counter() - started
+    epochs_run = sum(r.epochs_run for r in results) or len(results)
+    return [RunOutcome(config, net, result, final_metrics(net, data, result),
+                       seconds * (result.epochs_run or 1) / epochs_run, data)   # the trial's share
+            for config, net, result in zip(configs, nets, results, strict=True)]
+
+
+def _stack_epoch(net, optimizer, X, y, batch_size):
+    """One epoch of a stack of one: what ``estimate_epoch_seconds`` times for ``run_stack``."""
+    StackTrainer([net], [optimizer], X, y, batch_size=batch_size).train(1)
 
 
 def final_metrics(net: Network, data: Dataset, result: TrainResult) -> dict:

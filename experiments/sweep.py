@@ -24,6 +24,7 @@ from typing import Any
 from experiments.config import OPTIONS, TrainConfig, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
 from experiments.errors import ConfigError
+from experiments.stacks import Stack, pack
 from experiments.store import SweepStore, trial_key
 
 if sys.version_info >= (3, 11):
@@ -375,9 +376,13 @@ def plan(sweep: Sweep, out: str | Path | None = None) -> tuple[list[Trial], Path
 
 def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | None = None,
               scheduler: str | None = None, retry_failed: bool = False, force: bool = False,
-              callback: SweepCallback | None = None) -> SweepOutcome:
-    """Run every trial of ``sweep`` not yet finished in ``out``; write rows as they finish."""
-    from experiments.executors import default_workers, execute
+              callback: SweepCallback | None = None, stack_size: int | None = None) -> SweepOutcome:
+    """Run every trial of ``sweep`` not yet finished in ``out``; write rows as they finish.
+
+    Compatible trials train together, up to ``stack_size`` in a stack
+    (``experiments.stacks``; None: the default, 1: each trial alone); the rows
+    of a stack are appended when it finishes, one per trial."""
+    from experiments.executors import default_workers, execute, run_stack_trials
 
     started = time.perf_counter()
     callback = callback or SweepCallback()
@@ -393,12 +398,22 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         todo = sorted((t for t in trials if t.key not in rows), key=lambda t: -_cost(t.config))
         callback.on_sweep_begin(len(trials), len(trials) - len(todo), len(todo), list(rows.values()))
         workers = default_workers() if workers is None else workers
-        results = execute([t.config.to_dict() for t in todo], workers, scheduler)
+        if stack_size == 1:
+            stacks = [Stack([t], None) for t in todo]
+            results = execute([t.config.to_dict() for t in todo], workers, scheduler)
+        else:
+            stacks = pack(trials, todo, stack_size, max(1, workers))
+            tasks = [{"configs": [t.config.to_dict() for t in s.trials], "widths": s.widths}
+                     for s in stacks]
+            results = execute(tasks, workers, scheduler, function=run_stack_trials)
         with contextlib.closing(results):      # an error here stops the workers too
-            for index, record in results:
-                row = store.append(todo[index], record)
-                rows[row["trial_key"]] = row
-                callback.on_trial_end(todo[index], row)
+            for index, result in results:
+                stack = stacks[index]
+                records = result if isinstance(result, list) else [result] * len(stack.trials)
+                for trial, record in zip(stack.trials, records, strict=True):
+                    row = store.append(trial, record)
+                    rows[row["trial_key"]] = row
+                    callback.on_trial_end(trial, row)
         store.write_summary([t.key for t in trials])
     return SweepOutcome(out, trials, {t.key: rows[t.key] for t in trials}, len(todo),
                         len(trials) - len(todo), time.perf_counter() - started)

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlp.history import HISTORY_COLUMNS  # noqa: F401  the record's fields, named here as ever
 from mlp.network import Network
 from mlp.optim import Optimizer, Schedule
 from mlp.parallel import single_blas_thread
-
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
 @dataclass(frozen=True)

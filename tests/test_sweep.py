@@ -68,6 +68,19 @@ def failing_run(bad_hidden):
     return run
 
 
+def break_trials(monkeypatch, bad_hidden):
+    """Trials of one hidden size fail, alone (runner.run) and in any stack that holds one
+    (runner.run_stack), whose trials then run again alone."""
+    real = executors.run_stack
+
+    def run_stack(configs, *args, **kwargs):
+        if any(config.hidden == bad_hidden for config in configs):
+            raise RuntimeError("boom")
+        return real(configs, *args, **kwargs)
+    monkeypatch.setattr(executors, "run", failing_run(bad_hidden))
+    monkeypatch.setattr(executors, "run_stack", run_stack)
+
+
 # ---- spec ----------------------------------------------------------------------
 def test_axis_values_take_the_train_option_types():
     grid = parse_grid(["hidden=3,6,20", "reg=1e-3,0.1", "activation=relu,tanh",
@@ -277,7 +290,7 @@ def test_a_directory_in_use_is_locked(tmp_path):
 
 # ---- failed and diverged trials --------------------------------------------------
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(executors, "run", failing_run([3]))
+    break_trials(monkeypatch, [3])
     result = invoke(*QUICK, "--out", tmp_path, "--workers", "0")
     assert result.exit_code == 1
     assert "4 trial(s) failed" in flat(result.output)
@@ -292,7 +305,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
 
 
 def test_failed_trials_rerun_only_with_retry_failed(tmp_path, monkeypatch):
-    monkeypatch.setattr(executors, "run", failing_run([3]))
+    break_trials(monkeypatch, [3])
     run_sweep(QUICK_SPEC, tmp_path, workers=0)
     monkeypatch.undo()                                   # the bug is fixed
     again = run_sweep(QUICK_SPEC, tmp_path, workers=0)
