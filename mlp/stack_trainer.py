@@ -60,9 +60,11 @@ class StackTrainer:
         count = len(nets)
         self.stack = MLPStack(nets, widths)
         dtype = self.stack.dtype
-        self.X, self.y = np.asarray(X).reshape(len(X), -1).astype(dtype, copy=False), np.asarray(y)
+        # [X, 1]: the form the stack's first layer takes, made once
+        self.X = self.stack.input(np.asarray(X).reshape(len(X), -1).astype(dtype, copy=False))
+        self.y = np.asarray(y)
         self.validate = X_val is not None and len(X_val) > 0
-        self.X_val = np.asarray(X_val).reshape(len(X_val), -1).astype(dtype, copy=False) \
+        self.X_val = self.stack.input(np.asarray(X_val).reshape(len(X_val), -1).astype(dtype, copy=False)) \
             if self.validate else None
         self.y_val = np.asarray(y_val) if self.validate else None
         n = len(self.X)
@@ -103,6 +105,8 @@ class StackTrainer:
                 for name, value in (r.best_params or {}).items():
                     self.stack.param_views(self.best_flat, i)[name][...] = value
         self.optimizer = self._stacked_optimizer()
+        self._progress = float(self.start_epoch)
+        self._spread()
         self._group_schedules()
 
     # ---- the optimizer -------------------------------------------------------------------
@@ -118,8 +122,9 @@ class StackTrainer:
                                  "may differ)")
         stacked = copy.copy(first)
         stacked.state = {}
+        self.mu = None
         if hasattr(first, "mu"):
-            stacked.mu = np.array([o.mu for o in self.optimizers], dtype=self.stack.dtype)[:, None]
+            self.mu = np.array([o.mu for o in self.optimizers], dtype=np.float64)
         if any(o.state for o in self.optimizers):
             slots = {}
             for i, o in enumerate(self.optimizers):
@@ -165,14 +170,27 @@ class StackTrainer:
             self._schedule_of.append(keys[key])
         self._schedule_of = np.array(self._schedule_of, dtype=np.intp)
         self._last_values = None
+        self._constant_lr = False
+        self._learning_rates(self._progress)
+        # constant schedules (and none) give every step the same lr: set once
+        self._constant_lr = all(not isinstance(s, Schedule) or s.kind == "constant"
+                                for s in self._unique_schedules)
 
     def _learning_rates(self, progress: float) -> np.ndarray:
+        """Every trial's lr ``progress`` epochs into its schedule: (T,)."""
+        self._progress = progress
         values = tuple(s(progress) if isinstance(s, Schedule) else s for s in self._unique_schedules)
         if values != self._last_values:
             self._last_values = values
             self.lr = np.array(values, dtype=np.float64)[self._schedule_of]
-            self.optimizer.lr = self.lr.astype(self.stack.dtype)[:, None]
+            self._spread()
         return self.lr
+
+    def _spread(self) -> None:
+        """The stacked optimizer's lr (and momentum) on every parameter, each its trial's."""
+        self.optimizer.lr = self.lr.astype(self.stack.dtype)[self.stack.trial_of]
+        if self.mu is not None:
+            self.optimizer.mu = self.mu.astype(self.stack.dtype)[self.stack.trial_of]
 
     # ---- one epoch -----------------------------------------------------------------------
     def _orders(self, epoch: int) -> np.ndarray:
@@ -185,8 +203,9 @@ class StackTrainer:
 
     def run_epoch(self, epoch: int, max_iterations: float = math.inf) -> dict | None:
         """One pass over the training set (0-based ``epoch``) for every trial in the stack:
-        the epoch's record as (T,) arrays, or None when no batch ran or no trial is left.
-        Trials whose loss runs away leave the stack on the spot (``status`` diverged)."""
+        the epoch's record as (T,) arrays (a number where all trials share it), or None
+        when no batch ran or no trial is left. Trials whose loss runs away leave the
+        stack on the spot (``status`` diverged)."""
         started = time.perf_counter()
         stack, n, bs, batches = self.stack, len(self.X), self.batch_size, self.batches_per_epoch
         in_stack = stack.size
@@ -195,7 +214,6 @@ class StackTrainer:
             seeds = self.seeds.tolist()
             stack.reseed(lambda i, layer: epoch_rng(seeds[i], epoch, 2 + layer))
         loss_sum, correct, seen = np.zeros(in_stack), np.zeros(in_stack, dtype=np.int64), 0
-        watched = self._watched()
         for b in range(batches):
             if self.iterations >= max_iterations:
                 break
@@ -204,12 +222,14 @@ class StackTrainer:
             else:
                 rows = order[:, b * bs:(b + 1) * bs]
                 xb, yb = self.X[rows], self.y[rows]
-            self._learning_rates(epoch + b / batches)
+            if not self._constant_lr:
+                self._learning_rates(epoch + b / batches)
             loss, scores = stack.loss_and_scores(xb, yb, train=True)
-            unset = ~self.has_first
-            if unset.any():
-                self.first_loss[unset], self.has_first[unset] = loss[unset], True
-            runaway = ~np.isfinite(loss) | (loss > RUNAWAY_FACTOR * np.maximum(self.first_loss, 1e-12))
+            if self._runaway_loss is None:            # the first step: every trial's first loss
+                self._first_losses(loss)
+            # is_runaway, per trial: NaN, infinite, or over RUNAWAY_FACTOR x the first loss
+            # (a loss is never below zero, so "not <=" says all three)
+            runaway = ~(loss <= self._runaway_loss)
             if runaway.any():
                 keep = np.flatnonzero(~runaway)
                 self._finish(np.flatnonzero(runaway), status="diverged")
@@ -218,29 +238,38 @@ class StackTrainer:
                 loss, scores, loss_sum, correct = loss[keep], scores[keep], loss_sum[keep], correct[keep]
                 if order is not None:
                     order, yb = order[keep], yb[keep]
-                watched = self._watched()
             self.optimizer.step({_STATE: stack.flat}, {_STATE: stack.flat_grad})
             self.iterations += 1
             samples = yb.shape[-1]
             loss_sum += loss * samples
             correct += np.count_nonzero(scores.argmax(axis=2) == yb, axis=1)
             seen += samples
-            for i in watched:
+            for i in self._watching:
                 self.callbacks[self.ids[i]].on_batch_end(epoch, b, batches, samples, float(loss[i]))
         if seen == 0:
             return None
         record = {"train_loss": loss_sum / seen, "train_acc": correct / seen,
-                  "val_loss": np.full(stack.size, math.nan), "val_acc": np.full(stack.size, math.nan),
-                  "lr": self.lr.copy()}
+                  "val_loss": math.nan, "val_acc": math.nan, "lr": self.lr}
         if self.validate:
             record["val_loss"], record["val_acc"] = stack.evaluate(self.X_val, self.y_val,
                                                                    self.eval_batch_size)
-        # each trial's share of the stack's time
-        record["seconds"] = np.full(stack.size, (time.perf_counter() - started) / in_stack)
+        record["seconds"] = (time.perf_counter() - started) / in_stack   # each trial's share
         return record
 
-    def _watched(self) -> list[int]:
-        return [i for i, trial in enumerate(self.ids) if self.callbacks[trial] is not None]
+    def _first_losses(self, loss: np.ndarray) -> None:
+        unset = ~self.has_first
+        self.first_loss[unset], self.has_first[unset] = loss[unset], True
+        self._runaway_loss = RUNAWAY_FACTOR * np.maximum(self.first_loss, 1e-12)
+
+    def _positions(self) -> None:
+        """What depends on which trials are in the stack: the positions of the trials
+        with callbacks; whether any takes snapshots or stops early."""
+        self._watching = [i for i, trial in enumerate(self.ids) if self.callbacks[trial] is not None]
+        self._any_snapshots = bool(self.snapshot_every.any())
+        self._any_early = bool(np.isfinite(self.patience).any())
+        self._no_trial = np.zeros(self.stack.size, dtype=bool)
+        self._runaway_loss = None if not self.has_first.all() else \
+            RUNAWAY_FACTOR * np.maximum(self.first_loss, 1e-12)
 
     # ---- training ------------------------------------------------------------------------
     @np.errstate(over="ignore", invalid="ignore", divide="ignore")   # runaways are detected
@@ -252,6 +281,7 @@ class StackTrainer:
         callback may re-plan it up to ``max_epochs``, its schedule's end moving with it.
         Returns the trials' TrainResults, in the order of the networks."""
         self.callbacks = list(callbacks) if callbacks is not None else [None] * len(self.results)
+        self._positions()
         if iterations is not None:
             epochs = math.ceil(iterations / self.batches_per_epoch)
         self.limit = max(epochs, max_epochs or 0)
@@ -267,9 +297,8 @@ class StackTrainer:
         if epoch == 0:
             self._snapshot(0)
         while self.stack.size:
-            done = np.flatnonzero(epoch >= np.minimum(self.plan, self.limit))
-            if done.size:
-                self._finish(done)
+            if epoch >= min(int(self.plan.min()), self.limit):
+                self._finish(np.flatnonzero(epoch >= np.minimum(self.plan, self.limit)))
                 if not self.stack.size:
                     break
             record = self.run_epoch(epoch, max_iterations)
@@ -288,23 +317,25 @@ class StackTrainer:
             self._table[name][epoch - self.start_epoch, ids] = record[name]
         self._recorded[ids] += 1
         val_loss, val_acc = record["val_loss"], record["val_acc"]
-        broken = np.zeros(len(ids), dtype=bool)
+        broken = self._no_trial
         if self.validate:
             broken = ~np.isfinite(val_loss)
             better = (val_acc > self.best_val_acc) & ~broken        # NaN is never better
             self.best_epoch[better] = done
             self.best_val_acc[better], self.best_val_loss[better] = val_acc[better], val_loss[better]
         self._snapshot(done)
-        stop = np.zeros(len(ids), dtype=bool)
+        stop = self._no_trial
         early = np.isfinite(self.patience)
-        if early.any():
-            improved = np.flatnonzero(early & (self.best_epoch == done))
-            self.best_flat[improved] = self.stack.flat[improved]
+        if self._any_early:
+            improved = early & (self.best_epoch == done)
+            if improved.any():
+                self.stack.copy_rows(self.best_flat, self.stack.flat, np.flatnonzero(improved))
             stop = early & (self.best_epoch > 0) & (done - self.best_epoch >= self.patience)
         replanned = False
-        for i in self._watched():
+        for i in self._watching:
             trial = ids[i]
-            row = {"epoch": done, **{name: float(record[name][i]) for name in _RECORD_FIELDS}}
+            row = {"epoch": done, **{name: float(np.broadcast_to(record[name], ids.shape)[i])
+                                     for name in _RECORD_FIELDS}}
             result = self.results[trial]
             result.history.append(row)
             self._sync(i, status="diverged" if broken[i] else "ok")
@@ -317,13 +348,16 @@ class StackTrainer:
                     self.schedules[trial].total = int(self.plan[i])
                     replanned = True
                 self.callbacks[trial].on_plan(int(self.plan[i]))
-            stop[i] |= decision.stop
+            if decision.stop:
+                stop = stop | (np.arange(len(ids)) == i)
         if replanned:
             self._group_schedules()
-        stop &= ~broken
-        for i in np.flatnonzero(stop):
-            if self.best_flat is not None and self.best_epoch[i] > 0 and early[i]:
-                self.stack.flat[i] = self.best_flat[i]
+        stop = stop & ~broken
+        if not (stop.any() or broken.any()):
+            return
+        restore = np.flatnonzero(stop & early & (self.best_epoch > 0))
+        if restore.size:
+            self.stack.copy_rows(self.stack.flat, self.best_flat, restore)
         ending = np.flatnonzero(broken | stop)
         if ending.size:
             self._finish(ending, status=np.where(broken[ending], "diverged", "ok").tolist(),
@@ -332,6 +366,8 @@ class StackTrainer:
     def _snapshot(self, epoch: int) -> None:
         """Copies of the parameters of the trials that keep one after ``epoch`` epochs."""
         every = self.snapshot_every
+        if not self._any_snapshots:
+            return
         for i in np.flatnonzero((every > 0) & (epoch % np.maximum(every, 1) == 0)):
             net = self.nets[self.ids[i]]
             self.results[self.ids[i]].snapshots.append((epoch, {k: v.copy() for k, v in net.params.items()}))
@@ -367,21 +403,23 @@ class StackTrainer:
             result.stopped_early = result.stopped_early or stopped
             self.optimizers[trial].lr = float(self.lr[i])
         keep = np.setdiff1d(np.arange(self.stack.size), positions)
-        self.stack.keep(keep)
-        for name, value in self.optimizer.state.get(_STATE, {}).items():
+        slots = self.optimizer.state.get(_STATE, {})
+        for name, value in slots.items():
             if value.ndim:
-                self.optimizer.state[_STATE][name] = value[keep]
+                slots[name] = self.stack.take(value, keep)
+        if self.best_flat is not None:
+            self.best_flat = self.stack.take(self.best_flat, keep)
+        self.stack.keep(keep)
         for name in ("ids", "seeds", "snapshot_every", "patience", "first_loss", "has_first",
                      "best_epoch", "best_val_acc", "best_val_loss", "lr"):
             setattr(self, name, getattr(self, name)[keep])
         if hasattr(self, "plan"):
             self.plan = self.plan[keep]
-        if self.best_flat is not None:
-            self.best_flat = self.best_flat[keep]
-        self.optimizer.lr = self.lr.astype(self.stack.dtype)[:, None]
-        if hasattr(self.optimizer, "mu"):
-            self.optimizer.mu = self.optimizer.mu[keep]
+        if self.mu is not None:
+            self.mu = self.mu[keep]
+        self._spread()
         self._group_schedules()
+        self._positions()
 
     def _history(self, trial: int, before) -> History:
         """Trial ``trial``'s records: those it had before this run, then the table's."""
