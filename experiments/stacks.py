@@ -48,7 +48,10 @@ def stack_key(config: TrainConfig) -> tuple | None:
 
 def trial_cost(config: TrainConfig, hidden: tuple[int, ...] | None = None) -> float:
     """A trial's work in arbitrary units, for packing and ordering: steps times the
-    parameters and hidden units each training example passes through."""
+    parameters and hidden units each training example passes through (image trials
+    count as far more than any 2D one, which they are)."""
+    if config.is_image or config.hidden is None:
+        return (config.epochs or 1) * (config.limit or 50_000) * 1e6
     sizes = (2, *(hidden if hidden is not None else config.hidden), config.classes)
     per_example = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=False)) + 8 * sum(sizes[1:-1])
     examples = (config.points or 1) * config.classes

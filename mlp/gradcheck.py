@@ -87,6 +87,21 @@ def check_network(net: Network, X: np.ndarray, y: np.ndarray, h: float = 1e-5) -
             for name, p in net.params.items()}
 
 
+def check_stack(stack, X: np.ndarray, y: np.ndarray, before_forward=None, h: float = 1e-5) -> float:
+    """Relative error of a stack's gradient on every trial's parameters, padded units
+    included (``mlp.stack.MLPStack``): the function checked is the sum of the trials'
+    losses (data + L2), each trial's loss depending on its own parameters alone.
+    ``before_forward`` resets the trials' dropout generators before every forward."""
+    def total_loss():
+        if before_forward:
+            before_forward(stack)
+        return float(np.sum(stack.loss_and_scores(X, y, train=True)[0]))
+
+    total_loss()
+    analytic = stack.flat_grad.copy()
+    return rel_error(analytic, numerical_gradient(total_loss, stack.flat, h))
+
+
 @dataclass
 class CheckResult:
     name: str
@@ -139,5 +154,15 @@ def run_all_checks(seed: int = 0) -> list[CheckResult]:
                 errors = check_network(net, X, y)
                 results.append(CheckResult(f"MLP 3-6-5-3 {activation}, {loss}, reg={reg}",
                                            "network", max(errors.values())))
+    from mlp.stack import MLPStack
+    for activation in ("relu", "sigmoid"):
+        nets = [build_mlp(3, hidden, 3, activation=activation, reg=reg, dropout=p, seed=seed + i)
+                for i, (hidden, reg, p) in enumerate([([6, 5], 0.1, 0.0), ([4, 5], 0.0, 0.3),
+                                                      ([6, 2], 0.05, 0.0)])]
+        nets[1].label_smoothing = 0.1
+        stack = MLPStack(nets)
+        error = check_stack(stack, X, y, before_forward=lambda s: s.reseed(
+            lambda t, layer: np.random.default_rng([t, layer])))
+        results.append(CheckResult(f"stack of 3 MLPs padded to 3-6-5-3, {activation}", "network", error))
     return results
 

@@ -7,6 +7,7 @@ array per column and reads like the list of dicts it stands for.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,7 +38,11 @@ class History(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = range(len(self))[index]           # negative indices; IndexError past the end
-        return {name: column[index].item() for name, column in self.columns.items()}
+        record = {name: column[index].item() for name, column in self.columns.items()}
+        for name, value in record.items():
+            if value != value:      # NaN: the solo loop's math.nan, so records compare equal
+                record[name] = math.nan
+        return record
 
     def __eq__(self, other):
         if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):

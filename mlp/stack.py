@@ -383,7 +383,8 @@ class MLPStack:
         if kind == "relu":
             # dout * (x > 0), and x > 0 where the ReLU's output is (after dropout too, which
             # zeroed dout where it zeroed the output); the extra column stays 0
-            return np.multiply(dout1, np.greater(self._inputs[k + 1], 0), out=dout1)[..., :-1]
+            mask = np.greater(self._inputs[k + 1], 0, out=self._buffer("mask", k, dout1.shape[:2], 1.0))
+            return np.multiply(dout1, mask, out=dout1)[..., :-1]     # 1.0 or 0.0, as True or False
         dout = dout1[..., :-1]
         if kind == "leaky_relu":
             return np.where(self._act_masks[k], dout, self.alpha * dout)
@@ -393,11 +394,14 @@ class MLPStack:
         return dout * out * (1 - out)
 
     # ---- losses ----------------------------------------------------------------------
-    def data_loss(self, scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-trial mean loss (T,) and dscores (T, N, C); y: (N,) or (T, N)."""
+    def data_loss(self, scores: np.ndarray, y: np.ndarray, gradient: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-trial mean loss (T,) and dscores (T, N, C) (None without ``gradient``);
+        y: (N,) or (T, N)."""
         if self.loss_name == "softmax":
-            return softmax_cross_entropy(scores, y, self.label_smoothing if self.any_smoothing else None)
-        return svm_hinge(scores, y)
+            return softmax_cross_entropy(scores, y, self.label_smoothing if self.any_smoothing else None,
+                                         gradient)
+        return svm_hinge(scores, y, gradient=gradient)
 
     def reg_loss(self) -> np.ndarray:
         """0.5 * reg * sum(W**2) over every weight, per trial: (T,). Each weight's sum of
@@ -432,7 +436,7 @@ class MLPStack:
                  ) -> tuple[np.ndarray, np.ndarray]:
         """(loss including L2, accuracy) per trial, in evaluation mode: two (T,) arrays."""
         scores = self.scores(X, batch_size)
-        loss, _ = self.data_loss(scores, y)
+        loss, _ = self.data_loss(scores, y, gradient=False)
         return loss + self.reg_loss(), np.count_nonzero(scores.argmax(axis=2) == y, axis=1) / len(y)
 
 
@@ -480,28 +484,33 @@ def by_rows(op, a: np.ndarray, column: np.ndarray, out: np.ndarray) -> np.ndarra
     return out
 
 
-def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray, label_smoothing: np.ndarray | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray, label_smoothing: np.ndarray | None = None,
+                          gradient: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """``mlp.losses.softmax_cross_entropy`` of every trial: scores (T, N, C), y (N,) or
-    (T, N), label_smoothing (T,) or None -> loss (T,), dscores (T, N, C)."""
+    (T, N), label_smoothing (T,) or None -> loss (T,), dscores (T, N, C) (or None
+    without ``gradient``: the same loss, fewer passes)."""
     t, n, c = scores.shape
     shifted = by_rows(np.subtract, scores, row_max(scores), np.empty_like(scores))
     probs = np.exp(shifted)
     sums = row_sum(probs)
-    by_rows(np.divide, probs, sums, probs)
+    if gradient:
+        by_rows(np.divide, probs, sums, probs)
     log_probs = by_rows(np.subtract, shifted, np.log(sums), shifted)
     pick = _picks(scores, y)
     flat_probs = probs.reshape(-1)
     loss = -log_probs.reshape(-1).take(pick).sum(axis=1).astype(np.float64) / n   # float(sum) / n
+    if not gradient:
+        if label_smoothing is not None:
+            for i in np.flatnonzero(label_smoothing):
+                loss[i] = -float(np.vdot(_smoothed_target(label_smoothing[i], y if y.ndim == 1 else y[i],
+                                                          n, c, scores.dtype), log_probs[i])) / n
+        return loss, None
     if label_smoothing is None or not label_smoothing.any():
         np.put(flat_probs, pick, flat_probs.take(pick) - 1)
     else:
         # rare in a stack: the smoothed trials one by one, as the solo loss takes them
-        rows = np.arange(n)
         for i in np.flatnonzero(label_smoothing):
-            e, yi = label_smoothing[i], (y if y.ndim == 1 else y[i])
-            target = np.full((n, c), e / c, dtype=scores.dtype)
-            target[rows, yi] += 1.0 - e
+            target = _smoothed_target(label_smoothing[i], y if y.ndim == 1 else y[i], n, c, scores.dtype)
             loss[i] = -float(np.vdot(target, log_probs[i])) / n
             probs[i] -= target
         plain = pick[label_smoothing == 0]
@@ -510,7 +519,15 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray, label_smoothing: np
     return loss, probs
 
 
-def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def _smoothed_target(e: float, y: np.ndarray, n: int, c: int, dtype) -> np.ndarray:
+    """(1 - e) * onehot(y) + e / c, as the solo loss builds it: (n, c)."""
+    target = np.full((n, c), e / c, dtype=dtype)
+    target[np.arange(n), y] += 1.0 - e
+    return target
+
+
+def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0, gradient: bool = True
+              ) -> tuple[np.ndarray, np.ndarray | None]:
     """``mlp.losses.svm_hinge`` of every trial: scores (T, N, C), y (N,) or (T, N)."""
     t, n, _ = scores.shape
     pick = _picks(scores, y)
@@ -518,6 +535,8 @@ def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0) -> tuple[n
     margins = np.maximum(0, by_rows(np.subtract, scores, true, np.empty_like(scores)) + margin)
     np.put(margins.reshape(-1), pick, 0)
     loss = margins.reshape(t, -1).sum(axis=1).astype(np.float64) / n
+    if not gradient:
+        return loss, None
     dscores = (margins > 0).astype(scores.dtype)
     np.put(dscores.reshape(-1), pick, -row_sum(dscores)[:, :, 0])
     dscores /= n

@@ -408,3 +408,88 @@ def test_a_sweep_of_nnx_0_1_resumes_with_its_rows_carried_over(tmp_path):
     fresh = tmp_path / "fresh"
     assert invoke("--config", old / "sweep.toml", "--out", fresh, "--workers", 0).exit_code == 0
     assert numbers(fresh) == numbers(old)
+
+
+# ---- stacks ----------------------------------------------------------------------
+# hidden 3 and 5 share a width group (3 is padded to 5); 20 trains unpadded
+STACKED = ["--grid", "hidden=3,5,20", "--grid", "reg=0.001,0.1", "--seeds", "0-2", "--grid",
+           "lr=0.5,1", "--epochs", "40", "--points", "30", "--val-size", "0.2", "--batch-size", "16",
+           "--dropout", "0.1", "--patience", "15"]
+
+
+def test_a_stacked_sweep_gives_the_numbers_of_trials_run_one_by_one(tmp_path):
+    """Every trial's row and curve from stacks equal those of --stack-size 1: bit for bit for
+    trials as wide as their stack, to 1e-10 of the array's magnitude for padded ones."""
+    from helpers import assert_close
+
+    from experiments.stacks import width_groups
+    from experiments.sweep import plan
+    assert invoke(*STACKED, "--out", tmp_path / "one", "--workers", "0", "--stack-size", "1").exit_code == 0
+    result = invoke(*STACKED, "--out", tmp_path / "stacked", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    trials, _ = plan(build_sweep(["hidden=3,5,20", "reg=0.001,0.1", "lr=0.5,1"], "0-2",
+                                 fixed={"epochs": 40, "points": 30, "val_size": 0.2, "batch_size": 16,
+                                        "dropout": 0.1, "patience": 15}))
+    padded = {t.key for t, widths in ((t, width_groups(trials)[t.key]) for t in trials)
+              if tuple(t.config.hidden) != widths}
+    assert len(padded) == 12 and len(trials) == 36
+    one = pd.read_csv(tmp_path / "one" / "results.csv").set_index("trial_key")
+    stacked = pd.read_csv(tmp_path / "stacked" / "results.csv").set_index("trial_key")
+    assert sorted(one.index) == sorted(stacked.index)
+    stacked = stacked.loc[one.index]
+    assert (one["status"] == stacked["status"]).all() and (one["epochs_run"] == stacked["epochs_run"]).all()
+    assert (stacked["epochs_run"] < 40).any()                      # some stopped early
+    for key in one.index:
+        a = pd.read_csv(tmp_path / "stacked" / "curves" / f"{key}.csv").drop(columns="seconds")
+        b = pd.read_csv(tmp_path / "one" / "curves" / f"{key}.csv").drop(columns="seconds")
+        metrics = [*FINAL_COLUMNS]
+        if key in padded:
+            assert_close(stacked.loc[key, metrics].to_numpy(float), one.loc[key, metrics].to_numpy(float),
+                         1e-10)
+            assert_close(a.to_numpy(float), b.to_numpy(float), 1e-10)
+        else:
+            assert (stacked.loc[key, metrics] == one.loc[key, metrics]).all(), key
+            pd.testing.assert_frame_equal(a, b)
+    models = [Network.load(tmp_path / d / "models" / f"{key}.npz") for d in ("one", "stacked")
+              for key in [one.index[0]]]
+    for name in models[0].params:
+        assert_close(models[1].params[name], models[0].params[name], 1e-10)
+
+
+def test_stacks_are_planned_from_the_whole_sweep_not_from_what_is_left():
+    """A trial's padded width depends on the sweep's trials alone: a resumed sweep, another
+    stack size or another number of workers pads it the same, so it gets the same bits."""
+    from experiments.stacks import pack, width_groups
+    trials = expand(build_sweep(["hidden=3,4,5,50,60,200", "reg=0.001,0.1"], "0-3",
+                                fixed={"epochs": 30, "points": 30}))
+    widths = width_groups(trials)
+    assert {widths[t.key] for t in trials if t.config.hidden == [3]} == {(5,)}      # 3, 4, 5 share
+    assert {widths[t.key] for t in trials if t.config.hidden == [200]} == {(200,)}  # alone
+    for todo, size, workers in ((trials, None, 1), (trials[5:17], 4, 2), (trials[::3], 2, 8)):
+        for stack in pack(trials, todo, size, workers):
+            assert all(widths[t.key] == stack.widths for t in stack.trials)
+            assert len(stack.trials) <= (size or 32)
+        assert sorted(t.key for s in pack(trials, todo, size, workers) for t in s.trials) == \
+            sorted(t.key for t in todo)
+    assert all(len(s.trials) == 1 and s.widths is None for s in pack(trials, trials, 1, 2))
+
+
+def test_trials_that_cannot_share_a_stack_train_alone():
+    from experiments.stacks import pack, stack_key
+    trials = expand(build_sweep(["time_budget=5,9"], "0-1", fixed={"epochs": 30}))
+    assert all(stack_key(t.config) is None for t in trials)
+    assert [s.widths for s in pack(trials, trials)] == [None] * 4
+    images = expand(build_sweep(["reg=0.1,0.2"], fixed={"data": "cifar10"}))
+    assert [s.widths for s in pack(images, images)] == [None, None]
+    mixed = expand(build_sweep(["optimizer=sgd,adam", "hidden=8,8x8"], "0-1", fixed={"epochs": 30}))
+    assert all(len({(t.config.optimizer, len(t.config.hidden)) for t in s.trials}) == 1
+               for s in pack(mixed, mixed))
+
+
+def test_stack_size_is_a_sweep_option(tmp_path):
+    result = invoke(*QUICK, "--out", tmp_path, "--stack-size", "0")
+    assert result.exit_code == 2 and "--stack-size" in flat(result.output)
+    result = invoke(*QUICK, "--out", tmp_path, "--workers", "0", "--stack-size", "3")
+    assert result.exit_code == 0, result.output
+    assert "8 trials: 8 ok" in flat(result.output)
+    assert "stack_size" not in (tmp_path / "sweep.toml").read_text()
