@@ -20,7 +20,6 @@ from cli.common import console, fail, usage_error
 from cli.options import parse_options, with_config_options
 from cli.progress import fmt
 from experiments.errors import ConfigError
-from experiments.stacks import DEFAULT_STACK_SIZE
 from experiments.store import SweepStore
 from experiments.sweep import (
     Sweep,
@@ -66,8 +65,8 @@ def sweep_command(
                                          rich_help_panel=SWEEP_RUN),
     stack_size: int | None = typer.Option(None, min=1, help="Train up to N compatible MLP trials "
                                           "(same data and steps) together as one computation; 1 "
-                                          "trains each alone \\[default: "
-                                          f"{DEFAULT_STACK_SIZE}].", rich_help_panel=SWEEP_RUN),
+                                          "trains each alone \\[default: as many as fit in cache, "
+                                          "up to 64].", rich_help_panel=SWEEP_RUN),
     retry_failed: bool = typer.Option(False, help="Run failed trials again.", rich_help_panel=SWEEP_RUN),
     force: bool = typer.Option(False, help="Replace a different sweep in --out (the trials the "
                                "two share are kept).", rich_help_panel=SWEEP_RUN),

@@ -32,10 +32,13 @@ SHARED_OPTIONS = ("data", "points", "classes", "noise", "val_size", "data_seed",
                   "batch_size")
 GROUP_TRIALS = 32        # a width group of this many trials is not merged with its neighbours
 MAX_PADDING = 0.25       # the most work padding may add to a width group
-# Measured (bench/bench_sweep.py --stack-sizes): per trial, stacks of 16-64 of the default
-# sweep's nets train at the same speed within noise; fewer trials pay Python's overhead,
-# more do not fit in cache.
-DEFAULT_STACK_SIZE = 32
+# The default stack size follows the activations' size: a stack whose hidden activations
+# take about STACK_BYTES per layer stays in cache, and no more than MAX_STACK trials share
+# one. Measured (bench/bench_sweep.py --stack-sizes, spiral, 240 training points): per
+# trial, 2-100-3 nets trained fastest in stacks of 8-16 (2.3 MiB), slower from 32 on;
+# 2-3-3 and 2-20-3 nets kept gaining up to 64.
+STACK_BYTES = 2 << 20
+MAX_STACK = 64
 BALANCE = 2              # at least this many stacks per worker, when the trials allow
 
 
@@ -113,12 +116,20 @@ def _assign(widths: dict, group: list[tuple], sizes: dict) -> None:
             widths[trial.key] = padded
 
 
+def auto_stack_size(config: TrainConfig, widths: tuple[int, ...]) -> int:
+    """How many trials of these padded widths share a stack by default: as many as keep a
+    hidden layer's activations for the batch (or the validation split) near STACK_BYTES."""
+    examples = (config.points or 1) * config.classes
+    rows = min(config.batch_size or examples, examples)
+    per_trial = 8 * rows * (max(widths, default=0) + 1)
+    return max(1, min(MAX_STACK, STACK_BYTES // per_trial))
+
+
 def pack(trials: list, todo: list, stack_size: int | None = None, workers: int = 1) -> list[Stack]:
     """The stacks that train ``todo`` (trials of the sweep ``trials``), costliest first.
-    ``stack_size`` 1 runs every trial alone (as nnx did before stacks); None picks
-    ``DEFAULT_STACK_SIZE``."""
-    size = DEFAULT_STACK_SIZE if stack_size is None else max(1, stack_size)
-    if size == 1:
+    ``stack_size`` 1 runs every trial alone (as nnx did before stacks); None sizes each
+    stack by ``auto_stack_size``."""
+    if stack_size == 1:
         stacks = [Stack([t], None) for t in todo]
     else:
         widths = width_groups(trials)
@@ -134,6 +145,7 @@ def pack(trials: list, todo: list, stack_size: int | None = None, workers: int =
         stacks = alone
         for (_, padded), members in groups.items():
             cost = sum(trial_cost(t.config, padded) for t in members)
+            size = stack_size or auto_stack_size(members[0].config, padded)
             count = max(math.ceil(len(members) / size), min(len(members), math.ceil(cost / share)))
             for i in range(count):                      # contiguous runs, as even as they come
                 stacks.append(Stack(members[i * len(members) // count:(i + 1) * len(members) // count],

@@ -200,6 +200,8 @@ class MLPStack:
         # each trial's W as one row-major row (T, fan_in * fan_out), for L2's sums of squares
         self.weight_rows = [block.reshape(t, (fan_in + 1) * fan_out)[:, :fan_in * fan_out]
                             for block, (fan_in, fan_out) in zip(self.param_blocks, self.shapes, strict=True)]
+        self.weight_pairs = [(w[:, None, :], w[:, :, None]) for w in self.weight_rows]   # w w^T
+        self.half_reg = 0.5 * reg
         self.W = [block[:, :-1] for block in self.param_blocks]
         self.b = [block[:, -1:] for block in self.param_blocks]
         self.dW = [block[:, :-1] for block in self.grad_blocks]
@@ -409,10 +411,10 @@ class MLPStack:
         if not self.any_reg:
             return np.zeros(self.size)
         total = 0
-        for w in self.weight_rows:
+        for row, column in self.weight_pairs:
             # float() of each dot in the solo sum: added in float64 whatever the dtype
-            total = total + np.matmul(w[:, None, :], w[:, :, None])[:, 0, 0].astype(np.float64)
-        loss = 0.5 * self.reg * total
+            total = total + np.matmul(row, column)[:, 0, 0].astype(np.float64, copy=False)
+        loss = self.half_reg * total
         return loss if self.all_reg else np.where(self.reg == 0, 0.0, loss)
 
     def loss_and_scores(self, X: np.ndarray, y: np.ndarray, train: bool = True
@@ -437,19 +439,32 @@ class MLPStack:
         """(loss including L2, accuracy) per trial, in evaluation mode: two (T,) arrays."""
         scores = self.scores(X, batch_size)
         loss, _ = self.data_loss(scores, y, gradient=False)
-        return loss + self.reg_loss(), np.count_nonzero(scores.argmax(axis=2) == y, axis=1) / len(y)
+        return loss + self.reg_loss(), np.add.reduce(scores.argmax(axis=2) == y, axis=1) / len(y)
+
+
+_last_picks: list = [None, None, None]       # (shape, y, picks) of the last shared y
 
 
 def _picks(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The flat index of each row's true class: scores.reshape(-1)[_picks(scores, y)] is
     (T, N), C-ordered, so that its sum over N is numpy's pairwise sum of a contiguous row,
-    as the solo loss sums it. y: (N,) or (T, N)."""
+    as the solo loss sums it. y: (N,) or (T, N). A full batch's y, the same array every
+    step, has its indices made once."""
     t, n, c = scores.shape
-    return (np.arange(t)[:, None] * n + np.arange(n)) * c + y
+    shape, last_y, picks = _last_picks
+    if y is last_y and shape == scores.shape:
+        return picks
+    picks = (np.arange(t)[:, None] * n + np.arange(n)) * c + y
+    if y.ndim == 1:
+        _last_picks[:] = [scores.shape, y, picks]
+    return picks
 
 
 # numpy sums a row of fewer numbers than this left to right (longer rows pairwise)
 SEQUENTIAL_SUM = 8
+# rows (T * N) from which by_rows works column by column: below, the per-row loop is cheaper
+# than a call per class (measured: about even near 2,000 rows of 3 classes)
+BY_ROWS = 4096
 
 
 def row_max(a: np.ndarray) -> np.ndarray:
@@ -477,7 +492,7 @@ def row_sum(a: np.ndarray) -> np.ndarray:
 def by_rows(op, a: np.ndarray, column: np.ndarray, out: np.ndarray) -> np.ndarray:
     """op(a, column, out=out) for a: (T, N, C) and column: (T, N, 1); many rows of a few
     classes go column by column (broadcast along a short axis, the ufunc loops once per row)."""
-    if a.shape[2] >= SEQUENTIAL_SUM or a.shape[0] * a.shape[1] < 4096:
+    if a.shape[2] >= SEQUENTIAL_SUM or a.shape[0] * a.shape[1] < BY_ROWS:
         return op(a, column, out=out)
     for j in range(a.shape[2]):
         op(a[:, :, j], column[:, :, 0], out=out[:, :, j])
@@ -498,7 +513,7 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray, label_smoothing: np
     log_probs = by_rows(np.subtract, shifted, np.log(sums), shifted)
     pick = _picks(scores, y)
     flat_probs = probs.reshape(-1)
-    loss = -log_probs.reshape(-1).take(pick).sum(axis=1).astype(np.float64) / n   # float(sum) / n
+    loss = -log_probs.reshape(-1).take(pick).sum(axis=1).astype(np.float64, copy=False) / n  # float(sum)/n
     if not gradient:
         if label_smoothing is not None:
             for i in np.flatnonzero(label_smoothing):
@@ -534,7 +549,7 @@ def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0, gradient: 
     true = scores.reshape(-1).take(pick)[:, :, None]
     margins = np.maximum(0, by_rows(np.subtract, scores, true, np.empty_like(scores)) + margin)
     np.put(margins.reshape(-1), pick, 0)
-    loss = margins.reshape(t, -1).sum(axis=1).astype(np.float64) / n
+    loss = margins.reshape(t, -1).sum(axis=1).astype(np.float64, copy=False) / n
     if not gradient:
         return loss, None
     dscores = (margins > 0).astype(scores.dtype)

@@ -229,9 +229,10 @@ class StackTrainer:
                 self._first_losses(loss)
             # is_runaway, per trial: NaN, infinite, or over RUNAWAY_FACTOR x the first loss
             # (a loss is never below zero, so "not <=" says all three)
-            runaway = ~(loss <= self._runaway_loss)
-            if runaway.any():
-                keep = np.flatnonzero(~runaway)
+            calm = loss <= self._runaway_loss
+            if not np.logical_and.reduce(calm):
+                runaway = ~calm
+                keep = np.flatnonzero(calm)
                 self._finish(np.flatnonzero(runaway), status="diverged")
                 if not stack.size:
                     return None
@@ -242,7 +243,7 @@ class StackTrainer:
             self.iterations += 1
             samples = yb.shape[-1]
             loss_sum += loss * samples
-            correct += np.count_nonzero(scores.argmax(axis=2) == yb, axis=1)
+            correct += np.add.reduce(scores.argmax(axis=2) == yb, axis=1)      # count of right answers
             seen += samples
             for i in self._watching:
                 self.callbacks[self.ids[i]].on_batch_end(epoch, b, batches, samples, float(loss[i]))
@@ -268,6 +269,9 @@ class StackTrainer:
         self._any_snapshots = bool(self.snapshot_every.any())
         self._any_early = bool(np.isfinite(self.patience).any())
         self._no_trial = np.zeros(self.stack.size, dtype=bool)
+        self._next_end = min(int(self.plan.min(initial=self.limit)), self.limit) if hasattr(self, "plan") else 0
+        # until a trial leaves, position i is trial i: its table columns are a slice
+        self._columns = slice(None) if np.array_equal(self.ids, np.arange(len(self.results))) else self.ids
         self._runaway_loss = None if not self.has_first.all() else \
             RUNAWAY_FACTOR * np.maximum(self.first_loss, 1e-12)
 
@@ -281,12 +285,12 @@ class StackTrainer:
         callback may re-plan it up to ``max_epochs``, its schedule's end moving with it.
         Returns the trials' TrainResults, in the order of the networks."""
         self.callbacks = list(callbacks) if callbacks is not None else [None] * len(self.results)
-        self._positions()
         if iterations is not None:
             epochs = math.ceil(iterations / self.batches_per_epoch)
         self.limit = max(epochs, max_epochs or 0)
         max_iterations = math.inf if iterations is None else iterations
         self.plan = np.full(self.stack.size, epochs, dtype=np.int64)
+        self._positions()
         for callback in self.callbacks:
             if callback is not None:
                 callback.on_train_begin(epochs, self.batches_per_epoch, self.start_epoch)
@@ -297,7 +301,7 @@ class StackTrainer:
         if epoch == 0:
             self._snapshot(0)
         while self.stack.size:
-            if epoch >= min(int(self.plan.min()), self.limit):
+            if epoch >= self._next_end:
                 self._finish(np.flatnonzero(epoch >= np.minimum(self.plan, self.limit)))
                 if not self.stack.size:
                     break
@@ -314,8 +318,8 @@ class StackTrainer:
         best epochs, snapshots, early stopping, callbacks' decisions."""
         done, ids = epoch + 1, self.ids
         for name in _RECORD_FIELDS:
-            self._table[name][epoch - self.start_epoch, ids] = record[name]
-        self._recorded[ids] += 1
+            self._table[name][epoch - self.start_epoch, self._columns] = record[name]
+        self._recorded[self._columns] += 1
         val_loss, val_acc = record["val_loss"], record["val_acc"]
         broken = self._no_trial
         if self.validate:
@@ -352,8 +356,9 @@ class StackTrainer:
                 stop = stop | (np.arange(len(ids)) == i)
         if replanned:
             self._group_schedules()
+        self._next_end = min(int(self.plan.min(initial=self.limit)), self.limit)
         stop = stop & ~broken
-        if not (stop.any() or broken.any()):
+        if not np.logical_or.reduce(stop | broken):
             return
         restore = np.flatnonzero(stop & early & (self.best_epoch > 0))
         if restore.size:

@@ -468,7 +468,7 @@ def test_stacks_are_planned_from_the_whole_sweep_not_from_what_is_left():
     for todo, size, workers in ((trials, None, 1), (trials[5:17], 4, 2), (trials[::3], 2, 8)):
         for stack in pack(trials, todo, size, workers):
             assert all(widths[t.key] == stack.widths for t in stack.trials)
-            assert len(stack.trials) <= (size or 32)
+            assert len(stack.trials) <= (size or 64)
         assert sorted(t.key for s in pack(trials, todo, size, workers) for t in s.trials) == \
             sorted(t.key for t in todo)
     assert all(len(s.trials) == 1 and s.widths is None for s in pack(trials, trials, 1, 2))
