@@ -1,50 +1,160 @@
-"""Wall time of the default sweep (`nnx sweep` with no options) on 1 and 2 workers.
+"""Sweeps of small networks: trials stacked (the default) against one at a time.
 
-Each run starts from an empty directory, so every trial trains. The second
-worker should give >= 1.8x: trials are independent and each worker uses one
-BLAS thread. Also checks that both runs produced the same numbers.
+    python bench/bench_sweep.py [--workers 2] [--repeats 1]
+        the default sweep (`nnx sweep`: 80 trials, 4,000 full-batch epochs) with stacks
+        and with --stack-size 1, from empty directories, in turns, same workers; checks
+        that both give the same numbers
+    python bench/bench_sweep.py --study [--seeds 1000] [--out DIR]
+        the seed-variance study: hidden 3 and 100 x reg 1e-3 and 1e-2 x 1,000 seeds, the
+        default sweep's other options (4,000 trials); wall and CPU time, peak memory,
+        and its variance plot (DIR/variance.png)
+    python bench/bench_sweep.py --stack-sizes
+        per trial, the time of an epoch in one stack of 4 to 64 spiral nets (hidden 3, 20,
+        100): the measurement behind the default stack size (experiments/stacks.py)
+
+Times are wall clock and the CPU time of the driver and its workers together; this
+machine's cores may be shared with other work, which the CPU time is less moved by.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from experiments.store import METRIC_COLUMNS
-from experiments.sweep import default_sweep, run_sweep
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.bench_mlp import machine  # noqa: E402
+from experiments.store import FINAL_COLUMNS, METRIC_COLUMNS  # noqa: E402
+from experiments.sweep import Sweep, default_sweep, run_sweep  # noqa: E402
 
 
-def timed_sweep(workers: int, root: Path) -> tuple[float, dict]:
-    started = time.perf_counter()
-    outcome = run_sweep(default_sweep(), root / f"workers{workers}", workers=workers)
-    return time.perf_counter() - started, outcome.rows
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
-def numbers(rows: dict) -> dict:
-    """Every row's metrics but the timings, which differ from run to run."""
-    return {k: (row["status"], *(row[c] for c in METRIC_COLUMNS if c != "seconds"))
-            for k, row in rows.items()}
+def timed_sweep(sweep: Sweep, out: Path, workers: int, stack_size: int | None) -> tuple[float, float, dict]:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    outcome = run_sweep(sweep, out, workers=workers, stack_size=stack_size)
+    return time.perf_counter() - wall, cpu_seconds() - cpu, outcome.rows
+
+
+def compare(a: dict, b: dict) -> tuple[int, float]:
+    """How many trials' metrics are bit-identical, and the largest difference relative to
+    each metric's magnitude over all trials."""
+    same, worst = 0, 0.0
+    for key, row in a.items():
+        other = b[key]
+        same += all(row[c] == other[c] for c in (*METRIC_COLUMNS, "status") if c != "seconds")
+    for column in FINAL_COLUMNS:
+        x = np.array([float(a[k][column]) for k in a])
+        y = np.array([float(b[k][column]) for k in a])
+        ok = np.isfinite(x) & np.isfinite(y)
+        scale = np.max(np.abs(y[ok]), initial=0.0)
+        if scale:
+            worst = max(worst, float(np.max(np.abs(x[ok] - y[ok]))) / scale)
+    return same, worst
+
+
+def default_sweep_bench(workers: int, repeats: int) -> None:
+    times = {"stacked": [], "one by one": []}
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for r in range(repeats):                        # in turns: drift hits both alike
+            for name, size in (("stacked", None), ("one by one", 1)):
+                wall, cpu, rows[name] = timed_sweep(default_sweep(), Path(folder) / f"{name}-{r}",
+                                                    workers, size)
+                times[name].append((wall, cpu))
+                print(f"  {name:10s} run {r + 1}: {wall:6.1f} s wall, {cpu:6.1f} s CPU", flush=True)
+    same, worst = compare(rows["stacked"], rows["one by one"])
+    print(f"default sweep ({len(rows['stacked'])} trials, 4,000 epochs), {workers} workers, "
+          f"median of {repeats}; {machine()}")
+    median = {name: [statistics.median(v[i] for v in values) for i in (0, 1)]
+              for name, values in times.items()}
+    for name, (wall, cpu) in median.items():
+        print(f"  {name:10s} {wall:7.1f} s wall  {cpu:7.1f} s CPU")
+    print(f"  stacked is {median['one by one'][0] / median['stacked'][0]:.2f}x faster (wall), "
+          f"{median['one by one'][1] / median['stacked'][1]:.2f}x (CPU)")
+    print(f"  same numbers: {same} of {len(rows['stacked'])} trials bit-identical, the others within "
+          f"{worst:.1e} of each metric's magnitude")
+
+
+def variance_study(seeds: int, workers: int, out: Path | None) -> None:
+    sweep = default_sweep()
+    sweep.grid = {"hidden": [[3], [100]], "reg": [1e-3, 1e-2], "seed": list(range(seeds))}
+    sweep.name = f"variance-{seeds}-seeds"
+    with tempfile.TemporaryDirectory() as folder:
+        out = out or Path(folder) / "study"
+        if (out / "results.csv").exists():
+            sys.exit(f"{out} already holds a sweep: give an empty --out, so that every trial runs")
+        wall, cpu, rows = timed_sweep(sweep, out, workers, None)
+        driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        from experiments.plots import plot_variance
+        plot_variance(out, out / "variance.png")
+        ok = sum(row["status"] == "ok" for row in rows.values())
+        print(f"variance study: {len(rows)} trials ({ok} ok) of 4,000 epochs, {workers} workers; {machine()}")
+        print(f"  {wall:.1f} s wall ({wall / 60:.2f} min), {cpu:.1f} s CPU")
+        print(f"  peak RSS: driver {driver:.0f} MiB, largest worker {worker:.0f} MiB; together at most "
+              f"{driver + workers * worker:.0f} MiB")
+        print(f"  variance plot: {out / 'variance.png'}" + (" (removed with the temporary folder)"
+                                                           if out.is_relative_to(folder) else ""))
+
+
+def stack_sizes() -> None:
+    from threadpoolctl import threadpool_limits
+
+    from experiments.datasets import make_2d
+    from mlp.network import build_mlp
+    from mlp.optim import SGD
+    from mlp.stack_trainer import StackTrainer
+    data = make_2d("spiral", 100, 3, None, 0, 0.2)
+    sizes, hidden = (4, 8, 16, 32, 64), (3, 20, 100)
+
+    def per_trial_epoch(h: int, t: int) -> float:
+        epochs = max(40, 2000 // t // (4 if h > 50 else 1))
+        trainer = StackTrainer([build_mlp(2, [h], 3, reg=1e-3, seed=s) for s in range(t)],
+                               [SGD(1.0) for _ in range(t)], data.X_train, data.y_train,
+                               X_val=data.X_val, y_val=data.y_val, seeds=list(range(t)))
+        cpu = time.process_time()
+        trainer.train(epochs)
+        return (time.process_time() - cpu) / epochs / t
+
+    times = {(h, t): [] for h in hidden for t in sizes}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(3):
+            for key in times:
+                times[key].append(per_trial_epoch(*key))
+    print(f"one stack of T spiral nets (240 training points, 60 for validation): CPU us per trial "
+          f"and epoch, median of 3; {machine()}")
+    print("  hidden " + "".join(f"{f'T={t}':>9s}" for t in sizes))
+    for h in hidden:
+        print(f"  {h:6d} " + "".join(f"{statistics.median(times[h, t]) * 1e6:9.1f}" for t in sizes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--study", action="store_true", help="run the seed-variance study too")
+    parser.add_argument("--seeds", type=int, default=1000)
+    parser.add_argument("--out", type=Path, help="where the study's sweep goes (default: a temporary folder)")
+    parser.add_argument("--stack-sizes", action="store_true", help="only time stacks of 4 to 64 trials")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        times, results = {}, {}
-        for workers in args.workers:
-            times[workers], results[workers] = timed_sweep(workers, Path(folder))
-            trial_seconds = sum(float(row["seconds"]) for row in results[workers].values())
-            print(f"default sweep ({len(results[workers])} trials), {workers} worker(s): "
-                  f"{times[workers]:.1f} s; the trials' own times add up to {trial_seconds:.1f} s  "
-                  f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
-    base = args.workers[0]
-    for workers in args.workers[1:]:
-        same = numbers(results[workers]) == numbers(results[base])
-        print(f"speed-up {workers} vs {base} worker(s): {times[base] / times[workers]:.2f}x; "
-              f"identical results: {same}")
+    if args.stack_sizes:
+        stack_sizes()
+        return
+    default_sweep_bench(args.workers, args.repeats)
+    if args.study:
+        variance_study(args.seeds, args.workers, args.out)
 
 
 if __name__ == "__main__":

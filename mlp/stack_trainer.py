@@ -356,7 +356,8 @@ class StackTrainer:
                 stop = stop | (np.arange(len(ids)) == i)
         if replanned:
             self._group_schedules()
-        self._next_end = min(int(self.plan.min(initial=self.limit)), self.limit)
+        if self._watching:
+            self._next_end = min(int(self.plan.min(initial=self.limit)), self.limit)
         stop = stop & ~broken
         if not np.logical_or.reduce(stop | broken):
             return
