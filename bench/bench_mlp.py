@@ -41,7 +41,8 @@ def machine() -> str:
     from threadpoolctl import threadpool_info
     blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} kernels)"
             for i in threadpool_info() if i.get("user_api") == "blas"]
-    return f"{model}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; BLAS: {', '.join(blas) or 'none'}"
+    load = os.getloadavg()[0]
+    return f"{model}, {os.cpu_count()} cores, load {load:.1f}; BLAS: {', '.join(blas) or 'none'}"
 
 
 def timed(fit) -> tuple[float, float]:

@@ -121,7 +121,9 @@ def execute(configs: list, workers: int = 1, scheduler: str | None = None, funct
     with opener as executor:       # on an early exit, the opener stops what is still queued
         futures = {executor.submit(function, config): i for i, config in enumerate(configs)}
         for future in as_completed(futures):
-            yield futures[future], _result(future)
+            # popped: a finished future would otherwise hold its records (models, curves)
+            # until the whole sweep ends
+            yield futures.pop(future), _result(future)
 
 
 def _result(future) -> dict:

@@ -3,7 +3,8 @@
 A sweep is fixed options plus axes (``hidden=3,6,20``, ``reg=0.001,0.1``,
 ``seed=0-4``); every option name is a TrainConfig field, parsed with that
 field's type. Each trial is identified by a hash of its *resolved* config, so
-a re-run of the same sweep finds the trials it already finished. The driver
+a re-run of the same sweep finds the trials it already finished. Compatible
+trials train together in stacks (``experiments.stacks``). The driver
 (``run_sweep``) is the only process that writes files; workers return records.
 """
 from __future__ import annotations
@@ -280,8 +281,8 @@ def merge_sweep(base: Sweep, fixed: dict, grid: dict, name: str | None = None) -
 
 # The README's main job: from a 3-unit net that underfits the spiral to a
 # 100-unit one, under four L2 strengths from weak to too strong, five seeds each.
-# Full-batch gradient descent as in the cs231n notes; the 80 trials take about
-# a minute on 2 cores (bench/bench_sweep.py).
+# Full-batch gradient descent as in the cs231n notes; the 80 trials, in stacks, take
+# about 20 s of CPU on 2 cores (bench/bench_sweep.py).
 DEFAULT_SWEEP = Sweep(
     fixed={"data": "spiral", "val_size": 0.2, "optimizer": "sgd", "lr": 1.0,
            "batch_size": 0, "epochs": 4000},

@@ -18,10 +18,10 @@ over rows padded with zeros, which BLAS may sum in another order: its numbers
 equal the solo ones to rounding, and depend on the widths only, never on the
 other trials.
 
-All of a trial's parameters live in one row of ``flat``: (T, P), so that an
-optimizer step is one pass over the stack, and the trials' own ``Network``
-objects are rebound to views of their rows: they always show the stacked
-parameters, for saving, evaluating and snapshots.
+Every parameter of every trial lives in one array, ``flat``, layer by layer
+([W; b] of each trial), so that an optimizer step is one pass over the stack;
+the trials' own ``Network`` objects are rebound to views of their parts of it:
+they always show the stacked parameters, for saving, evaluating and snapshots.
 """
 from __future__ import annotations
 
@@ -193,6 +193,7 @@ class MLPStack:
         self._scratch = np.empty_like(flat)
         self._buffers: dict[tuple, np.ndarray] = {}
         self._fold_cache: dict[tuple, tuple[bool, bool]] = {}
+        self._picks: tuple = (None, None, None)       # (shape, y, picks) of the last shared y
         self.reg, self.label_smoothing, self.dropout = reg, label_smoothing, dropout
         self.any_reg, self.all_reg = bool(reg.any()), bool(reg.all())
         self.any_smoothing = bool(label_smoothing.any())
@@ -400,10 +401,16 @@ class MLPStack:
                   ) -> tuple[np.ndarray, np.ndarray | None]:
         """Per-trial mean loss (T,) and dscores (T, N, C) (None without ``gradient``);
         y: (N,) or (T, N)."""
+        if y.ndim == 1:             # one y for every trial (a full batch, the validation split)
+            if self._picks[1] is not y or self._picks[0] != scores.shape:
+                self._picks = (scores.shape, y, picks(scores, y))
+            pick = self._picks[2]
+        else:
+            pick = picks(scores, y)
         if self.loss_name == "softmax":
             return softmax_cross_entropy(scores, y, self.label_smoothing if self.any_smoothing else None,
-                                         gradient)
-        return svm_hinge(scores, y, gradient=gradient)
+                                         gradient, pick)
+        return svm_hinge(scores, y, gradient=gradient, pick=pick)
 
     def reg_loss(self) -> np.ndarray:
         """0.5 * reg * sum(W**2) over every weight, per trial: (T,). Each weight's sum of
@@ -442,22 +449,12 @@ class MLPStack:
         return loss + self.reg_loss(), np.add.reduce(scores.argmax(axis=2) == y, axis=1) / len(y)
 
 
-_last_picks: list = [None, None, None]       # (shape, y, picks) of the last shared y
-
-
-def _picks(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The flat index of each row's true class: scores.reshape(-1)[_picks(scores, y)] is
+def picks(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The flat index of each row's true class: scores.reshape(-1)[picks(scores, y)] is
     (T, N), C-ordered, so that its sum over N is numpy's pairwise sum of a contiguous row,
-    as the solo loss sums it. y: (N,) or (T, N). A full batch's y, the same array every
-    step, has its indices made once."""
+    as the solo loss sums it. y: (N,) or (T, N)."""
     t, n, c = scores.shape
-    shape, last_y, picks = _last_picks
-    if y is last_y and shape == scores.shape:
-        return picks
-    picks = (np.arange(t)[:, None] * n + np.arange(n)) * c + y
-    if y.ndim == 1:
-        _last_picks[:] = [scores.shape, y, picks]
-    return picks
+    return (np.arange(t)[:, None] * n + np.arange(n)) * c + y
 
 
 # numpy sums a row of fewer numbers than this left to right (longer rows pairwise)
@@ -500,10 +497,12 @@ def by_rows(op, a: np.ndarray, column: np.ndarray, out: np.ndarray) -> np.ndarra
 
 
 def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray, label_smoothing: np.ndarray | None = None,
-                          gradient: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                          gradient: bool = True, pick: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
     """``mlp.losses.softmax_cross_entropy`` of every trial: scores (T, N, C), y (N,) or
     (T, N), label_smoothing (T,) or None -> loss (T,), dscores (T, N, C) (or None
-    without ``gradient``: the same loss, fewer passes)."""
+    without ``gradient``: the same loss, fewer passes). ``pick``: picks(scores, y), if
+    already made."""
     t, n, c = scores.shape
     shifted = by_rows(np.subtract, scores, row_max(scores), np.empty_like(scores))
     probs = np.exp(shifted)
@@ -511,7 +510,7 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray, label_smoothing: np
     if gradient:
         by_rows(np.divide, probs, sums, probs)
     log_probs = by_rows(np.subtract, shifted, np.log(sums), shifted)
-    pick = _picks(scores, y)
+    pick = picks(scores, y) if pick is None else pick
     flat_probs = probs.reshape(-1)
     loss = -log_probs.reshape(-1).take(pick).sum(axis=1).astype(np.float64, copy=False) / n  # float(sum)/n
     if not gradient:
@@ -541,11 +540,11 @@ def _smoothed_target(e: float, y: np.ndarray, n: int, c: int, dtype) -> np.ndarr
     return target
 
 
-def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0, gradient: bool = True
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0, gradient: bool = True,
+              pick: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``mlp.losses.svm_hinge`` of every trial: scores (T, N, C), y (N,) or (T, N)."""
     t, n, _ = scores.shape
-    pick = _picks(scores, y)
+    pick = picks(scores, y) if pick is None else pick
     true = scores.reshape(-1).take(pick)[:, :, None]
     margins = np.maximum(0, by_rows(np.subtract, scores, true, np.empty_like(scores)) + margin)
     np.put(margins.reshape(-1), pick, 0)

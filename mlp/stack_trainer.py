@@ -18,7 +18,8 @@ callbacks with their decisions. What happens to one trial happens to it alone:
 A trial that ends leaves the stack (``MLPStack.keep``); the others go on.
 Records are kept as arrays, one column per field and trial, and become each
 trial's ``History``; a trial with a callback gets them as dicts every epoch,
-as the solo loop gives them.
+as the solo loop gives them. Every number is the solo loop's, computed by the
+same operations (see ``mlp.stack`` for what padding changes).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from mlp.parallel import single_blas_thread
 from mlp.stack import MLPStack
 from mlp.train import RUNAWAY_FACTOR, Callback, TrainResult, _decision, epoch_rng
 
-_STATE = "flat"      # the stacked optimizer's one parameter: every trial's row of parameters
+_STATE = "flat"      # the stacked optimizer's one parameter: every trial's, laid out as MLPStack.flat
 _RECORD_FIELDS = HISTORY_COLUMNS[1:]
 
 
@@ -111,8 +112,9 @@ class StackTrainer:
 
     # ---- the optimizer -------------------------------------------------------------------
     def _stacked_optimizer(self) -> Optimizer:
-        """One optimizer of the trials' kind over the whole stack: lr and momentum are
-        (T, 1) columns, its state rows of the trials' states (continued where given)."""
+        """One optimizer of the trials' kind over the whole stack: its lr and momentum are
+        arrays over every parameter, each its trial's (``_spread``), its state the trials'
+        states laid out as ``MLPStack.flat`` (continued where given)."""
         first = self.optimizers[0]
         shared = {k: v for k, v in vars(first).items() if k not in ("lr", "mu", "state")}
         for other in self.optimizers[1:]:
@@ -213,7 +215,7 @@ class StackTrainer:
         if any(stack.has_dropout):
             seeds = self.seeds.tolist()
             stack.reseed(lambda i, layer: epoch_rng(seeds[i], epoch, 2 + layer))
-        loss_sum, correct, seen = np.zeros(in_stack), np.zeros(in_stack, dtype=np.int64), 0
+        loss_sum, correct, seen = 0.0, 0, 0
         for b in range(batches):
             if self.iterations >= max_iterations:
                 break
@@ -236,14 +238,17 @@ class StackTrainer:
                 self._finish(np.flatnonzero(runaway), status="diverged")
                 if not stack.size:
                     return None
-                loss, scores, loss_sum, correct = loss[keep], scores[keep], loss_sum[keep], correct[keep]
+                loss, scores = loss[keep], scores[keep]
+                if seen:
+                    loss_sum, correct = loss_sum[keep], correct[keep]
                 if order is not None:
                     order, yb = order[keep], yb[keep]
             self.optimizer.step({_STATE: stack.flat}, {_STATE: stack.flat_grad})
             self.iterations += 1
             samples = yb.shape[-1]
-            loss_sum += loss * samples
-            correct += np.add.reduce(scores.argmax(axis=2) == yb, axis=1)      # count of right answers
+            # 0.0 + loss * samples, then sums of products, as the solo loop adds them
+            loss_sum = loss_sum + loss * samples
+            correct = correct + np.add.reduce(scores.argmax(axis=2) == yb, axis=1)   # right answers
             seen += samples
             for i in self._watching:
                 self.callbacks[self.ids[i]].on_batch_end(epoch, b, batches, samples, float(loss[i]))
@@ -269,7 +274,8 @@ class StackTrainer:
         self._any_snapshots = bool(self.snapshot_every.any())
         self._any_early = bool(np.isfinite(self.patience).any())
         self._no_trial = np.zeros(self.stack.size, dtype=bool)
-        self._next_end = min(int(self.plan.min(initial=self.limit)), self.limit) if hasattr(self, "plan") else 0
+        self._next_end = min(int(self.plan.min(initial=self.limit)), self.limit) \
+            if hasattr(self, "plan") else 0
         # until a trial leaves, position i is trial i: its table columns are a slice
         self._columns = slice(None) if np.array_equal(self.ids, np.arange(len(self.results))) else self.ids
         self._runaway_loss = None if not self.has_first.all() else \
@@ -297,6 +303,7 @@ class StackTrainer:
         self._table = {name: np.full((max(self.limit - self.start_epoch, 0), len(self.results)), math.nan)
                        for name in _RECORD_FIELDS}
         self._recorded = np.zeros(len(self.results), dtype=np.int64)   # epochs in the table, per trial
+        self._pending, self._flushed = [], 0         # records not yet in the table; rows that are
         epoch = self.start_epoch
         if epoch == 0:
             self._snapshot(0)
@@ -317,9 +324,7 @@ class StackTrainer:
         """Record epoch ``epoch + 1`` of every trial and carry out what follows from it:
         best epochs, snapshots, early stopping, callbacks' decisions."""
         done, ids = epoch + 1, self.ids
-        for name in _RECORD_FIELDS:
-            self._table[name][epoch - self.start_epoch, self._columns] = record[name]
-        self._recorded[self._columns] += 1
+        self._pending.append(record)
         val_loss, val_acc = record["val_loss"], record["val_acc"]
         broken = self._no_trial
         if self.validate:
@@ -328,6 +333,8 @@ class StackTrainer:
             self.best_epoch[better] = done
             self.best_val_acc[better], self.best_val_loss[better] = val_acc[better], val_loss[better]
         self._snapshot(done)
+        if not (self.validate or self._any_early or self._watching):
+            return                  # nothing can end a trial before its plan does
         stop = self._no_trial
         early = np.isfinite(self.patience)
         if self._any_early:
@@ -392,11 +399,26 @@ class StackTrainer:
         if self.callbacks[trial] is not None:
             self._bind_optimizer(i)
 
+    def _flush(self) -> None:
+        """Move the records kept since the last flush into the table: a few array
+        operations per field for many epochs, instead of one per field every epoch.
+        Until the stack changes, the trials' positions are those of the records."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        rows = slice(self._flushed, self._flushed + len(pending))
+        for name in _RECORD_FIELDS:
+            values = np.array([record[name] for record in pending])
+            self._table[name][rows, self._columns] = values if values.ndim == 2 else values[:, None]
+        self._recorded[self._columns] += len(pending)
+        self._flushed += len(pending)
+
     def _finish(self, positions: np.ndarray, status="ok", stopped_early=False) -> None:
         """Trials at ``positions`` are done: complete their results, take them out of the stack."""
         positions = np.asarray(positions, dtype=np.intp)
         if positions.size == 0:
             return
+        self._flush()
         count = len(positions)
         statuses = status if isinstance(status, list) else [status] * count
         stops = stopped_early if isinstance(stopped_early, list) else [stopped_early] * count
