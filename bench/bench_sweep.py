@@ -11,6 +11,8 @@
     python bench/bench_sweep.py --stack-sizes
         per trial, the time of an epoch in one stack of 4 to 64 spiral nets (hidden 3, 20,
         100): the measurement behind the default stack size (experiments/stacks.py)
+    python bench/bench_sweep.py --padding
+        the width groups of a sweep of dense hidden sizes and the work padding adds
 
 Times are wall clock and the CPU time of the driver and its workers together; this
 machine's cores may be shared with other work, which the CPU time is less moved by.
@@ -140,6 +142,22 @@ def stack_sizes() -> None:
         print(f"  {h:6d} " + "".join(f"{statistics.median(times[h, t]) * 1e6:9.1f}" for t in sizes))
 
 
+def padding_waste() -> None:
+    """How much work padding adds when a sweep's hidden sizes are dense: the width groups
+    of hidden 2, 4, ..., 100 (5 seeds each) and their padded work over their own."""
+    from experiments.stacks import pack, trial_cost, width_groups
+    from experiments.sweep import build_sweep, expand
+    sizes = ",".join(str(h) for h in range(2, 101, 2))
+    trials = expand(build_sweep([f"hidden={sizes}"], "0-4", fixed={"epochs": 4000}))
+    widths = width_groups(trials)
+    real = sum(trial_cost(t.config) for t in trials)
+    padded = sum(trial_cost(t.config, widths[t.key]) for t in trials)
+    groups = sorted({widths[t.key] for t in trials})
+    print(f"hidden 2, 4, ..., 100 x 5 seeds ({len(trials)} trials): {len(groups)} width groups "
+          f"{[g[0] for g in groups]}; padding adds {100 * (padded / real - 1):.1f} % to the work; "
+          f"{len(pack(trials, trials, None, 2))} stacks on 2 workers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -148,9 +166,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="where the study's sweep goes (default: a temporary folder)")
     parser.add_argument("--stack-sizes", action="store_true", help="only time stacks of 4 to 64 trials")
+    parser.add_argument("--padding", action="store_true", help="only show what padding adds to a "
+                        "sweep of dense hidden sizes")
     args = parser.parse_args()
     if args.stack_sizes:
         stack_sizes()
+        return
+    if args.padding:
+        padding_waste()
         return
     default_sweep_bench(args.workers, args.repeats)
     if args.study:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlp.layers import Dropout, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+from mlp.losses import LOSSES
 from mlp.network import Network
 
 ACTIVATION_KINDS = {ReLU: "relu", LeakyReLU: "leaky_relu", Tanh: "tanh", Sigmoid: "sigmoid"}
@@ -315,7 +316,7 @@ class MLPStack:
         if self._folds(x, k)[0]:
             return np.matmul(x, self.param_blocks[k], out=out)
         a = np.matmul(x[..., :-1], self.W[k], out=out)
-        if a.shape[-1] >= SEQUENTIAL_SUM:
+        if a.shape[-1] >= SEQUENTIAL_SUM or a.shape[0] * a.shape[1] < BY_ROWS:
             a += self.b[k]
         else:       # a few outputs (the classes): column by column, as in by_rows
             for j in range(a.shape[-1]):
@@ -401,6 +402,13 @@ class MLPStack:
                   ) -> tuple[np.ndarray, np.ndarray | None]:
         """Per-trial mean loss (T,) and dscores (T, N, C) (None without ``gradient``);
         y: (N,) or (T, N)."""
+        if self.size == 1 and y.ndim < 3:
+            # a stack of one: the solo loss itself, in fewer (if slower) numpy calls
+            solo = LOSSES[self.loss_name]
+            labels = y if y.ndim == 1 else y[0]
+            loss, dscores = solo(scores[0], labels, float(self.label_smoothing[0])) \
+                if self.loss_name == "softmax" else solo(scores[0], labels)
+            return np.array([loss]), dscores[None]
         if y.ndim == 1:             # one y for every trial (a full batch, the validation split)
             if self._picks[1] is not y or self._picks[0] != scores.shape:
                 self._picks = (scores.shape, y, picks(scores, y))
