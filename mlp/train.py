@@ -58,6 +58,8 @@ class Callback:
 class TrainResult:
     """What training produced so far; pass it back to ``train`` to continue a run.
 
+    ``history``: one record (a dict) per epoch; a list here, a ``History`` (the same
+    records as columns) for a trial a stack trained without callbacks.
     status: "ok", or "diverged" when the loss ran away (``is_runaway``).
     ``snapshots``: (epoch, copies of the parameters) every ``snapshot_every``
     epochs, epoch 0 being the initial network (for animations).
