@@ -164,8 +164,7 @@ class StackTrainer:
         keys, self._schedule_of, self._unique_schedules = {}, [], []
         for i in self.ids:
             s = self.schedules[i]
-            key = ("none", self.optimizers[i].lr) if s is None else \
-                (s.kind, s.base_lr, s.total, s.step_size, s.gamma, s.warmup, s.min_lr)
+            key = ("none", self.optimizers[i].lr) if s is None else tuple(sorted(vars(s).items()))
             if key not in keys:
                 keys[key] = len(self._unique_schedules)
                 self._unique_schedules.append(s if s is not None else self.optimizers[i].lr)
