@@ -75,7 +75,8 @@ def plot_variance_command(
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
     x: str = typer.Option("hidden", help="The option along the x axis."),
     line: str = typer.Option("reg", help="One line per value of this option."),
-    metric: str = typer.Option("final_train_loss", help="The results.csv column to spread out."),
+    metric: str = typer.Option("final_train_loss", help="The results.csv column to spread out "
+                               "(final_val_acc, best_val_acc, best_epoch, ...)."),
 ):
     """Final loss of every seed against hidden size, and its std across seeds."""
     from experiments.plots import plot_variance
@@ -102,8 +103,10 @@ def plot_sweep_command(
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
     x: str = typer.Option("reg", help="The option along the columns."),
     y: str = typer.Option("hidden", help="The option along the rows."),
-    metric: str = typer.Option("mean_final_val_acc", help="A summary.csv column [falls back to "
-                               "mean_final_train_acc when the sweep had no validation data]."),
+    metric: str = typer.Option("mean_final_val_acc", help="A summary.csv column: mean_final_val_acc "
+                               "(at the last epoch), mean_best_val_acc (at each trial's best "
+                               "validation epoch), mean_best_epoch, std_final_val_acc, ... \\[falls "
+                               "back to mean_final_train_acc when the sweep had no validation data]."),
 ):
     """A heatmap of a summary.csv column over two axes, each cell annotated."""
     from experiments.plots import plot_sweep

@@ -32,7 +32,16 @@ from experiments.boundary import (  # noqa: E402
 )
 from experiments.config import TrainConfig, parse_hidden  # noqa: E402
 from experiments.stats import over_seeds  # noqa: E402
-from experiments.store import GROUP_COLUMNS, OPTION_COLUMNS  # noqa: E402
+from experiments.store import (  # noqa: E402
+    BEST_COLUMNS,
+    GROUP_COLUMNS,
+    METRIC_COLUMNS,
+    OPTION_COLUMNS,
+    SweepStore,
+    best_of_history,
+    cell,
+    summarize,
+)
 from mlp.network import ModelFileError, Network  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette (black left out: it marks edges and text).
@@ -86,10 +95,21 @@ def read_results(sweep_dir: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(path / "results.csv", dtype=str, keep_default_na=False)
     if frame.empty:
         raise NotDrawableError(f"{path}: the sweep has no finished trials yet")
-    for column in frame.columns:
-        if column.startswith("final_") or column in ("epochs_run", "seconds"):
+    if "trial_key" in frame and not set(BEST_COLUMNS) <= set(frame.columns):
+        frame = with_best_columns(frame, SweepStore(path))
+    for column in METRIC_COLUMNS:
+        if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
+
+
+def with_best_columns(results: pd.DataFrame, store: SweepStore) -> pd.DataFrame:
+    """results.csv written before the best_* columns, with them computed from the curves
+    (as ``nnx sweep`` does when it upgrades the file; the file itself is left alone)."""
+    best = [best_of_history(store.read_history(key)) if status != "failed" else {}
+            for key, status in zip(results["trial_key"], results["status"], strict=True)]
+    return results.assign(**{name: [cell(name, b.get(name, math.nan)) for b in best]
+                             for name in BEST_COLUMNS})
 
 
 def varying_options(results: pd.DataFrame, include_seed: bool = False) -> list[str]:
@@ -414,7 +434,10 @@ def read_summary(sweep_dir) -> pd.DataFrame:
     path = check_dir(sweep_dir, "sweep") / "summary.csv"
     if not path.is_file():
         raise NotDrawableError(f"{path.parent}: no summary.csv yet (written when the sweep finishes)")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    summary = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if f"mean_{BEST_COLUMNS[0]}" not in summary:     # written before the best_* columns
+        summary = summarize(read_results(sweep_dir)).astype(str)
+    return summary
 
 
 def heatmap_table(summary: pd.DataFrame, x: str, y: str, metric: str) -> pd.DataFrame:
@@ -422,7 +445,8 @@ def heatmap_table(summary: pd.DataFrame, x: str, y: str, metric: str) -> pd.Data
     for name in (x, y):
         check_axis(summary, name)
     if metric not in summary:
-        raise NotDrawableError(f"summary.csv has no column {metric!r}")
+        raise NotDrawableError(f"summary.csv has no column {metric!r} (try mean_final_val_acc, "
+                               "mean_best_val_acc or mean_best_epoch)")
     extra = [n for n in varying_options(summary) if n not in (x, y)]
     if extra:
         raise NotDrawableError(f"the sweep also varies {', '.join(extra)}; the heatmap shows two axes")
@@ -439,6 +463,9 @@ def plot_sweep(sweep_dir, path, x: str = "reg", y: str = "hidden",
     if metric == "mean_final_val_acc" and pd.to_numeric(summary.get(metric), errors="coerce").isna().all():
         metric = "mean_final_train_acc"     # a sweep without validation data
     table = heatmap_table(summary, x, y, metric)
+    if table.isna().all().all():
+        raise NotDrawableError(f"{metric} is empty in every configuration" + (
+            " (the sweep had no validation data: --val-size)" if "val" in metric else ""))
     fig = Figure(figsize=(1.3 * len(table.columns) + 2.5, 0.8 * len(table.index) + 1.8),
                  layout="constrained")
     ax = fig.subplots()
