@@ -18,10 +18,13 @@ WHERE_HELP = ("Sweeps: keep trials with NAME=VALUE (repeatable), for options tha
 
 
 def output_path(source: Path, name: str, out: Path | None, fmt: str) -> Path:
-    """--out if given, else ``source``/``name``.``fmt`` (next to a model file)."""
+    """--out if given (a folder: ``name``.``fmt`` in it), else ``source``/``name``.``fmt``
+    (next to a model file)."""
     from experiments.plots import FORMATS
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="'--format'")
+    if out is not None and out.is_dir():
+        return out / f"{name}.{fmt}"
     if out is not None:
         return out if out.suffix.lstrip(".").lower() in FORMATS else out.with_suffix(f".{fmt}")
     folder = source if source.is_dir() else source.parent

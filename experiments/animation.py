@@ -38,6 +38,7 @@ from experiments.plots import (
     colour,
     load_model,
     loss_scale,
+    make_folder_for,
     read_curve,
     read_results,
     read_run_record,
@@ -246,8 +247,8 @@ def write_movie(fig: Figure, animated: list, path: Path, epochs: np.ndarray, sho
         show(int(epoch))
         return renderer.render()
 
+    make_folder_for(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f".{fmt}")
         os.close(fd)
     except OSError as exc:

@@ -80,9 +80,20 @@ def save(fig: Figure, path: str | Path) -> Figure:
 def write_output(path: Path, data: bytes) -> None:
     """``data`` to ``path`` atomically, creating its folder; NotWritableError naming the
     file and the reason when that fails."""
+    make_folder_for(path)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def make_folder_for(path: Path) -> None:
+    """Create the folder ``path`` goes in; NotWritableError when that cannot be done."""
+    blocking = next((p for p in Path(path).parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotWritableError(f"cannot write {path}: {blocking} is a file, not a folder")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
     except OSError as exc:
         raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
 

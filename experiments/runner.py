@@ -208,11 +208,16 @@ def best_metrics(result: TrainResult) -> dict:
 
 
 def snapshots_bytes(result: TrainResult) -> bytes | None:
-    """The run's snapshots as the bytes of snapshots.npz, or None when it took none."""
+    """The run's snapshots as the bytes of snapshots.npz, or None when it took none.
+    Parameters are stored as float32: frames of an animation need no more, and the file
+    halves (201 frames of a 2-100-3 network: 488 KB, not 973 KB; zip compression would
+    save 5%). A checkpoint keeps them in full, so a resumed run's frames are exact."""
     if not result.snapshots:
         return None
+    arrays = {name: values.astype(np.float32) if values.dtype.kind == "f" else values
+              for name, values in snapshot_arrays(result.snapshots).items()}
     buf = io.BytesIO()
-    np.savez(buf, **snapshot_arrays(result.snapshots))
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

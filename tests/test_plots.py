@@ -386,3 +386,24 @@ def test_filters_command_draws_a_conv_model_and_refuses_an_mlp(tmp_path, run_dir
 def test_a_bad_format_is_a_usage_error(run_dir):
     result = runner.invoke(app, ["plot-curves", str(run_dir), "--format", "gif"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("where", ["file/out.png", "/proc/nnx-figure.png"])
+@pytest.mark.parametrize("command", ["plot-boundary", "plot-variance", "plot-curves", "plot-sweep",
+                                     "plot-filters", "evaluate"])
+def test_an_unwritable_output_file_is_one_line_and_exit_1(sweep_dir, run_dir, tmp_path, command, where):
+    (tmp_path / "file").write_text("a file, not a folder")
+    target = where if where.startswith("/") else str(tmp_path / where)
+    if command == "plot-filters":
+        conv_net().save(tmp_path / "conv.npz")
+        args = [command, str(tmp_path / "conv.npz"), "--out", target]
+    elif command == "evaluate":
+        args = [command, str(run_dir), "--split", "train", "--plot", target]
+    else:
+        args = [command, str(sweep_dir), "--out", target]
+    result = runner.invoke(app, args)
+    if command == "evaluate":           # the scores are printed before the figure is drawn
+        assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
+        assert f"Error: cannot write {target}" in result.output
+    else:
+        assert one_error_line(result).startswith(f"Error: cannot write {target}:")
