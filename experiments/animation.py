@@ -12,10 +12,8 @@ one ``predict`` over the whole grid per snapshot.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from matplotlib.figure import Figure
 
 from experiments.boundary import NotDrawableError, WrongKindError, check_2d, grid_axes
 from experiments.checkpoint import read_snapshot_arrays
-from experiments.errors import NotWritableError
 from experiments.plots import (
     SPLIT_COLOURS,
     SPLIT_NAMES,
@@ -38,7 +35,7 @@ from experiments.plots import (
     colour,
     load_model,
     loss_scale,
-    make_folder_for,
+    output_file,
     read_curve,
     read_results,
     read_run_record,
@@ -247,21 +244,8 @@ def write_movie(fig: Figure, animated: list, path: Path, epochs: np.ndarray, sho
         show(int(epoch))
         return renderer.render()
 
-    make_folder_for(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f".{fmt}")
-        os.close(fd)
-    except OSError as exc:
-        raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
+    with output_file(path) as tmp:
         (write_gif if fmt == "gif" else write_mp4)(tmp, frame_at, epochs, fps)
-        os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp's file is private; a figure is not
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 PALETTE_SAMPLES = 5
@@ -364,12 +348,6 @@ def write_mp4(path: str, frame_at, epochs: np.ndarray, fps: int) -> None:
     if proc.wait() != 0:
         raise NotDrawableError("ffmpeg could not write the .mp4: "
                                f"{message[-1] if message else f'exit code {proc.returncode}'}")
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def even_size(fig: Figure) -> None:

@@ -8,9 +8,12 @@ no global figure list to leak from a long-running process.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +55,7 @@ from experiments.store import (  # noqa: E402
     cell,
     summarize,
 )
-from mlp.network import ModelFileError, Network, atomic_write_bytes  # noqa: E402
+from mlp.network import ModelFileError, Network  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette (black left out: it marks edges and text).
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
@@ -78,13 +81,34 @@ def save(fig: Figure, path: str | Path) -> Figure:
 
 
 def write_output(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` atomically, creating its folder; NotWritableError naming the
-    file and the reason when that fails."""
+    """``data`` to ``path`` (``output_file``); NotWritableError naming the file and the
+    reason when that fails."""
+    with output_file(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+@contextlib.contextmanager
+def output_file(path: Path):
+    """A temporary file in ``path``'s folder (created if need be) to write, renamed to
+    ``path`` when the block ends without error and removed otherwise: the output
+    appears whole or not at all, with the permissions the umask gives a new file.
+    OSError becomes NotWritableError naming the file and the reason."""
+    path = Path(path)
     make_folder_for(path)
+    tmp = None
     try:
-        atomic_write_bytes(path, data)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        os.close(fd)
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)        # mkstemp's file is private; a figure is not
+        os.replace(tmp, path)
     except OSError as exc:
         raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def make_folder_for(path: Path) -> None:

@@ -23,6 +23,7 @@ from experiments.checkpoint import (
 )
 from experiments.config import TrainConfig, format_hidden, format_option, resolve
 from experiments.datasets import Dataset, make_2d
+from experiments.environment import environment
 from experiments.errors import ConfigError
 from experiments.files import history_csv
 from mlp.network import Network, atomic_write_bytes, build_mlp
@@ -177,7 +178,7 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
 def start_run(path: Path, config: TrainConfig) -> None:
     """Record the run's config before training, so a killed run can be resumed."""
     record = {"nnx_version": mlp.__version__, "config": config.to_dict(),
-              "command": rerun_command(config), "status": "running"}
+              "command": rerun_command(config), "status": "running", "environment": environment()}
     atomic_write_bytes(Path(path) / "config.json", (json.dumps(record, indent=2) + "\n").encode())
 
 
@@ -227,7 +228,8 @@ def run_record(outcome: RunOutcome) -> dict:
             "command": rerun_command(outcome.config), "status": outcome.status,
             "epochs_run": outcome.result.epochs_run, "stopped_early": outcome.result.stopped_early,
             "seconds": outcome.seconds, **outcome.final, **best_metrics(outcome.result),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment()}
 
 
 def save_run(path: str | Path, outcome: RunOutcome) -> None:

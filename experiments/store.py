@@ -8,6 +8,7 @@ Layout of a sweep directory::
     curves/<trial>.csv  per-epoch history (epoch, train_loss, ..., lr, seconds)
     models/<trial>.npz  the trained network (``Network.load``), for ok trials
     snapshots/<trial>.npz  the network every snapshot_every epochs, when asked for
+    environment.json    the machine of each run of the sweep command (nnx, NumPy, BLAS, CPU)
 
 Crash safety: a trial's curve and model are written atomically first, then
 its row is appended as one line, flushed and fsynced. A row therefore always
@@ -52,6 +53,7 @@ RESULT_COLUMNS = ("trial_key", "status", *OPTION_COLUMNS, *METRIC_COLUMNS, "erro
 GROUP_COLUMNS = tuple(c for c in OPTION_COLUMNS if c != "seed")
 STATUSES = ("ok", "diverged", "failed")
 HEADER = ",".join(RESULT_COLUMNS) + "\n"
+ENVIRONMENT = "environment.json"
 
 # Part of every trial key: bump it when a result row would mean something else
 # for the same config (new columns, different metrics), so old rows re-run
@@ -100,8 +102,19 @@ class SweepStore:
 
     def has_foreign_files(self) -> bool:
         """Whether the directory holds anything but a sweep's own files."""
-        ours = {"results.csv", "summary.csv", "sweep.toml", "curves", "models", "snapshots"}
+        ours = {"results.csv", "summary.csv", "sweep.toml", ENVIRONMENT, "curves", "models", "snapshots"}
         return any(p.name not in ours and not p.name.startswith(".tmp-") for p in self.path.iterdir())
+
+    def record_environment(self, env: dict) -> None:
+        """Append ``env`` (``experiments.environment``) to environment.json, a list: one
+        entry per run of the sweep command that trained trials, the machine it ran on."""
+        path = self.path / ENVIRONMENT
+        try:
+            sessions = json.loads(path.read_text())
+        except (OSError, ValueError):
+            sessions = []
+        sessions = sessions if isinstance(sessions, list) else []
+        atomic_write_bytes(path, (json.dumps([*sessions, env], indent=2) + "\n").encode())
 
     # ---- results.csv -----------------------------------------------------------
     def repair(self, force: bool = False) -> int:
