@@ -185,7 +185,8 @@ def test_an_older_run_says_its_environment_was_not_recorded(run_dir, tmp_path):
 def test_a_cifar_run_report_has_its_filters_and_says_why_no_regions(tmp_path):
     write_batches(tmp_path / "data", make_batches(seed=1, per_batch=12))
     args = ["train", "--data", "cifar10", "--arch", "conv4x3-pool2-fc10", "--data-dir",
-            str(tmp_path / "data"), "--val-size", "10", "--epochs", "1", "--batch-size", "10", "--out", str(tmp_path / "run")]
+            str(tmp_path / "data"), "--val-size", "10", "--epochs", "1", "--batch-size", "10",
+            "--out", str(tmp_path / "run")]
     assert runner.invoke(app, args).exit_code == 0
     text, page = report(tmp_path / "run")
     assert {"Learning curves", "First-layer filters"} <= set(page.headings)
