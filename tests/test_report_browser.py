@@ -161,7 +161,8 @@ def column(browser, table: str, name: str) -> list:
     return browser.evaluate(f"""(() => {{
         const table = document.getElementById({json.dumps(table)});
         const index = [...table.tHead.rows[0].cells].findIndex(c => c.textContent === {json.dumps(name)});
-        return [...table.tBodies[0].rows].map(r => r.cells[index].dataset.value ?? r.cells[index].textContent);
+        return [...table.tBodies[0].rows].map(
+            r => r.cells[index].dataset.value ?? r.cells[index].textContent);
     }})()""")
 
 
