@@ -293,6 +293,34 @@ def test_heatmap_cells_are_mean_val_acc_from_summary_csv(sweep_dir, tmp_path):
     assert texts == pytest.approx(sorted(np.round(table.to_numpy().ravel(), 3)))
 
 
+def test_heatmap_of_the_best_validation_accuracy_is_summary_csvs_column(sweep_dir, tmp_path):
+    fig = plots.plot_sweep(sweep_dir, tmp_path / "h.png", metric="mean_best_val_acc")
+    image = fig.axes[0].get_images()[0].get_array()
+    table = summary(sweep_dir).pivot(index="hidden", columns="reg", values="mean_best_val_acc")
+    assert np.asarray(image) == pytest.approx(table.loc[[3, 8], [0.001, 0.1]].to_numpy())
+    assert (table.to_numpy() >= summary(sweep_dir).pivot(
+        index="hidden", columns="reg", values="mean_final_val_acc").to_numpy() - 1e-12).all()
+
+
+def test_a_sweep_written_before_the_best_columns_is_drawn_without_upgrading_it(tmp_path):
+    import shutil
+    from pathlib import Path
+    old = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "data" / "sweep-results-schema-2", old)
+    before = (old / "results.csv").read_bytes()
+    results = plots.read_results(old)
+    with_val = results[results.val_size == "0.25"]
+    for _, row in with_val.iterrows():
+        curve = pd.read_csv(old / "curves" / f"{row.trial_key}.csv")
+        assert row.best_val_acc == curve.val_acc.max()
+        assert row.best_epoch == curve.epoch[curve.val_acc.idxmax()]
+    assert results[results.val_size == "0"].best_val_acc.isna().all()
+    fig = plots.plot_sweep(old, tmp_path / "h.png", x="val_size", y="hidden", metric="mean_best_val_acc")
+    drawn = np.asarray(fig.axes[0].get_images()[0].get_array())
+    assert drawn[0, 1] == pytest.approx(with_val.best_val_acc.mean())
+    assert (old / "results.csv").read_bytes() == before
+
+
 def test_heatmap_refuses_an_unknown_axis(sweep_dir, tmp_path):
     with pytest.raises(plots.NotDrawableError, match="'width' is not an option"):
         plots.plot_sweep(sweep_dir, tmp_path / "h.png", x="width")
