@@ -9,13 +9,15 @@ from rich.table import Table
 
 import mlp
 from cli.common import console, fail, usage_error
-from cli.options import config_from_options, with_config_options
+from cli.options import config_from_options, config_option, parse_option, with_config_options
 from cli.progress import TrainingProgress, fmt
 from experiments.checkpoint import CHECKPOINT
 from experiments.config import RUN, TrainConfig, resolve
 from experiments.errors import ConfigError, DataError
+from experiments.resources import check_memory
 from experiments.runner import default_run_dir, prepare_run_dir, resumable_config, run, save_run, start_run
 from mlp.network import ModelFileError
+from mlp.train import RUNAWAY_FACTOR
 
 app = typer.Typer(name="nnx", no_args_is_help=True, add_completion=False,
                   help="Train and study neural networks written from scratch in NumPy.")
@@ -52,6 +54,7 @@ def train(
         return
     try:
         config = resolve(config_from_options(options))
+        check_memory(config)
         run_dir = prepare_run_dir(out or default_run_dir(config), overwrite)
     except ConfigError as exc:
         raise usage_error(exc) from None
@@ -73,14 +76,31 @@ def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
         with TrainingProgress(console, log_every) as progress:
             outcome = run(config, callback=progress, checkpoint=run_dir / CHECKPOINT)
     except (DataError, ModelFileError) as exc:
+        abandon_run(run_dir)
         fail(str(exc))
     except ConfigError as exc:
+        abandon_run(run_dir)
         raise usage_error(exc) from None
-    save_run(run_dir, outcome)
+    except MemoryError:
+        abandon_run(run_dir)
+        fail("out of memory: the run needs more than this machine has free; try a smaller "
+             "--batch-size or network")
+    try:
+        save_run(run_dir, outcome)
+    except OSError as exc:
+        fail(f"cannot write the run into {run_dir}: {exc.strerror or exc}; its last checkpoint is "
+             "kept: continue it with --resume once the problem is fixed")
     show_run_summary(outcome, run_dir)
     if outcome.status != "ok":
-        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (loss became NaN or "
-             "infinite); try a smaller --lr")
+        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (the loss ran away: "
+             f"NaN, infinite or {RUNAWAY_FACTOR:g}x its first value); try a smaller --lr")
+
+
+def abandon_run(run_dir: Path) -> None:
+    """After a failure before the first checkpoint, take back config.json's "running",
+    which would otherwise make the directory look like a run to resume."""
+    if not (run_dir / CHECKPOINT).exists():
+        (run_dir / "config.json").unlink(missing_ok=True)
 
 
 def show_run_summary(outcome, run_dir: Path) -> None:
@@ -104,10 +124,11 @@ def show_run_summary(outcome, run_dir: Path) -> None:
 
 
 @app.command()
-def gradcheck(seed: int = typer.Option(0, help="Seed of the random inputs and weights.")):
+def gradcheck(seed: str | None = config_option("seed", help="Seed of the random inputs and weights "
+                                              "\\[default: 0].")):
     """Check every layer, loss and a small network against numerical gradients."""
     from mlp.gradcheck import run_all_checks
-    results = run_all_checks(seed)
+    results = run_all_checks(parse_option("seed", seed) or 0)
     table = Table(title="Gradient check (float64, centred differences, h = 1e-5)")
     for column in ("check", "kind", "max relative error", "tolerance", "result"):
         table.add_column(column, justify="right" if "error" in column or column == "tolerance" else "left")

@@ -6,10 +6,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import console, fail
+from cli.common import console, fail, usage_error
 from cli.options import config_option, parse_option
-from experiments.errors import DataError
+from experiments.errors import ConfigError, DataError
 from experiments.evaluate import SPLITS, Evaluation, evaluate
+from experiments.files import check_output_file
 from mlp.network import ModelFileError, Network
 
 
@@ -29,6 +30,13 @@ def evaluate_command(
     if split not in SPLITS:
         raise typer.BadParameter(f"{split!r} is not one of {', '.join(SPLITS)}", param_hint="'--split'")
     path = model / "model.npz" if model.is_dir() else model
+    if plot is not None:
+        try:
+            if plot.suffix.lstrip(".").lower() not in ("png", "svg", "pdf"):
+                raise ConfigError("plot", f"{plot}: choose a .png, .svg or .pdf file name")
+            check_output_file(plot, "plot")
+        except ConfigError as exc:
+            raise usage_error(exc) from None
     try:
         net = Network.load(path)
     except ModelFileError as exc:
@@ -39,8 +47,8 @@ def evaluate_command(
                                  param_hint="'--data'")
     try:
         result = evaluate(net, split, data_dir, flip_average)
-    except (DataError, ValueError) as exc:
-        fail(str(exc))
+    except (DataError, ValueError) as exc:   # a stored config or shape that does not fit
+        fail(f"{path}: {exc}")
     show(result, trained_on)
     if plot is not None:
         from experiments.plots import plot_confusion

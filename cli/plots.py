@@ -5,8 +5,10 @@ from pathlib import Path
 
 import typer
 
-from cli.common import console, fail
+from cli.common import console, fail, finite, usage_error
 from cli.options import config_option, parse_option
+from experiments.errors import ConfigError
+from experiments.files import check_output_file
 
 FORMAT_HELP = "png, svg or pdf (ignored when --out names a file with one of these extensions)."
 OUT_HELP = "Image file to write [default: {name}.<format> inside the directory drawn]."
@@ -18,18 +20,27 @@ def output_path(source: Path, name: str, out: Path | None, fmt: str) -> Path:
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="'--format'")
     if out is not None:
-        return out if out.suffix.lstrip(".").lower() in FORMATS else out.with_suffix(f".{fmt}")
+        out = out if out.suffix.lstrip(".").lower() in FORMATS else out.with_suffix(f".{fmt}")
+        try:
+            return check_output_file(out)       # refused before anything is drawn
+        except ConfigError as exc:
+            raise usage_error(exc) from None
     folder = source if source.is_dir() else source.parent
     return folder / f"{name}.{fmt}"
 
 
 def draw(function, *args, **kwargs) -> None:
-    """Call a plots function; a refusal is one red line and exit code 1."""
+    """Call a plots function: a refusal of the directory or file drawn is one red line and
+    exit code 1; a bad option (an unknown column) exit code 2."""
     from experiments.boundary import NotDrawableError
     try:
         function(*args, **kwargs)
     except NotDrawableError as exc:
         fail(str(exc))
+    except ConfigError as exc:
+        raise usage_error(exc) from None
+    except OSError as exc:
+        fail(f"cannot write {exc.filename or 'the figure'}: {exc.strerror or exc}")
 
 
 def parse_where(items: list[str]) -> dict[str, str]:
@@ -46,9 +57,9 @@ def plot_boundary_command(
     path: Path = typer.Argument(..., help="A run directory (nnx train) or a sweep directory (nnx sweep)."),
     out: Path | None = typer.Option(None, help=OUT_HELP.format(name="boundary")),
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
-    resolution: int = typer.Option(200, min=2, help="Grid points per axis."),
-    margin: float = typer.Option(0.1, min=0.0, help="Grid margin beyond the data, as a fraction "
-                                 "of the data's span on each side."),
+    resolution: int = typer.Option(200, min=2, max=4000, help="Grid points per axis."),
+    margin: float = typer.Option(0.1, min=0.0, max=10.0, callback=finite, help="Grid margin "
+                                 "beyond the data, as a fraction of the data's span on each side."),
     rows: str = typer.Option("hidden", help="Sweeps: the option whose values are the rows."),
     cols: str = typer.Option("reg", help="Sweeps: the option whose values are the columns."),
     seed: str | None = config_option("seed", help="Sweeps: the seed to draw \\[default: the smallest]."),
@@ -137,7 +148,10 @@ def reproduce_command(
     from experiments.reproduce import TARGETS, reproduce_cs231n
     if target not in TARGETS:
         raise typer.BadParameter(f"{target!r} is not one of {', '.join(TARGETS)}", param_hint="'TARGET'")
-    report = reproduce_cs231n(out, workers=workers, quick=quick, log=console.print)
+    try:
+        report = reproduce_cs231n(out, workers=workers, quick=quick, log=console.print)
+    except ConfigError as exc:
+        raise usage_error(exc) from None
     for claim in report.claims:
         verdict = "[green]held[/green]" if claim.held else "[red]did not hold[/red]"
         console.print(f"{claim.name}: {verdict} ({claim.evidence})")

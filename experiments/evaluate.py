@@ -7,7 +7,7 @@ import numpy as np
 
 from experiments.config import TrainConfig, resolve
 from experiments.datasets import make_2d
-from experiments.errors import DataError
+from experiments.errors import ConfigError, DataError
 from mlp.losses import softmax
 from mlp.network import Network
 
@@ -47,7 +47,10 @@ def model_config(net: Network) -> TrainConfig:
     stored = net.metadata.get("config")
     if not isinstance(stored, dict):
         raise DataError("the model file does not record the data it was trained on")
-    return resolve(TrainConfig.from_dict(stored))
+    try:
+        return resolve(TrainConfig.from_dict(stored))
+    except ConfigError as exc:
+        raise DataError(f"the config stored with the model is not valid ({exc.option}: {exc})") from None
 
 
 def split_arrays(net: Network, split: str, data_dir: str | None = None):
@@ -96,6 +99,9 @@ def class_scores(net: Network, X: np.ndarray, flip_average: bool = False) -> np.
 def evaluate(net: Network, split: str = "test", data_dir: str | None = None,
              flip_average: bool = False) -> Evaluation:
     X, y, class_names = split_arrays(net, split, data_dir)
+    if net.input_shape is not None and tuple(X.shape[1:]) != tuple(net.input_shape):
+        raise DataError(f"the model takes inputs of shape {tuple(net.input_shape)}, but its data set "
+                        f"{net.metadata.get('data')!r} gives {tuple(X.shape[1:])}")
     if flip_average and X.ndim != 4:
         raise ValueError("flip averaging needs image data")
     predictions = class_scores(net, X, flip_average).argmax(axis=1)

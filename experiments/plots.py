@@ -31,8 +31,15 @@ from experiments.boundary import (  # noqa: E402
     decision_regions,
 )
 from experiments.config import TrainConfig, parse_hidden  # noqa: E402
+from experiments.errors import ConfigError  # noqa: E402
+from experiments.files import check_output_file  # noqa: E402
 from experiments.stats import over_seeds  # noqa: E402
-from experiments.store import GROUP_COLUMNS, OPTION_COLUMNS  # noqa: E402
+from experiments.store import (  # noqa: E402
+    FINAL_COLUMNS,
+    GROUP_COLUMNS,
+    METRIC_COLUMNS,
+    OPTION_COLUMNS,
+)
 from mlp.network import ModelFileError, Network  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette (black left out: it marks edges and text).
@@ -50,8 +57,8 @@ def save(fig: Figure, path: str | Path) -> Figure:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ValueError(f"{path}: choose a .png, .svg or .pdf file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise ConfigError("out", f"{path}: choose a .png, .svg or .pdf file name")
+    check_output_file(path)
     fig.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight")
     return fig
 
@@ -80,14 +87,42 @@ def check_dir(path: str | Path, want: str = "run or sweep") -> Path:
     return path
 
 
+def read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """A CSV file nnx wrote, as strings; NotDrawableError naming the file when it is not
+    one (empty, binary, torn, other columns)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise NotDrawableError(f"{path} is empty; it is not a {what}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise NotDrawableError(f"{path} is not a {what} ({reason})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise NotDrawableError(f"{path} is not a {what}: it has no {', '.join(missing)} column")
+    return frame
+
+
+# Columns of results.csv files written by nnx 0.1, read under today's names.
+OLD_RESULT_COLUMNS = {"trial": "trial_key", "model": "arch", "gamma": "lr_decay"}
+
+
 def read_results(sweep_dir: str | Path) -> pd.DataFrame:
     """results.csv with option columns as written (strings) and metrics as numbers."""
     path = check_dir(sweep_dir, "sweep")
-    frame = pd.read_csv(path / "results.csv", dtype=str, keep_default_na=False)
+    frame = read_table(path / "results.csv", (), "results table written by nnx sweep")
+    frame = frame.rename(columns={old: new for old, new in OLD_RESULT_COLUMNS.items()
+                                  if old in frame.columns and new not in frame.columns})
+    if "val_fraction" in frame.columns:         # nnx 0.1 kept both; 2D sweeps read the fraction
+        frame = frame.drop(columns="val_size").rename(columns={"val_fraction": "val_size"})
+    missing = [c for c in ("trial_key", "status", *FINAL_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise NotDrawableError(f"{path / 'results.csv'} is not a results table written by nnx sweep: "
+                               f"it has no {', '.join(missing)} column")
     if frame.empty:
         raise NotDrawableError(f"{path}: the sweep has no finished trials yet")
     for column in frame.columns:
-        if column.startswith("final_") or column in ("epochs_run", "seconds"):
+        if column in METRIC_COLUMNS or column.startswith(("final_", "best_")):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
 
@@ -116,9 +151,21 @@ def axis_values(results: pd.DataFrame, name: str) -> list[str]:
     return sorted(results[name].unique(), key=lambda v: sort_key(name, v))
 
 
-def check_axis(results: pd.DataFrame, name: str) -> None:
-    if name not in results.columns:
-        raise NotDrawableError(f"{name!r} is not an option column of this sweep")
+def check_axis(results: pd.DataFrame, name: str, option: str) -> None:
+    """A usage error (ConfigError naming ``option``) unless ``name`` is an option column."""
+    if name not in results.columns or name not in OPTION_COLUMNS:
+        raise ConfigError(option, f"{name!r} is not an option of this sweep; its varying options "
+                                  f"are {', '.join(varying_options(results, True)) or 'none'}")
+
+
+def check_metric(table: pd.DataFrame, name: str, option: str = "metric") -> None:
+    """A usage error unless ``name`` is a metric column of ``table``."""
+    metrics = [c for c in table.columns if c not in OPTION_COLUMNS and c not in
+               ("trial_key", "status", "error", "nnx_version", "finished")]
+    if name not in metrics:
+        means = [c for c in metrics if c.startswith("mean_")]
+        choices = f"{', '.join(means)} (or their std_, min_, max_)" if means else ", ".join(metrics)
+        raise ConfigError(option, f"{name!r} is not a metric column here; choose from {choices}")
 
 
 def settings_label(row, names: list[str]) -> str:
@@ -237,8 +284,8 @@ def select_trials(results: pd.DataFrame, rows: str, cols: str, seed: str | None,
                   where: dict[str, str] | None = None) -> pd.DataFrame:
     """The ok trials of one seed (the first by default) that match ``where``; refuse a
     selection that still has two trials in one (rows, cols) cell."""
-    for name in (rows, cols, *(where or {})):
-        check_axis(results, name)
+    for name, option in ((rows, "rows"), (cols, "cols"), *((n, "where") for n in where or {})):
+        check_axis(results, name, option)
     chosen = results[results["status"] == "ok"]
     if chosen.empty:
         raise NotDrawableError("the sweep has no trial that trained without diverging")
@@ -289,8 +336,9 @@ def plot_variance(sweep_dir, path, x: str = "hidden", line: str = "reg",
     """Left: ``metric`` of every seed against ``x`` (points plus a box per size and line
     value), one line through the means per ``line`` value. Right: the std across seeds."""
     results = read_results(sweep_dir)
-    for name in (x, line):
-        check_axis(results, name)
+    check_axis(results, x, "x")
+    check_axis(results, line, "line")
+    check_metric(results, metric)
     xs, lines = axis_values(results, x), axis_values(results, line)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_points, ax_std = fig.subplots(1, 2)
@@ -336,7 +384,13 @@ def draw_strips(ax, results, x, xs, line, value, metric, offsets, width, color) 
 
 # ---- learning curves -------------------------------------------------------------
 def read_curve(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path).apply(pd.to_numeric, errors="coerce")
+    """A metrics.csv (or a sweep's curve): one row per epoch, numbers."""
+    frame = read_table(path, ("epoch", "train_loss"), "learning curve written by nnx")
+    frame = frame.apply(pd.to_numeric, errors="coerce")
+    if frame["epoch"].isna().any():
+        raise NotDrawableError(f"{path} is not a learning curve written by nnx (an epoch that is "
+                               "not a number)")
+    return frame
 
 
 def curve_band(curves: list[pd.DataFrame], column: str) -> pd.DataFrame:
@@ -411,18 +465,18 @@ def plot_curves(run_or_sweep_dir, path) -> Figure:
 
 # ---- sweep heatmap ---------------------------------------------------------------
 def read_summary(sweep_dir) -> pd.DataFrame:
+    read_results(sweep_dir)                 # summary.csv is only as good as results.csv
     path = check_dir(sweep_dir, "sweep") / "summary.csv"
     if not path.is_file():
         raise NotDrawableError(f"{path.parent}: no summary.csv yet (written when the sweep finishes)")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return read_table(path, ("mean_final_train_loss",), "summary table written by nnx sweep")
 
 
 def heatmap_table(summary: pd.DataFrame, x: str, y: str, metric: str) -> pd.DataFrame:
     """``metric`` (numbers) indexed by y values (rows) and x values (columns), in axis order."""
-    for name in (x, y):
-        check_axis(summary, name)
-    if metric not in summary:
-        raise NotDrawableError(f"summary.csv has no column {metric!r}")
+    check_axis(summary, x, "x")
+    check_axis(summary, y, "y")
+    check_metric(summary, metric)
     extra = [n for n in varying_options(summary) if n not in (x, y)]
     if extra:
         raise NotDrawableError(f"the sweep also varies {', '.join(extra)}; the heatmap shows two axes")

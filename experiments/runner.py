@@ -24,7 +24,8 @@ from experiments.checkpoint import (
 from experiments.config import TrainConfig, format_hidden, format_option, resolve
 from experiments.datasets import Dataset, make_2d
 from experiments.errors import ConfigError
-from experiments.files import history_csv
+from experiments.files import history_csv, make_dir
+from experiments.resources import check_memory
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
 from mlp.train import Callback, Callbacks, EarlyStopping, Trainer, TrainResult
@@ -98,6 +99,7 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
     resumed, giving the numbers an uninterrupted run gives.
     """
     config = resolve(config)
+    check_memory(config)
     data = data if data is not None else load_data(config)
     optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
     if checkpoint is not None and Path(checkpoint).exists():
@@ -160,9 +162,7 @@ def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Check ``path`` can take a run before any work is done; create it."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError("out", f"{path} is a file, not a directory")
+    path = make_dir(path)
     existing = [name for name in (*RUN_FILES, CHECKPOINT) if (path / name).exists()]
     if existing and not overwrite:
         hint = "continue it with --resume, " if existing == ["config.json", CHECKPOINT] else ""
@@ -170,7 +170,6 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
                                  "pass --overwrite to replace it or choose another --out")
     for name in existing:      # a stale checkpoint would otherwise be resumed
         (path / name).unlink()
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import mlp
 from experiments.config import OPTIONS, format_option
 from experiments.errors import ConfigError
-from experiments.files import history_csv
+from experiments.files import history_csv, make_dir
 from mlp.network import atomic_write_bytes
 
 try:
@@ -82,9 +82,7 @@ class SweepStore:
     def open(cls, path: str | Path) -> Iterator[SweepStore]:
         """Create the directory and hold its lock while the block runs: one driver at a time."""
         store = cls(path)
-        if store.path.exists() and not store.path.is_dir():
-            raise ConfigError("out", f"{store.path} is a file, not a directory")
-        store.path.mkdir(parents=True, exist_ok=True)
+        make_dir(store.path)
         with _locked(store.path):
             yield store
 

@@ -24,6 +24,7 @@ from typing import Any
 from experiments.config import OPTIONS, TrainConfig, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
 from experiments.errors import ConfigError
+from experiments.resources import check_memory
 from experiments.store import SweepStore, trial_key
 
 if sys.version_info >= (3, 11):
@@ -320,7 +321,9 @@ def expand(sweep: Sweep) -> list[Trial]:
 def _resolve_trial(sweep: Sweep, params: dict) -> TrainConfig:
     try:
         values = {name: coerce_value(name, v) for name, v in {**sweep.fixed, **params}.items()}
-        return resolve(TrainConfig(**values))
+        config = resolve(TrainConfig(**values))
+        check_memory(config)
+        return config
     except ConfigError as exc:
         if exc.option in params:
             raise SweepError(exc.option, f"{exc} (trial {describe(params)})",

@@ -11,6 +11,7 @@ from cli.app import app
 from experiments import plots
 from experiments.boundary import boundary_complexity, decision_regions, grid_axes
 from experiments.config import TrainConfig
+from experiments.errors import ConfigError
 from experiments.runner import run, save_run
 from experiments.sweep import Sweep, run_sweep
 from mlp.conv import Conv2D
@@ -167,9 +168,10 @@ def test_heatmap_cells_are_mean_val_acc_from_summary_csv(sweep_dir, tmp_path):
     assert texts == pytest.approx(sorted(np.round(table.to_numpy().ravel(), 3)))
 
 
-def test_heatmap_refuses_an_unknown_axis(sweep_dir, tmp_path):
-    with pytest.raises(plots.NotDrawableError, match="'width' is not an option"):
+def test_heatmap_refuses_an_unknown_axis_as_a_usage_error(sweep_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'width' is not an option") as refused:
         plots.plot_sweep(sweep_dir, tmp_path / "h.png", x="width")
+    assert refused.value.option == "x"
 
 
 # ---- image models ----------------------------------------------------------------
