@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mlp.network import ModelFileError, Network
-from mlp.optim import Optimizer
+from mlp.optim import Momentum, Optimizer
 from mlp.train import Callback, Decision, TrainResult
 
 CHECKPOINT = "checkpoint.npz"
@@ -45,7 +45,7 @@ def save_checkpoint(path: Path, net: Network, optimizer: Optimizer, state: Train
     progress = {"history": state.history, "status": state.status, "iterations": state.iterations,
                 "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
                 "best_val_loss": state.best_val_loss, "first_loss": state.first_loss,
-                "lr": optimizer.lr}
+                "lr": optimizer.lr, "velocity": "raw gradients"}
     extra = {_STATE_KEY: np.array(json.dumps(progress))}
     extra.update({f"optim:{k}": v for k, v in optimizer.state_dict().items()})
     extra.update({f"best:{k}": v for k, v in (state.best_params or {}).items()})
@@ -87,6 +87,10 @@ def load_checkpoint(path: Path, optimizer: Optimizer) -> tuple[Network, TrainRes
         best = {k[5:]: data[k] for k in data.files if k.startswith("best:")}
         snapshots = read_snapshot_arrays(data, prefix="snapshot:")
     optimizer.lr = progress["lr"]
+    if isinstance(optimizer, Momentum) and "velocity" not in progress:
+        # nnx 0.1 kept the cs231n velocity v = mu * v - lr * dw; today's holds raw gradients
+        for slots in optimizer.state.values():
+            slots["v"] = slots["v"] / -optimizer.lr
     state = TrainResult(history=progress["history"], status=progress["status"],
                         iterations=progress["iterations"], best_epoch=progress["best_epoch"],
                         best_val_acc=progress["best_val_acc"], best_params=best or None,

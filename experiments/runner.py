@@ -82,7 +82,7 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
 
 def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
     return Schedule(config.schedule, config.lr, total=epochs, step_size=config.step_size,
-                    gamma=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr)
+                    lr_decay=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr)
 
 
 # A time budget may lengthen the probe's plan up to this factor (the probe is rarely

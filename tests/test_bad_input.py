@@ -39,6 +39,7 @@ def made(tmp_path_factory):
     return root
 
 
+FILE_PARENT = "is a file, not a directory"
 CASES = [
     # sizes that cannot fit in memory: refused before anything is written
     (["train", "--hidden", "1000000000", "--out", "{root}/huge"], 2, "--hidden", "memory"),
@@ -53,13 +54,13 @@ CASES = [
     (["sweep", "--grid", "hidden=3", "--epochs", "2", "--out", "{root}/afile/sub"], 2, "--out",
      "cannot create"),
     (["sweep", "--grid", "hidden=3", "--epochs", "2", "--out", "/proc/nnx-sweep"], 2, "--out", "cannot"),
-    (["evaluate", "{root}/run", "--plot", "{root}/afile/c.png"], 2, "--plot", "is a file, not a directory"),
+    (["evaluate", "{root}/run", "--plot", "{root}/afile/c.png"], 2, "--plot", FILE_PARENT),
     (["evaluate", "{root}/run", "--plot", "/proc/c.png"], 2, "--plot", "cannot"),
-    (["plot-boundary", "{root}/run", "--out", "{root}/afile/b.png"], 2, "--out", "is a file, not a directory"),
+    (["plot-boundary", "{root}/run", "--out", "{root}/afile/b.png"], 2, "--out", FILE_PARENT),
     (["plot-boundary", "{root}/run", "--out", "/proc/b.png"], 2, "--out", "cannot"),
-    (["plot-curves", "{root}/sweep", "--out", "{root}/afile/c.png"], 2, "--out", "is a file, not a directory"),
+    (["plot-curves", "{root}/sweep", "--out", "{root}/afile/c.png"], 2, "--out", FILE_PARENT),
     (["plot-variance", "{root}/sweep", "--out", "/proc/v.png"], 2, "--out", "cannot"),
-    (["plot-sweep", "{root}/sweep", "--out", "{root}/afile/h.png"], 2, "--out", "is a file, not a directory"),
+    (["plot-sweep", "{root}/sweep", "--out", "{root}/afile/h.png"], 2, "--out", FILE_PARENT),
     (["reproduce", "cs231n", "--quick", "--out", "{root}/afile/x"], 2, "--out", "cannot create"),
     (["reproduce", "cs231n", "--quick", "--out", "/proc/nnx-x"], 2, "--out", "cannot"),
     # unknown column names: usage errors

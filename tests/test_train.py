@@ -109,3 +109,28 @@ def test_a_runaway_loss_is_divergence_even_while_finite():
     assert all(np.isfinite(losses))              # it never went NaN or inf before the rule fired
     assert is_runaway(RUNAWAY_FACTOR * 1.1 + 1e-9, 1.1) and not is_runaway(50.0, 1.1)
     assert is_runaway(float("nan"), 1.0) and is_runaway(float("inf"), 1.0)
+
+
+def test_a_checkpoint_of_nnx_0_1_resumes_with_its_momentum_converted(tmp_path):
+    """nnx 0.1 kept the cs231n velocity (v = mu v - lr dw); today's optimizer keeps raw
+    gradients (v = mu v + dw). An old checkpoint's v is converted on load."""
+    import json
+
+    from experiments.checkpoint import load_checkpoint, save_checkpoint
+    from mlp.optim import Nesterov
+    X, y = np.random.default_rng(0).standard_normal((40, 2)), np.arange(40) % 2
+    net, opt = build_mlp(2, [6], 2, seed=0), Nesterov(0.05)
+    result = train(net, opt, X, y, epochs=3, batch_size=8)
+    save_checkpoint(tmp_path / "new.npz", net, opt, result)
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    progress = json.loads(str(arrays["__train_state__"]))
+    del progress["velocity"]
+    arrays["__train_state__"] = np.array(json.dumps(progress))
+    for key in [k for k in arrays if k.startswith("optim:")]:
+        arrays[key] = -opt.lr * arrays[key]                 # as nnx 0.1 wrote it
+    np.savez(tmp_path / "old.npz", **arrays)
+    restored = Nesterov(0.05)
+    load_checkpoint(tmp_path / "old.npz", restored)
+    for name, slots in opt.state.items():
+        np.testing.assert_allclose(restored.state[name]["v"], slots["v"], rtol=1e-12, atol=1e-15)
