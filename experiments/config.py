@@ -235,7 +235,15 @@ class TrainConfig:
                                   metavar="DIR")
     limit: int | None = option(None, "CIFAR-10: use only the first N training images (quick runs).",
                                DATA, kind="int", low=1, high=MAX_COUNT)
-    augment: bool = option(False, "CIFAR-10: random flips and shifts of up to 2 px.", DATA, kind="bool")
+    augment: bool = option(False, "CIFAR-10: flips and shifts of the training images (--flip, --pad, "
+                           "--shift).", DATA, kind="bool")
+    flip: str = option("random", "--augment: random (each image p=0.5, every epoch) or alternating "
+                       "(a fixed random half mirrored in even epochs, the other half in odd ones).",
+                       DATA, choices=("random", "alternating"))
+    pad: str = option("zero", "--augment: fill of the pixels a shift uncovers: zero or reflect.",
+                      DATA, choices=("zero", "reflect"))
+    shift: int = option(2, "--augment: shifts of up to this many pixels in y and x.", DATA,
+                        kind="int", low=0, high=16)
     # ---- model
     arch: str | None = option(None, "ConvNet architecture: a preset or a spec such as "
                               "conv16x5-pool2-fc10 (see README).", MODEL,
@@ -264,17 +272,32 @@ class TrainConfig:
     lr: float | None = option(None, "Learning rate.", OPTIM, kind="float", low=0, open_low=True,
                               default_help="1.0 for 2D data, 0.02 for cifar10")
     momentum: float = option(0.9, "Momentum of momentum and nesterov.", OPTIM, kind="float", low=0,
-                             high=1)
-    schedule: str | None = option(None, "constant, step (x lr-decay every step-size epochs) or "
-                                  "cosine (after --warmup epochs).", OPTIM, choices=SCHEDULES,
+                             high=1, open_high=True)
+    weight_decay: float = option(0.0, "Weight decay: every step shrinks each parameter (biases too) by "
+                                 "this fraction at the base --lr, whatever --lr is (airbench's "
+                                 "parametrisation); unlike --reg it is not part of the loss.", OPTIM,
+                                 kind="float", low=0, high=1, open_high=True)
+    schedule: str | None = option(None, "constant, step (x lr-decay every step-size epochs), cosine "
+                                  "or linear (both after --warmup epochs).", OPTIM, choices=SCHEDULES,
                                   default_help="constant; cifar10 cosine")
     step_size: int = option(10, "Step schedule: epochs between decays.", OPTIM, kind="int", low=1,
                             high=MAX_COUNT)
     lr_decay: float = option(0.1, "Step schedule: the factor the lr is multiplied by at each decay.",
                              OPTIM, kind="float", low=0, open_low=True, high=1)
-    warmup: float | None = option(None, "Cosine schedule: linear warm-up epochs.", OPTIM,
+    warmup: float | None = option(None, "Cosine and linear schedules: warm-up epochs.", OPTIM,
                                   kind="float", low=0, high=MAX_COUNT, default_help="0; cifar10 0.5")
-    min_lr: float = option(0.0, "Cosine schedule: final learning rate.", OPTIM, kind="float", low=0)
+    warmup_from: float = option(0.0, "The warm-up starts at this fraction of --lr.", OPTIM,
+                                kind="float", low=0, high=1)
+    min_lr: float = option(0.0, "Cosine and linear schedules: final learning rate.", OPTIM,
+                           kind="float", low=0)
+    ema_decay: float = option(0.0, "Lookahead: every --ema-every updates from epoch --ema-start, the "
+                              "weights move to their moving average of decay ema_decay**every * "
+                              "progress**3 (airbench: 0.95); 0 = off.", OPTIM, kind="float", low=0,
+                              high=1, open_high=True)
+    ema_every: int = option(5, "Lookahead: updates between pulls.", OPTIM, kind="int", low=1,
+                            high=MAX_COUNT)
+    ema_start: float = option(3.0, "Lookahead: the epoch it starts.", OPTIM, kind="float", low=0,
+                              high=MAX_COUNT)
     epochs: int | None = option(None, "Epochs.", OPTIM, kind="int", low=1, high=10**7,
                                 default_help="10000 for 2D data, 10 for cifar10")
     iterations: int | None = option(None, "Train for this many updates instead of --epochs.", OPTIM,

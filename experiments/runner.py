@@ -28,7 +28,7 @@ from experiments.files import history_csv, make_dir
 from experiments.resources import check_memory
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
-from mlp.train import Callback, Callbacks, EarlyStopping, Trainer, TrainResult
+from mlp.train import Callback, Callbacks, EarlyStopping, Lookahead, Trainer, TrainResult
 
 SNAPSHOTS = "snapshots.npz"
 RUN_FILES = ("model.npz", "metrics.csv", "config.json", SNAPSHOTS)
@@ -82,7 +82,8 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
 
 def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
     return Schedule(config.schedule, config.lr, total=epochs, step_size=config.step_size,
-                    lr_decay=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr)
+                    lr_decay=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr,
+                    warmup_from=config.warmup_from)
 
 
 # A time budget may lengthen the probe's plan up to this factor (the probe is rarely
@@ -101,7 +102,7 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
     config = resolve(config)
     check_memory(config)
     data = data if data is not None else load_data(config)
-    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
+    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum, config.weight_decay)
     if checkpoint is not None and Path(checkpoint).exists():
         net, state = load_checkpoint(checkpoint, optimizer)
         if net.metadata.get("config") != config.to_dict():
@@ -110,8 +111,8 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         net, state = build_network(config, data), TrainResult()
     augment = None
     if config.augment:
-        from experiments.cifar10 import augment_flip_shift
-        augment = augment_flip_shift
+        from experiments.cifar10 import FlipShift
+        augment = FlipShift(config.flip, config.pad, config.shift, seed=config.seed)
     n_batches = math.ceil(len(data.X_train) / (config.batch_size or len(data.X_train)))
     epochs, iterations, max_epochs = config.epochs, config.iterations, None
     if config.time_budget is not None:
@@ -128,6 +129,10 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         callbacks.callbacks.append(TimeBudget(config.time_budget, epochs, limit=max_epochs))
     if config.patience is not None and trainer.validate:
         callbacks.callbacks.append(EarlyStopping(config.patience, state, trainer.params))
+    if config.ema_decay:
+        callbacks.callbacks.append(Lookahead({**net.params, **net.buffers}, state,
+                                             trainer.batches_per_epoch, config.ema_decay,
+                                             config.ema_every, config.ema_start))
     if checkpoint is not None and config.checkpoint_every:
         callbacks.callbacks.append(Checkpointer(checkpoint, net, optimizer, state,
                                                 config.checkpoint_every))

@@ -54,7 +54,9 @@ def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
     from test_resume import KillAt, without_seconds
     config = dict(data="cifar10", arch="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10", augment=True,
                   data_dir=str(data_dir), val_size=20, epochs=4, batch_size=25, optimizer="nesterov",
-                  lr=0.05, schedule="cosine", label_smoothing=0.1, seed=2)
+                  lr=0.05, schedule="linear", warmup=1, warmup_from=0.2, label_smoothing=0.1, seed=2,
+                  weight_decay=5e-4, ema_decay=0.9, ema_every=2, ema_start=1, flip="alternating",
+                  pad="reflect")
     whole = run(TrainConfig(**config))
     with pytest.raises(KeyboardInterrupt):
         run(TrainConfig(**config), callback=KillAt(2), checkpoint=tmp_path / "checkpoint.npz")

@@ -25,7 +25,9 @@ SAMPLE = {"data": "moons", "points": 37, "classes": 2, "noise": 0.15, "val_size"
           "arch": None, "hidden": [16, 8], "activation": "tanh", "init": "xavier",
           "weight_scale": 0.02, "dropout": 0.1, "loss": "softmax", "reg": 0.003,
           "label_smoothing": 0.05, "dtype": "float32", "optimizer": "adam", "lr": 0.004,
-          "momentum": 0.8, "schedule": "step", "step_size": 3, "lr_decay": 0.5, "warmup": 1.5,
+          "momentum": 0.8, "weight_decay": 0.001, "schedule": "step", "warmup_from": 0.2,
+          "ema_decay": 0.9, "ema_every": 3, "ema_start": 1.0, "flip": "alternating", "pad": "reflect",
+          "shift": 1, "step_size": 3, "lr_decay": 0.5, "warmup": 1.5,
           "min_lr": 1e-4, "epochs": 7, "iterations": 90, "batch_size": 16, "patience": 4,
           "time_budget": 90.0, "seed": 11, "checkpoint_every": 2, "snapshot_every": 5}
 

@@ -134,3 +134,43 @@ def test_a_checkpoint_of_nnx_0_1_resumes_with_its_momentum_converted(tmp_path):
     load_checkpoint(tmp_path / "old.npz", restored)
     for name, slots in opt.state.items():
         np.testing.assert_allclose(restored.state[name]["v"], slots["v"], rtol=1e-12, atol=1e-15)
+
+
+def test_lookahead_pulls_the_weights_to_their_average_by_hand():
+    """Weights that an optimizer moves by +1 per update; every 2 updates they are pulled
+    to the average with rho = 0.5**2 (power 0: a constant decay), and at the epoch's
+    end once more with rho = 1 (the network takes the average as it is)."""
+    from mlp.train import Lookahead, TrainResult
+    w = {"w": np.zeros(1)}
+    result = TrainResult()
+    ahead = Lookahead(w, result, batches_per_epoch=6, decay=0.5, every=2, start=0, power=0)
+    ahead.on_train_begin(1, 6, 0)
+    seen = []
+    for batch in range(6):
+        w["w"] += 1                                   # the update
+        ahead.on_batch_end(0, batch, 6, 1, 0.0)
+        seen.append(float(w["w"][0]))
+    # step 2: the average starts at 2; step 4: 0.25 * 2 + 0.75 * 4 = 3.5; step 6: 0.25 * 3.5 +
+    # 0.75 * 5.5 = 5.0
+    assert seen == [1, 2, 3, 3.5, 4.5, 5.0]
+    w["w"] += 10                                      # the epoch's end takes the average back
+    ahead.on_updates_end(0)
+    assert w["w"][0] == 5.0
+
+
+def test_lookahead_starts_late_and_its_decay_rises_with_progress():
+    from mlp.train import Lookahead, TrainResult
+    w, result = {"w": np.zeros(1)}, TrainResult()
+    ahead = Lookahead(w, result, batches_per_epoch=10, decay=0.95, every=5, start=1, power=3)
+    ahead.on_train_begin(4, 10, 0)
+    for batch in range(10):
+        ahead.on_batch_end(0, batch, 10, 1, 0.0)
+    assert result.average is None                     # epoch 0 < start
+    for batch in range(5):
+        ahead.on_batch_end(1, batch, 10, 1, 0.0)
+    assert result.average is not None                 # step 15: the average starts
+    w["w"][...] = 1.0
+    for batch in range(5, 10):
+        ahead.on_batch_end(1, batch, 10, 1, 0.0)      # step 20 of 40: rho = 0.95**5 * 0.5**3
+    rho = 0.95 ** 5 * 0.5 ** 3
+    assert w["w"][0] == pytest.approx(1 - rho)
