@@ -22,6 +22,9 @@ def evaluate_command(
     data_dir: str | None = config_option("data_dir"),
     flip_average: bool = typer.Option(False, "--flip-average", help="Images: average the "
                                       "predictions on each image and its mirror image."),
+    tta: bool = typer.Option(False, "--tta", help="Images: test-time augmentation as airbench's: "
+                             "logits of six views (the image and its mirror, each also moved a "
+                             "pixel up-left and down-right), the unmoved ones weighted twice."),
     plot: Path | None = typer.Option(None, help="Also draw the confusion matrix to this "
                                         "image file (PNG, SVG or PDF by extension)."),
 ):
@@ -42,11 +45,18 @@ def evaluate_command(
     except ModelFileError as exc:
         fail(str(exc))
     trained_on = net.metadata.get("data")
+    if (tta or flip_average) and tuple(net.input_shape or ()) == (2,):
+        flag = "--tta" if tta else "--flip-average"
+        raise typer.BadParameter(f"test-time augmentation shifts and mirrors images; this model "
+                                 f"takes 2D points ({trained_on})", param_hint=f"'{flag}'")
+    if tta and flip_average:
+        raise typer.BadParameter("--tta already includes the mirror images; give one of the two",
+                                 param_hint="'--tta'")
     if data is not None and data != trained_on:
         raise typer.BadParameter(f"the model was trained on {trained_on}, not {data}",
                                  param_hint="'--data'")
     try:
-        result = evaluate(net, split, data_dir, flip_average)
+        result = evaluate(net, split, data_dir, flip_average, tta)
     except (DataError, ValueError) as exc:   # a stored config or shape that does not fit
         fail(f"{path}: {exc}")
     show(result, trained_on)
@@ -59,7 +69,7 @@ def evaluate_command(
 def show(result: Evaluation, data: str) -> None:
     console.print(f"[bold]{data}[/bold] {result.split} split: {result.count:,} examples, "
                   f"accuracy [bold]{result.accuracy:.2%}[/bold]"
-                  + (" (flip-averaged)" if result.flip_averaged else ""), highlight=False)
+                  + (f" ({result.views})" if result.views else ""), highlight=False)
     per_class = Table(title="Per-class accuracy")
     per_class.add_column("class")
     per_class.add_column("examples", justify="right")
