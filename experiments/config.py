@@ -28,7 +28,7 @@ from mlp.optim import OPTIMIZERS, SCHEDULES
 IMAGE_DATASETS = ("cifar10",)
 DATASETS = (*GENERATORS, *IMAGE_DATASETS)
 DTYPES = ("auto", "float32", "float64")
-DATA, MODEL, OPTIM, RUN = "Data", "Model", "Optimisation", "Run"
+RECIPE, DATA, MODEL, OPTIM, RUN = "Recipe", "Data", "Model", "Optimisation", "Run"
 
 # Bounds that keep an absurd value (a typo, an exponent) from reaching NumPy.
 MAX_COUNT = 10**9           # epochs, iterations, points, sizes
@@ -103,6 +103,26 @@ def parse_size(option: str, text: str) -> int | float:
         return parse_int(option, text)
     value = parse_float(option, text)
     return 0 if value == 0 else value       # 0.0 and 0 both hold out nothing: one value
+
+
+# Named recipes: option values a recipe gives to the options not given. airbench94 is
+# Keller Jordan's airbench94 (arXiv 2404.00498) in nnx's terms: its lr 11.5 per 1024
+# examples with Nesterov 0.85 is 11.5 / (1 + 1 / 0.15) = 1.5 on a batch-mean loss, and
+# its weight decay 0.0153 per 1024 examples is 0.0153 * 1024 / (1024 * (1 + 1 / 0.15))
+# = 0.0020 per step; the lr rises from 0.2x to its peak at 23 % of the 9.9 epochs (2.28)
+# and falls to 0.07x at the end.
+RECIPES = {
+    "airbench94": {
+        "data": "cifar10", "arch": "airbench94", "activation": "gelu", "init": "dirac",
+        "augment": True, "flip": "alternating", "pad": "reflect", "shift": 2,
+        "bn_decay": 0.6, "bn_eps": 1e-12, "bn_scale": False, "bn_bias_lr": 64.0,
+        "whiten_bias_epochs": 3, "label_smoothing": 0.2, "reg": 0.0,
+        "optimizer": "nesterov", "lr": 1.5, "momentum": 0.85, "weight_decay": 0.0153 / (1 + 1 / 0.15),
+        "schedule": "linear", "warmup": 2.28, "warmup_from": 0.2, "min_lr": 0.07 * 1.5,
+        "epochs": 10, "batch_size": 1024, "ema_decay": 0.95, "ema_every": 5, "ema_start": 3.0,
+        "dtype": "float32",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -218,6 +238,9 @@ def option(default, help: str, panel: str, **kwargs) -> Any:
 @dataclass
 class TrainConfig:
     # ---- data
+    recipe: str | None = option(None, "A named set of defaults for the other options (each can still "
+                                "be given); airbench94: the one-hour CIFAR-10 recipe (README).",
+                                RECIPE, choices=tuple(RECIPES))
     data: str = option("spiral", "Data set.", DATA, choices=DATASETS)
     points: int = option(100, "2D data: points per class.", DATA, kind="int", low=1, high=MAX_COUNT)
     classes: int = option(3, "2D data: classes (spiral and blobs; the others have 2).", DATA,
@@ -262,6 +285,19 @@ class TrainConfig:
     reg: float | None = option(None, "L2 strength: adds 0.5 * reg * sum(W**2) over weights (not "
                                "biases), gradient reg * W.", MODEL, kind="float", low=0,
                                default_help="1e-3; cifar10 5e-4")
+    bn_decay: float = option(0.9, "BatchNorm: the fraction of its running mean and variance kept "
+                             "at each training step (PyTorch's momentum is 1 - bn_decay).", MODEL,
+                             kind="float", low=0, high=1)
+    bn_eps: float = option(1e-5, "BatchNorm: added to the variance before its square root.", MODEL,
+                           kind="float", low=0, open_low=True, high=1)
+    bn_scale: bool = option(True, "BatchNorm learns its scale (gamma); --no-bn-scale keeps it at 1.",
+                            MODEL, kind="bool")
+    bn_bias_lr: float = option(1.0, "BatchNorm's biases (beta) learn this many times faster than "
+                               "the other parameters.", MODEL, kind="float", low=0, open_low=True,
+                               high=1e4)
+    whiten_bias_epochs: int | None = option(None, "The whitening layer's bias trains for this many "
+                                            "epochs, then stays.", MODEL, kind="int", low=0,
+                                            high=MAX_COUNT, default_help="throughout")
     label_smoothing: float = option(0.0, "Softmax label smoothing.", MODEL, kind="float", low=0,
                                     high=1, open_high=True)
     dtype: str = option("auto", "auto (float64 for MLPs, float32 for ConvNets), float32 or float64.",
@@ -403,6 +439,17 @@ DEFAULTS_2D = {"hidden": [100], "reg": 1e-3, "optimizer": "sgd", "lr": 1.0, "epo
 DEFAULTS_IMAGE = {"arch": "convnetjs", "reg": 5e-4, "optimizer": "nesterov", "lr": 0.02,
                   "epochs": 10, "batch_size": 128, "val_size": 5000, "checkpoint_every": 1,
                   "schedule": "cosine", "warmup": 0.5}
+
+
+def apply_recipe(values: dict) -> dict:
+    """Option values as given (by name), completed by the named recipe among them: the
+    options given keep their values, the recipe fills in the others."""
+    name = values.get("recipe")
+    if name is None:
+        return dict(values)
+    if name not in RECIPES:
+        raise ConfigError("recipe", f"{name!r} is not one of {', '.join(RECIPES)}")
+    return {**RECIPES[name], **values}
 
 
 def resolve(config: TrainConfig) -> TrainConfig:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.config import OPTIONS, TrainConfig, format_option, parse_option, resolve
+from experiments.config import OPTIONS, TrainConfig, apply_recipe, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
 from experiments.errors import ConfigError
 from experiments.resources import check_memory
@@ -320,7 +320,8 @@ def expand(sweep: Sweep) -> list[Trial]:
 
 def _resolve_trial(sweep: Sweep, params: dict) -> TrainConfig:
     try:
-        values = {name: coerce_value(name, v) for name, v in {**sweep.fixed, **params}.items()}
+        values = {name: coerce_value(name, v)
+                  for name, v in apply_recipe({**sweep.fixed, **params}).items()}
         config = resolve(TrainConfig(**values))
         check_memory(config)
         return config
