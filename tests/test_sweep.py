@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import flat
 from typer.testing import CliRunner
 
 import experiments.executors as executors
+import experiments.sweep as sweep_module
 from cli.app import app
 from experiments.errors import ConfigError
-from experiments.store import FINAL_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS, SweepStore
+from experiments.store import METRIC_COLUMNS, RESULT_COLUMNS, SweepStore, summarize
 from experiments.sweep import (
     RESULT_SCHEMA_VERSION,
     SweepSpec,
@@ -39,10 +41,6 @@ QUICK_SPEC = SweepSpec(fixed={"epochs": 30, "points": 30, "val_fraction": 0.2},
 
 def invoke(*args):
     return runner.invoke(app, ["sweep", *map(str, args)])
-
-
-def flat(output: str) -> str:
-    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 def numbers(out: Path) -> dict:
@@ -120,14 +118,15 @@ def test_every_trial_is_resolved_and_validated_up_front():
         expand(spec)
 
 
-def test_trial_key_hashes_the_resolved_config():
+def test_trial_key_hashes_the_resolved_config(monkeypatch):
     implicit = expand(SweepSpec(fixed={"epochs": 30}, grid={"seed": [0]}))[0]
     explicit = expand(SweepSpec(fixed={"epochs": 30, "reg": 1e-3, "lr": 1, "hidden": [100]},
                                 grid={"seed": [0]}))[0]
     assert implicit.key == explicit.key and len(implicit.key) == 16
     other = expand(SweepSpec(fixed={"epochs": 30}, grid={"seed": [1]}))[0]
     assert other.key != implicit.key
-    assert RESULT_SCHEMA_VERSION >= 1
+    monkeypatch.setattr(sweep_module, "RESULT_SCHEMA_VERSION", RESULT_SCHEMA_VERSION + 1)
+    assert expand(SweepSpec(fixed={"epochs": 30}, grid={"seed": [0]}))[0].key != implicit.key
 
 
 def test_toml_file_round_trips_and_matches_the_command_line(tmp_path):
@@ -187,17 +186,26 @@ def test_sweep_writes_results_summary_curves_models_and_spec(tmp_path):
     assert "[grid]" in (out / "sweep.toml").read_text()
 
 
-def test_summary_is_mean_std_min_max_over_seeds(tmp_path):
-    run_sweep(QUICK_SPEC, tmp_path, workers=0)
-    results = pd.read_csv(tmp_path / "results.csv")
-    summary = pd.read_csv(tmp_path / "summary.csv")
-    first = summary.iloc[0]
-    group = results[(results["hidden"] == first["hidden"]) & (results["reg"] == first["reg"])]
-    for metric in FINAL_COLUMNS:
-        values = group[metric].to_numpy()
-        assert first[f"mean_{metric}"] == pytest.approx(values.mean(), abs=1e-15)
-        assert first[f"std_{metric}"] == pytest.approx(values.std(), abs=1e-15)   # ddof 0
-        assert first[f"min_{metric}"] == values.min() and first[f"max_{metric}"] == values.max()
+def test_summary_is_mean_std_min_max_over_the_ok_seeds():
+    """Known values: losses 0.5 and 0.7 over two ok seeds of one configuration (mean 0.6,
+    std 0.1 with ddof 0), a diverged and a failed seed that count but do not average."""
+    rows = []
+    for hidden, seed, status, loss in [("3", 0, "ok", "0.5"), ("3", 1, "ok", "0.7"),
+                                       ("3", 2, "diverged", "9.0"), ("20", 0, "failed", ""),
+                                       ("20", 1, "ok", "0.25")]:
+        row = dict.fromkeys(RESULT_COLUMNS, "")
+        row.update(trial=f"{hidden}-{seed}", status=status, hidden=hidden, seed=str(seed),
+                   final_train_loss=loss, epochs_run="30", seconds="1.5")
+        rows.append(row)
+    summary = summarize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS))).set_index("hidden")
+    three, twenty = summary.loc["3"], summary.loc["20"]
+    assert three["mean_final_train_loss"] == pytest.approx(0.6, rel=1e-15)
+    assert three["std_final_train_loss"] == pytest.approx(0.1, rel=1e-14)
+    assert (three["min_final_train_loss"], three["max_final_train_loss"]) == (0.5, 0.7)
+    assert (three["n_seeds"], three["n_diverged"], three["n_failed"]) == (2, 1, 0)
+    assert twenty["mean_final_train_loss"] == 0.25 and twenty["std_final_train_loss"] == 0.0
+    assert (twenty["n_seeds"], twenty["n_diverged"], twenty["n_failed"]) == (1, 0, 1)
+    assert np.isnan(three["mean_final_val_acc"])            # no validation split: no number
 
 
 def test_dry_run_lists_trials_and_writes_nothing(tmp_path):
