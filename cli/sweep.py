@@ -1,7 +1,10 @@
 """``nnx sweep``: a grid of ``nnx train`` runs, in parallel and resumable."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from pathlib import Path
 
 import typer
@@ -108,7 +111,7 @@ def sweep(
 
 def run_with_progress(spec, out_dir, workers, scheduler, retry_failed, force) -> SweepOutcome:
     try:
-        with SweepProgress(console) as progress:
+        with terminate_as_interrupt(), SweepProgress(console) as progress:
             return run_sweep(spec, out_dir, workers=workers, scheduler=scheduler,
                              retry_failed=retry_failed, force=force, callback=progress)
     except ConfigError as exc:
@@ -118,6 +121,25 @@ def run_with_progress(spec, out_dir, workers, scheduler, retry_failed, force) ->
              "again to resume", 130)
     except RuntimeError as exc:
         fail(str(exc))
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (``kill``, a batch system's time limit) stops the sweep as Ctrl-C does:
+    the workers are stopped, the finished trials are kept, and the same command resumes.
+    Python lets only the main thread set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- progress ------------------------------------------------------------------

@@ -11,6 +11,8 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -27,6 +29,7 @@ BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 MAX_IMAGE_MODEL_PARAMS = 1_000_000     # image models this big are not kept per trial
 CONNECT_TIMEOUT = "10s"                # to reach a Dask scheduler
+DRIVER_POLL_SECONDS = 0.5              # how often a worker checks that its driver lives
 
 
 def run_trial(config: dict) -> dict:
@@ -104,10 +107,15 @@ def _result(future) -> dict:
 
 @contextlib.contextmanager
 def process_executor(workers: int) -> Iterator[Executor]:
-    """``workers`` spawned processes with one BLAS thread each."""
+    """``workers`` spawned processes with one BLAS thread each, which end when this
+    process does, however it ends (see ``_start_worker``)."""
+    # A parent-death signal follows the thread that spawned the worker, not the process:
+    # it is safe only from the main thread, which lives as long as the process. Workers
+    # are spawned as trials are submitted, by the thread that entered this block.
+    main_thread = threading.current_thread() is threading.main_thread()
     with _environment({name: "1" for name in BLAS_THREAD_VARS}):
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_sigint)
+                                   initializer=_start_worker, initargs=(os.getpid(), main_thread))
         try:
             yield pool
         except BaseException:
@@ -120,9 +128,34 @@ def process_executor(workers: int) -> Iterator[Executor]:
         pool.shutdown(wait=True)
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group; the driver alone handles it.
+def _start_worker(driver: int, parent_death_signal: bool) -> None:
+    """Set up a spawned worker: Ctrl-C is the driver's to handle (it reaches the whole
+    process group), and the worker ends when its driver does. A driver killed outright
+    (SIGKILL, the OOM killer) cannot stop its workers, and they would otherwise train
+    on, then wait for work forever: on Linux the kernel kills them with their driver
+    (PR_SET_PDEATHSIG); everywhere, a thread sees the driver gone within
+    DRIVER_POLL_SECONDS (the worker is re-parented) and ends the process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_death_signal and sys.platform.startswith("linux"):
+        _kill_me_with_my_parent()
+    if os.getppid() != driver:       # the driver died before the worker got here
+        os._exit(1)
+    threading.Thread(target=_watch_driver, args=(driver,), name="nnx-driver-watch", daemon=True).start()
+
+
+def _kill_me_with_my_parent() -> None:
+    import ctypes
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):      # no prctl here: the watching thread suffices
+        pass
+
+
+def _watch_driver(driver: int) -> None:
+    while os.getppid() == driver:
+        time.sleep(DRIVER_POLL_SECONDS)
+    os._exit(1)        # nothing to save: only the driver writes files
 
 
 @contextlib.contextmanager
