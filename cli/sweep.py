@@ -21,7 +21,7 @@ from rich.table import Table
 
 from cli.app import console, fail, usage_error
 from cli.progress import fmt
-from experiments.errors import ConfigError
+from experiments.errors import ConfigError, NnxError
 from experiments.store import SweepStore
 from experiments.sweep import (
     SweepCallback,
@@ -119,7 +119,7 @@ def run_with_progress(spec, out_dir, workers, scheduler, retry_failed, force) ->
     except KeyboardInterrupt:
         fail(f"interrupted; the finished trials are saved in {out_dir}: run the same command "
              "again to resume", 130)
-    except RuntimeError as exc:
+    except (NnxError, RuntimeError) as exc:     # a lost cluster, a busy directory, a dead worker
         fail(str(exc))
 
 

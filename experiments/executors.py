@@ -8,6 +8,7 @@ bit-identical whichever backend and however many workers ran it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -19,7 +20,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
 from experiments.config import TrainConfig
-from experiments.errors import ConfigError
+from experiments.errors import ClusterLostError, ConfigError
 from experiments.runner import RunOutcome, run
 
 # Workers are one process per core: each must use one BLAS thread or they
@@ -72,25 +73,51 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def execute(configs: list[dict], workers: int = 1, scheduler: str | None = None
-            ) -> Iterator[tuple[int, dict]]:
+def execute(configs: list[dict], workers: int = 1, scheduler=None) -> Iterator[tuple[int, dict]]:
     """Run ``run_trial`` on each config; yield (index in ``configs``, record) as each finishes.
 
-    ``scheduler``: a Dask scheduler address; else ``workers`` local processes,
-    or 0 to run in this process, one after another.
+    ``scheduler``: a Dask cluster, by address or as a client ``connect`` opened; else
+    ``workers`` local processes, or 0 to run in this process, one after another.
+    Raises ClusterLostError when the Dask cluster goes away: the trials it had not
+    finished are not failures, and yield nothing.
     """
     if not configs:
         return
-    if scheduler is None and workers == 0:
+    if scheduler is not None:
+        opened = connect(scheduler) if isinstance(scheduler, str) else contextlib.nullcontext(scheduler)
+        with opened as client:
+            yield from _on_dask(client, configs)
+        return
+    if workers == 0:
         with _one_blas_thread_here():
             for index, config in enumerate(configs):
                 yield index, run_trial(config)
         return
-    opener = dask_executor(scheduler) if scheduler else process_executor(min(workers, len(configs)))
-    with opener as executor:       # on an early exit, the opener stops what is still queued
+    with process_executor(min(workers, len(configs))) as executor:   # an early exit stops the rest
         futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
         for future in as_completed(futures):
             yield futures[future], _result(future)
+
+
+def _on_dask(client, configs: list[dict]) -> Iterator[tuple[int, dict]]:
+    executor = client.get_executor(pure=False)
+    futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
+    try:
+        for future in as_completed(futures):
+            # Dask cancels every trial of a client that lost its scheduler (and nothing
+            # else cancels ours), so a cancelled trial was never a failure of its own.
+            if future.cancelled():
+                raise ClusterLostError(_lost(client))
+            yield futures[future], _result(future)
+    finally:
+        executor.shutdown(wait=False)       # an early exit leaves nothing queued on the cluster
+
+
+def _lost(client) -> str:
+    address = getattr(client.scheduler, "address", None) or "?"
+    if client.status == "running":          # still connected: someone cancelled the trials
+        return f"the Dask cluster at {address} cancelled the trials (was it restarted?)"
+    return f"lost the Dask cluster at {address}"
 
 
 def _result(future) -> dict:
@@ -159,20 +186,44 @@ def _watch_driver(driver: int) -> None:
 
 
 @contextlib.contextmanager
-def dask_executor(address: str) -> Iterator[Executor]:
-    """The ``concurrent.futures`` interface of an existing Dask cluster at ``address``."""
+def connect(address: str | None):
+    """A client of the Dask cluster at ``address`` (None: no cluster, yields None);
+    ConfigError on --scheduler when it cannot be reached.
+
+    While it is open, Dask's own log is held to critical messages: when the
+    scheduler goes away the client logs every failed reconnection with a
+    traceback, and the sweep reports the lost cluster itself, once.
+    """
+    if address is None:
+        yield None
+        return
     try:
         from distributed import Client
     except ImportError:
         raise ConfigError("scheduler", "needs Dask: pip install 'nnx[dask]'") from None
+    with _quiet_loggers("distributed"):
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ConfigError("scheduler", f"cannot connect to {address}: {exc}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def _quiet_loggers(prefix: str):
+    names = [prefix, *(n for n in logging.root.manager.loggerDict if n.startswith(prefix + "."))]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT)
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise ConfigError("scheduler", f"cannot connect to {address}: {exc}") from None
-    try:
-        yield client.get_executor(pure=False)
+        yield
     finally:
-        client.close()
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager

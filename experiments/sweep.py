@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import TrainConfig, format_hidden, parse_hidden, resolve
-from experiments.errors import ConfigError
+from experiments.errors import ClusterLostError, ConfigError
 from experiments.store import SweepStore
 
 if sys.version_info >= (3, 11):
@@ -424,12 +424,13 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int | 
               scheduler: str | None = None, retry_failed: bool = False, force: bool = False,
               callback: SweepCallback | None = None) -> SweepOutcome:
     """Run every trial of ``spec`` not yet finished in ``out``; write rows as they finish."""
-    from experiments.executors import default_workers, execute
+    from experiments.executors import connect, default_workers, execute
 
     started = time.perf_counter()
     callback = callback or SweepCallback()
     trials, out = plan(spec, out)
-    with SweepStore.open(out) as store:
+    # The cluster first: an unreachable one must leave no directory behind.
+    with connect(scheduler) as cluster, SweepStore.open(out) as store:
         _adopt_spec(store, spec, trials, force)
         store.repair(force)
         rows = store.read_rows()
@@ -440,8 +441,8 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int | 
         todo = sorted((t for t in trials if t.key not in rows), key=lambda t: -_cost(t.config))
         callback.on_sweep_begin(len(trials), len(trials) - len(todo), len(todo), list(rows.values()))
         workers = default_workers() if workers is None else workers
-        results = execute([t.config.to_dict() for t in todo], workers, scheduler)
-        with contextlib.closing(results):      # an error here stops the workers too
+        results = execute([t.config.to_dict() for t in todo], workers, cluster)
+        with contextlib.closing(results), _saying_what_is_saved(out, trials, rows):
             for index, record in results:
                 row = store.append(todo[index], record)
                 rows[row["trial"]] = row
@@ -449,6 +450,17 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int | 
         store.write_summary([t.key for t in trials])
     return SweepOutcome(out, trials, {t.key: rows[t.key] for t in trials}, len(todo),
                         len(trials) - len(todo), time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _saying_what_is_saved(out: Path, trials: list[Trial], rows: dict):
+    """A lost cluster's error, completed with what the sweep has (``rows`` as it grows)."""
+    try:
+        yield
+    except ClusterLostError as exc:
+        raise ClusterLostError(f"{exc}: {len(trials) - len(rows)} trial(s) unfinished; the "
+                               f"{len(rows)} finished are saved in {out}: run the same command "
+                               "again to finish the sweep") from None
 
 
 def _cost(config) -> float:

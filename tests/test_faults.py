@@ -1,5 +1,6 @@
 """Faults from outside: a killed sweep driver, a lost Dask cluster, two writers on one
 directory, a shared machine's umask. Each runs the real thing in subprocesses."""
+import json
 import os
 import signal
 import subprocess
@@ -68,3 +69,85 @@ def test_killing_the_sweep_driver_ends_its_workers(tmp_path, sig):
         assert driver.returncode == 130, stderr
         assert "run the same command again to resume" in " ".join(stderr.split())
         assert "Traceback" not in stdout + stderr
+
+
+# ---- a Dask cluster that goes away ------------------------------------------------------------
+class Cluster:
+    """A real Dask scheduler and one worker, each a process group of its own, on loopback."""
+
+    def __init__(self, folder: Path, port: int = 0, threads: int = 1):
+        folder.mkdir(parents=True, exist_ok=True)
+        address_file = folder / f"scheduler-{time.monotonic_ns()}.json"
+        self.processes = [self._start(folder / "scheduler.log", "scheduler", "--host", "127.0.0.1",
+                                      "--port", str(port), "--no-dashboard",
+                                      "--scheduler-file", str(address_file))]
+        found = wait_for(lambda: address_file.exists() and address_file.read_text().strip() and
+                         json.loads(address_file.read_text()).get("address"))
+        assert found, f"the scheduler did not start: {(folder / 'scheduler.log').read_text()[-2000:]}"
+        self.address = found
+        self.processes.append(self._start(folder / "worker.log", "worker", self.address, "--nthreads",
+                                          str(threads), "--no-dashboard"))
+
+    @staticmethod
+    def _start(log: Path, *args: str) -> subprocess.Popen:
+        with open(log, "a") as f:
+            return subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=f, stderr=f,
+                                    start_new_session=True)
+
+    def kill_scheduler(self) -> None:
+        os.killpg(self.processes[0].pid, signal.SIGKILL)
+        self.processes[0].wait()
+
+    def close(self) -> None:
+        for process in self.processes:
+            for pid in process_group(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            process.wait()
+
+
+def sweep_rows(out: Path) -> list[list[str]]:
+    path = out / "results.csv"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.split(",") for line in lines[1:]]
+
+
+@pytest.mark.slow
+def test_a_lost_dask_cluster_fails_no_trial_and_the_same_command_finishes_the_sweep(tmp_path):
+    pytest.importorskip("distributed")
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3",
+               "--epochs", "1500", "--points", "30", "--out", str(out)]
+    cluster = Cluster(tmp_path / "cluster")
+    try:
+        log = tmp_path / "sweep.log"
+        with open(log, "w") as f:
+            sweep = subprocess.Popen([*command, "--scheduler", cluster.address], cwd=ROOT, stdout=f,
+                                     stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: len(sweep_rows(out)) >= 1), "no trial finished"
+        cluster.kill_scheduler()
+        _, stderr = sweep.communicate(timeout=120)
+    finally:
+        cluster.close()
+    output = log.read_text() + stderr
+    rows = sweep_rows(out)
+    unfinished = 16 - len(rows)
+    assert sweep.returncode == 1, output
+    assert "Traceback" not in output
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith(f"Error: lost the Dask cluster at {cluster.address}: {unfinished} "
+                               "trial(s) unfinished"), output
+    assert "run the same command again" in lines[0]
+    assert 1 <= len(rows) < 16 and {row[1] for row in rows} == {"ok"}      # none failed
+    # The cluster back at the same address: the same command runs the rest.
+    port = int(cluster.address.rsplit(":", 1)[1])
+    cluster = Cluster(tmp_path / "cluster-again", port=port, threads=2)
+    try:
+        again = subprocess.run([*command, "--scheduler", cluster.address], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+    finally:
+        cluster.close()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"skipping {16 - unfinished} finished trial(s) of 16" in again.stdout
+    rows = sweep_rows(out)
+    assert len(rows) == 16 and {row[1] for row in rows} == {"ok"}

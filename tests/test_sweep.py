@@ -342,11 +342,12 @@ def test_serial_process_and_dask_results_are_bit_identical(tmp_path):
         assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
 
 
-def test_an_unreachable_scheduler_is_a_usage_error(tmp_path, monkeypatch):
+def test_an_unreachable_scheduler_is_a_usage_error_that_creates_nothing(tmp_path, monkeypatch):
     pytest.importorskip("distributed")
     monkeypatch.setattr(executors, "CONNECT_TIMEOUT", "0.5s")
-    result = invoke(*QUICK, "--out", tmp_path, "--scheduler", "tcp://127.0.0.1:9")
+    result = invoke(*QUICK, "--out", tmp_path / "s", "--scheduler", "tcp://127.0.0.1:9")
     assert result.exit_code == 2 and "--scheduler" in flat(result.output)
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow
