@@ -1,6 +1,7 @@
 """The ``nnx`` command: parse options, call experiments/mlp, show the outcome."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -13,8 +14,15 @@ import mlp
 from cli.progress import TrainingProgress, fmt
 from experiments.checkpoint import CHECKPOINT, parse_duration
 from experiments.config import TrainConfig, parse_hidden, resolve
-from experiments.errors import ConfigError, DataError
-from experiments.runner import default_run_dir, prepare_run_dir, resumable_config, run, save_run, start_run
+from experiments.errors import BusyError, ConfigError, DataError
+from experiments.runner import (
+    claim_run_dir,
+    claim_unfinished_run,
+    default_run_dir,
+    run,
+    save_run,
+    start_run,
+)
 from mlp.arch import PRESETS
 from mlp.network import ModelFileError
 
@@ -152,20 +160,32 @@ def train(
             iterations=iterations, batch_size=batch_size, patience=patience, seed=seed,
             time_budget=budget, checkpoint_every=checkpoint_every)
         config = resolve(config)
-        run_dir = prepare_run_dir(out or default_run_dir(config), overwrite)
     except ConfigError as exc:
         raise usage_error(exc) from None
-    start_run(run_dir, config)
-    train_and_save(config, run_dir, log_every)
+    with claimed(claim_run_dir(out or default_run_dir(config), overwrite)) as run_dir:
+        start_run(run_dir, config)
+        train_and_save(config, run_dir, log_every)
 
 
 def resume_run(run_dir: Path, log_every: int) -> None:
-    try:
-        config = resumable_config(run_dir)
-    except ConfigError as exc:
-        raise usage_error(exc) from None
-    console.print(f"resuming {run_dir} from its last checkpoint", highlight=False)
-    train_and_save(config, run_dir, log_every)
+    with claimed(claim_unfinished_run(run_dir)) as config:
+        console.print(f"resuming {run_dir} from its last checkpoint", highlight=False)
+        train_and_save(config, run_dir, log_every)
+
+
+@contextlib.contextmanager
+def claimed(claim):
+    """Enter ``claim``, a context manager that locks a run directory for the whole run,
+    with its errors as the user sees them: a bad directory is a usage error, one that
+    another nnx process is writing a run-time failure."""
+    with contextlib.ExitStack() as stack:
+        try:
+            value = stack.enter_context(claim)
+        except ConfigError as exc:
+            raise usage_error(exc) from None
+        except BusyError as exc:
+            fail(str(exc))
+        yield value
 
 
 def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:

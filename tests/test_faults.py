@@ -1,5 +1,6 @@
 """Faults from outside: a killed sweep driver, a lost Dask cluster, two writers on one
 directory, a shared machine's umask. Each runs the real thing in subprocesses."""
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,14 @@ from pathlib import Path
 
 import pytest
 from helpers import process_group
+from typer.testing import CliRunner
+
+from cli.app import app
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_SWEEP = ["sweep", "--grid", "hidden=5,10", "--seeds", "0-1", "--epochs", "1000000", "--points", "30"]
@@ -151,3 +160,63 @@ def test_a_lost_dask_cluster_fails_no_trial_and_the_same_command_finishes_the_sw
     assert f"skipping {16 - unfinished} finished trial(s) of 16" in again.stdout
     rows = sweep_rows(out)
     assert len(rows) == 16 and {row[1] for row in rows} == {"ok"}
+
+
+# ---- two writers, one directory ------------------------------------------------------------
+@contextlib.contextmanager
+def held_by_another_process(folder: Path):
+    """The lock an nnx process holds on a directory it writes: flock on the directory."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_locked(folder: Path) -> bool:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    return lines[0]
+
+
+@pytest.mark.skipif(fcntl is None, reason="no flock on this platform")
+@pytest.mark.parametrize("command", [["train", "--epochs", "5"], ["train", "--resume"],
+                                     ["sweep", "--grid", "hidden=3,5", "--epochs", "5", "--workers", "0"]])
+def test_a_directory_another_nnx_process_writes_is_refused(tmp_path, command):
+    out = tmp_path / "run"
+    out.mkdir()
+    args = [*command, str(out)] if command[-1] == "--resume" else [*command, "--out", str(out)]
+    with held_by_another_process(out):
+        line = one_error_line(CliRunner().invoke(app, args))
+    assert f"another nnx process is writing to {out}" in line
+    assert list(out.iterdir()) == []                       # nothing written, nothing removed
+
+
+@pytest.mark.skipif(fcntl is None, reason="no flock on this platform")
+def test_nnx_train_holds_its_directory_from_the_check_to_the_last_file(tmp_path, monkeypatch):
+    import cli.app
+    out, seen = tmp_path / "run", []
+    for name in ("start_run", "save_run"):
+        real = getattr(cli.app, name)
+
+        def checked(path, *args, real=real, name=name):
+            seen.append((name, is_locked(out)))
+            return real(path, *args)
+        monkeypatch.setattr(cli.app, name, checked)
+    result = CliRunner().invoke(app, ["train", "--epochs", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert seen == [("start_run", True), ("save_run", True)]
+    assert not is_locked(out)                              # and lets go when done

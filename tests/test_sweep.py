@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import experiments.executors as executors
 import experiments.sweep as sweep_module
 from cli.app import app
-from experiments.errors import ConfigError
+from experiments.errors import BusyError, ConfigError
 from experiments.store import METRIC_COLUMNS, RESULT_COLUMNS, SweepStore, summarize
 from experiments.sweep import (
     RESULT_SCHEMA_VERSION,
@@ -280,7 +280,7 @@ def test_a_directory_that_is_not_a_sweep_is_left_alone(tmp_path):
 
 
 def test_a_directory_in_use_is_locked(tmp_path):
-    with SweepStore.open(tmp_path), pytest.raises(ConfigError, match="another nnx sweep"):
+    with SweepStore.open(tmp_path), pytest.raises(BusyError, match="another nnx process"):
         with SweepStore.open(tmp_path):
             pass
 
