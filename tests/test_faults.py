@@ -220,3 +220,30 @@ def test_nnx_train_holds_its_directory_from_the_check_to_the_last_file(tmp_path,
     assert result.exit_code == 0, result.output
     assert seen == [("start_run", True), ("save_run", True)]
     assert not is_locked(out)                              # and lets go when done
+
+
+# ---- a shared machine ----------------------------------------------------------------------
+WRITE_EVERYTHING = """
+import sys
+from cli.app import app
+out = sys.argv[1]
+for args in (["train", "--epochs", "3", "--checkpoint-every", "1", "--out", out + "/run"],
+             ["sweep", "--grid", "hidden=3,5", "--epochs", "3", "--workers", "0", "--out", out + "/sweep"],
+             ["plot-curves", out + "/run"]):
+    app(args, prog_name="nnx", standalone_mode=False)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["022", "002"])
+def test_every_file_nnx_writes_has_the_mode_the_umask_gives(tmp_path, umask):
+    subprocess.run([sys.executable, "-c", WRITE_EVERYTHING, str(tmp_path)], cwd=ROOT, umask=umask,
+                   check=True, capture_output=True, timeout=120)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"checkpoint.npz", "model.npz", "config.json", "results.csv", "summary.csv",
+            "curves.png"} <= {p.name for p in files}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    folders = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")
+               if p.is_dir()}
+    assert set(folders.values()) == {oct(0o777 & ~umask)}, folders
