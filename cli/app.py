@@ -25,6 +25,7 @@ from experiments.runner import (
 )
 from mlp.arch import PRESETS
 from mlp.network import ModelFileError
+from mlp.train import RUNAWAY_FACTOR
 
 app = typer.Typer(name="nnx", no_args_is_help=True, add_completion=False,
                   help="Train and study neural networks written from scratch in NumPy.")
@@ -199,8 +200,8 @@ def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
     save_run(run_dir, outcome)
     show_summary(outcome, run_dir)
     if outcome.status != "ok":
-        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (loss became NaN or "
-             "infinite); try a smaller --lr")
+        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (the loss became NaN, "
+             f"infinite or over {RUNAWAY_FACTOR:g} times its first value); try a smaller --lr")
 
 
 def show_summary(outcome, run_dir: Path) -> None:
