@@ -1,6 +1,10 @@
 """Shared test helpers."""
 import os
 import pickle
+import select
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -98,6 +102,28 @@ def without_seconds(history):
 
 
 # ---- processes ----------------------------------------------------------------------------
+def kill_when_ready(child: str, args: list[str], cwd: Path) -> bytes:
+    """Run ``python -c child READY_FD *args`` in a process group of its own and SIGKILL
+    the group once the child writes to READY_FD, which it does at the point a test
+    wants it killed (and then waits). Returns what it wrote: b"" if it ended or hung
+    before. No timing is assumed: the run cannot finish before the kill."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", child, str(write_end), *args], cwd=cwd,
+                            pass_fds=[write_end], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    os.close(write_end)
+    try:
+        # A deadline for a child that hangs before it gets there, not a guess at its speed.
+        ready, _, _ = select.select([read_end], [], [], 120)
+        said = os.read(read_end, 64) if ready else b""
+    finally:
+        os.close(read_end)
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    assert said, f"the child ended or hung before it was ready: {stderr.decode()[-2000:]}"
+    return said
+
+
 def process_group(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group ``pgid``, read from /proc."""
     found = []

@@ -1,16 +1,11 @@
 """Checkpoints, `nnx train --resume` and `--time-budget`."""
 import json
-import os
-import select
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import KillAt, flat, without_seconds
+from helpers import KillAt, flat, kill_when_ready, without_seconds
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -25,8 +20,7 @@ CONFIG = dict(data="moons", hidden=[32, 32], dropout=0.2, optimizer="adam", lr=0
               checkpoint_every=1, seed=3)
 
 # `nnx train` in a child that, once the checkpoint of epoch KILL_AFTER is on disk, says so
-# through the file descriptor in argv[1] and waits to be killed: the test kills it at a
-# known point, and the run cannot finish first however fast the machine is.
+# (through the file descriptor in argv[1]) and waits to be killed.
 KILL_AFTER = 3
 CHILD = f"""
 import os, sys, threading
@@ -62,21 +56,7 @@ def test_cli_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
             "momentum", "--lr", "0.05", "--batch-size", "8", "--epochs", "8",
             "--val-fraction", "0.2", "--checkpoint-every", "1"]
     killed = tmp_path / "killed"
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(write_end), *args, "--out", str(killed)],
-                            cwd=ROOT, pass_fds=[write_end], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    os.close(write_end)
-    try:
-        # A deadline for a child that hangs before its first checkpoint, not a guess
-        # at how long training takes: the child waits for the kill once it has said so.
-        ready, _, _ = select.select([read_end], [], [], 120)
-        said = os.read(read_end, 16) if ready else b""
-    finally:
-        os.close(read_end)
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-    assert said == b"saved", f"the child ended or hung before its checkpoint: {stderr.decode()[-2000:]}"
+    assert kill_when_ready(CHILD, [*args, "--out", str(killed)], ROOT) == b"saved"
     assert (killed / "checkpoint.npz").exists() and not (killed / "model.npz").exists()
     assert json.loads((killed / "config.json").read_text())["status"] == "running"
     runner = CliRunner()

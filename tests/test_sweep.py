@@ -1,15 +1,12 @@
 """`nnx sweep`: spec parsing, the results store, resume and crash safety, backends."""
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import flat
+from helpers import flat, kill_when_ready
 from typer.testing import CliRunner
 
 import experiments.executors as executors
@@ -350,28 +347,41 @@ def test_an_unreachable_scheduler_is_a_usage_error_that_creates_nothing(tmp_path
     assert not (tmp_path / "s").exists()
 
 
+# `nnx sweep` in a child that says so (through the file descriptor in argv[1]) once
+# KILL_AFTER rows are written, and waits to be killed with its workers.
+KILL_AFTER = 3
+CHILD = f"""
+import os, sys, threading
+from experiments.store import SweepStore
+from cli.app import app
+
+ready, append = int(sys.argv[1]), SweepStore.append
+
+def append_then_wait(self, trial, record):
+    row = append(self, trial, record)
+    if len(self.read_rows()) == {KILL_AFTER}:
+        os.write(ready, b"appended")
+        threading.Event().wait()
+    return row
+
+SweepStore.append = append_then_wait
+app(sys.argv[2:], prog_name="nnx")
+"""
+
+
 @pytest.mark.slow
 def test_kill_and_resume_finds_every_trial_exactly_once(tmp_path):
     """SIGKILL a running sweep, tear its last line, resume: same trials, same numbers."""
-    args = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3",
-            "--epochs", "600", "--points", "30", "--val-fraction", "0.2", "--workers", "1",
-            "--out", str(tmp_path / "killed")]
+    args = ["sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3", "--epochs", "600",
+            "--points", "30", "--val-fraction", "0.2", "--workers", "1", "--out", str(tmp_path / "killed")]
     results = tmp_path / "killed" / "results.csv"
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (results.exists() and results.read_bytes().count(b"\n") >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before the kill"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    assert kill_when_ready(CHILD, args, ROOT) == b"appended"
     done = results.read_bytes().count(b"\n") - 1
-    assert 2 <= done < 16
+    assert done == KILL_AFTER
     with open(results, "ab") as f:
         f.write(b"0123456789abcdef,ok,spiral,30,3,")                # a torn append
-    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping {done} finished trial(s) of 16" in resumed.stdout
     spec = build_spec(["hidden=5,10,20,30"], "0-3",
