@@ -84,7 +84,7 @@ def test_killing_the_sweep_driver_ends_its_workers(tmp_path, sig):
 class Cluster:
     """A real Dask scheduler and one worker, each a process group of its own, on loopback."""
 
-    def __init__(self, folder: Path, port: int = 0, threads: int = 1):
+    def __init__(self, folder: Path, port: int = 0, threads: int = 1, preload: Path | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         address_file = folder / f"scheduler-{time.monotonic_ns()}.json"
         self.processes = [self._start(folder / "scheduler.log", "scheduler", "--host", "127.0.0.1",
@@ -94,8 +94,9 @@ class Cluster:
                          json.loads(address_file.read_text()).get("address"))
         assert found, f"the scheduler did not start: {(folder / 'scheduler.log').read_text()[-2000:]}"
         self.address = found
+        extra = ["--preload", str(preload)] if preload else []
         self.processes.append(self._start(folder / "worker.log", "worker", self.address, "--nthreads",
-                                          str(threads), "--no-dashboard"))
+                                          str(threads), "--no-dashboard", *extra))
 
     @staticmethod
     def _start(log: Path, *args: str) -> subprocess.Popen:
@@ -120,26 +121,45 @@ def sweep_rows(out: Path) -> list[list[str]]:
     return [line.split(",") for line in lines[1:]]
 
 
+# Loaded into the first cluster's worker: the trials of hidden=30 (the sweep runs the
+# longest first, one at a time on one thread) finish, every other one waits for ever, so
+# the sweep is known to be at 4 of 16 when the scheduler is killed.
+ONLY_THE_LARGEST_FINISH = """
+import threading
+import experiments.executors as executors
+from experiments.runner import run
+
+def run_or_wait(config, *args, **kwargs):
+    if config.hidden != [30]:
+        threading.Event().wait()
+    return run(config, *args, **kwargs)
+
+executors.run = run_or_wait
+"""
+
+
 @pytest.mark.slow
 def test_a_lost_dask_cluster_fails_no_trial_and_the_same_command_finishes_the_sweep(tmp_path):
     pytest.importorskip("distributed")
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3",
-               "--epochs", "1500", "--points", "30", "--out", str(out)]
-    cluster = Cluster(tmp_path / "cluster")
+               "--epochs", "300", "--points", "30", "--out", str(out)]
+    preload = tmp_path / "only_the_largest_finish.py"
+    preload.write_text(ONLY_THE_LARGEST_FINISH)
+    cluster = Cluster(tmp_path / "cluster", preload=preload)
     try:
         log = tmp_path / "sweep.log"
         with open(log, "w") as f:
             sweep = subprocess.Popen([*command, "--scheduler", cluster.address], cwd=ROOT, stdout=f,
                                      stderr=subprocess.PIPE, text=True)
-        assert wait_for(lambda: len(sweep_rows(out)) >= 1), "no trial finished"
+        assert wait_for(lambda: len(sweep_rows(out)) == 4), "the four largest trials did not finish"
         cluster.kill_scheduler()
         _, stderr = sweep.communicate(timeout=120)
     finally:
         cluster.close()
     output = log.read_text() + stderr
     rows = sweep_rows(out)
-    unfinished = 16 - len(rows)
+    unfinished = 12
     assert sweep.returncode == 1, output
     assert "Traceback" not in output
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -147,7 +167,7 @@ def test_a_lost_dask_cluster_fails_no_trial_and_the_same_command_finishes_the_sw
     assert lines[0].startswith(f"Error: lost the Dask cluster at {cluster.address}: {unfinished} "
                                "trial(s) unfinished"), output
     assert "run the same command again" in lines[0]
-    assert 1 <= len(rows) < 16 and {row[1] for row in rows} == {"ok"}      # none failed
+    assert len(rows) == 4 and {row[1] for row in rows} == {"ok"}      # none of the 12 failed
     # The cluster back at the same address: the same command runs the rest.
     port = int(cluster.address.rsplit(":", 1)[1])
     cluster = Cluster(tmp_path / "cluster-again", port=port, threads=2)
