@@ -104,8 +104,8 @@ def _on_dask(client, configs: list[dict]) -> Iterator[tuple[int, dict]]:
     futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
     try:
         for future in as_completed(futures):
-            # Dask cancels every trial of a client that lost its scheduler (and nothing
-            # else cancels ours), so a cancelled trial was never a failure of its own.
+            # Dask cancels every trial of a client that lost its scheduler (nnx cancels
+            # none while it waits), so a cancelled trial is not a failure of its own.
             if future.cancelled():
                 raise ClusterLostError(_lost(client))
             yield futures[future], _result(future)
