@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from experiments.config import TrainConfig
@@ -31,6 +31,7 @@ BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 MAX_IMAGE_MODEL_PARAMS = 1_000_000     # image models this big are not kept per trial
 CONNECT_TIMEOUT = "10s"                # to reach a Dask scheduler
 DRIVER_POLL_SECONDS = 0.5              # how often a worker checks that its driver lives
+WAKE_SECONDS = 0.5                     # how often the driver, waiting for trials, looks at signals
 
 
 def run_trial(config: dict) -> dict:
@@ -97,6 +98,18 @@ def execute(configs: list[dict], workers: int = 1, scheduler=None) -> Iterator[t
         futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
         for future in as_completed(futures):
             yield futures[future], _result(future)
+
+
+def as_completed(futures) -> Iterator:
+    """``futures`` as they finish, as ``concurrent.futures.as_completed`` gives them, but
+    waking every WAKE_SECONDS. The kernel hands a signal sent to the process (Ctrl-C,
+    SIGTERM) to any of its threads; Python runs the handler in the main thread only when
+    that thread next runs Python code, and one blocked in an endless wait never would:
+    the sweep would ignore the signal."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=WAKE_SECONDS, return_when=FIRST_COMPLETED)
+        yield from done
 
 
 def _on_dask(client, configs: list[dict]) -> Iterator[tuple[int, dict]]:

@@ -1,6 +1,7 @@
 """Faults from outside: a killed sweep driver, a lost Dask cluster, two writers on one
 directory, a shared machine's umask. Each runs the real thing in subprocesses."""
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -48,9 +49,22 @@ def spawned_workers(pgid: int) -> list[int]:
     return found
 
 
+def signal_another_thread(pid: int, sig: int) -> None:
+    """Send ``sig`` to a thread of process ``pid`` other than its main thread, as the kernel
+    may choose to when a signal is sent to the process."""
+    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)
+    if tgkill is None:
+        pytest.skip("no tgkill in this C library (glibc < 2.30)")
+    threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert threads, "the driver has no other thread"
+    assert tgkill(pid, threads[0], sig) == 0, os.strerror(ctypes.get_errno())
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killing_the_sweep_driver_ends_its_workers(tmp_path, sig):
+@pytest.mark.parametrize("sig, to_another_thread", [(signal.SIGKILL, False), (signal.SIGTERM, False),
+                                                    (signal.SIGTERM, True)],
+                         ids=["SIGKILL", "SIGTERM", "SIGTERM-to-another-thread"])
+def test_killing_the_sweep_driver_ends_its_workers(tmp_path, sig, to_another_thread):
     # The driver leads a process group of its own, which its workers (and multiprocessing's
     # resource tracker) join: after the driver, the group must empty. Its output goes to
     # files: the workers inherit the descriptors, and a pipe would stay open with them.
@@ -62,7 +76,10 @@ def test_killing_the_sweep_driver_ends_its_workers(tmp_path, sig):
     try:
         workers = wait_for(lambda: len(found := spawned_workers(driver.pid)) == 2 and found)
         assert workers, "the sweep started no workers"
-        os.kill(driver.pid, sig)
+        if to_another_thread:
+            signal_another_thread(driver.pid, sig)
+        else:
+            os.kill(driver.pid, sig)
         driver.wait(timeout=60)
         wait_for(lambda: not process_group(driver.pid), timeout=10)
         left = process_group(driver.pid)
