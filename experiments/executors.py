@@ -95,7 +95,8 @@ def execute(configs: list[dict], workers: int = 1, scheduler=None) -> Iterator[t
                 yield index, run_trial(config)
         return
     with process_executor(min(workers, len(configs))) as executor:   # an early exit stops the rest
-        futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
+        with _signals_held():     # submitting spawns the workers
+            futures = {executor.submit(run_trial, config): i for i, config in enumerate(configs)}
         for future in as_completed(futures):
             yield futures[future], _result(future)
 
@@ -166,6 +167,27 @@ def process_executor(workers: int) -> Iterator[Executor]:
             pool.shutdown(wait=False)
             raise
         pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl-C and SIGTERM while the block runs, then act on them. A worker is
+    spawned by writing its start-up data down a pipe: interrupted halfway, the new
+    process finds the pipe cut, prints a traceback and dies, and the driver has no
+    handle on it yet. Only the main thread may set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:         # None: a handler set outside Python, left alone
+                signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)     # now, to the handler there was before
 
 
 def _start_worker(driver: int, parent_death_signal: bool) -> None:

@@ -4,6 +4,7 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -95,6 +96,64 @@ def test_killing_the_sweep_driver_ends_its_workers(tmp_path, sig, to_another_thr
         assert driver.returncode == 130, stderr
         assert "run the same command again to resume" in " ".join(stderr.split())
         assert "Traceback" not in stdout + stderr
+
+
+# The sweep driver in a child that stops while spawning its first worker, between starting
+# the process and sending it its start-up data: says so through argv[1], and goes on once
+# the file argv[2] exists.
+PAUSED_MID_SPAWN = """
+import os, sys, time
+from multiprocessing import util
+from pathlib import Path
+from cli.app import app
+
+ready, go, spawn = int(sys.argv[1]), Path(sys.argv[2]), util.spawnv_passfds
+
+def spawn_and_pause(path, args, passfds):
+    pid = spawn(path, args, passfds)
+    if any("spawn_main" in str(a) for a in args) and not go.exists():
+        os.write(ready, b"spawning")
+        while not go.exists():
+            time.sleep(0.01)
+    return pid
+
+util.spawnv_passfds = spawn_and_pause
+app(sys.argv[3:], prog_name="nnx")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_while_a_worker_is_being_spawned_stops_the_sweep_cleanly(tmp_path):
+    """A worker half spawned when the signal came found its start-up pipe cut and printed
+    a traceback; the driver now finishes spawning first, then stops."""
+    go = tmp_path / "go"
+    read_end, write_end = os.pipe()
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-c", PAUSED_MID_SPAWN, str(write_end), str(go),
+                                   *LONG_SWEEP, "--workers", "2", "--out", str(tmp_path / "sweep")],
+                                  cwd=ROOT, pass_fds=[write_end], start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 120)
+        assert ready and os.read(read_end, 64) == b"spawning", err.read_text()[-2000:]
+        os.kill(driver.pid, signal.SIGTERM)
+        go.touch()
+        driver.wait(timeout=60)
+        wait_for(lambda: not process_group(driver.pid), timeout=10)
+        left = process_group(driver.pid)
+    finally:
+        os.close(read_end)
+        for pid in process_group(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    output = err.read_text()
+    assert driver.returncode == 130 and "Traceback" not in output, output
+    assert "run the same command again to resume" in " ".join(output.split())
+    assert not left
 
 
 # ---- a Dask cluster that goes away ------------------------------------------------------------
