@@ -166,12 +166,16 @@ class Cluster:
         self.processes = [self._start(folder / "scheduler.log", "scheduler", "--host", "127.0.0.1",
                                       "--port", str(port), "--no-dashboard",
                                       "--scheduler-file", str(address_file))]
-        found = wait_for(lambda: self._address(address_file))
-        assert found, f"the scheduler did not start: {(folder / 'scheduler.log').read_text()[-2000:]}"
-        self.address = found
-        extra = ["--preload", str(preload)] if preload else []
-        self.processes.append(self._start(folder / "worker.log", "worker", self.address, "--nthreads",
-                                          str(threads), "--no-dashboard", *extra))
+        try:
+            found = wait_for(lambda: self._address(address_file))
+            assert found, f"the scheduler did not start: {(folder / 'scheduler.log').read_text()[-2000:]}"
+            self.address = found
+            extra = ["--preload", str(preload)] if preload else []
+            self.processes.append(self._start(folder / "worker.log", "worker", self.address,
+                                              "--nthreads", str(threads), "--no-dashboard", *extra))
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _address(file: Path) -> str | None:
