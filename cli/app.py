@@ -1,6 +1,7 @@
 """The ``nnx`` command: parse options, call experiments/mlp, show the outcome."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -13,9 +14,16 @@ from cli.options import config_from_options, config_option, parse_option, with_c
 from cli.progress import TrainingProgress, fmt
 from experiments.checkpoint import CHECKPOINT
 from experiments.config import RUN, TrainConfig, resolve
-from experiments.errors import ConfigError, DataError
+from experiments.errors import BusyError, ConfigError, DataError
 from experiments.resources import check_memory
-from experiments.runner import default_run_dir, prepare_run_dir, resumable_config, run, save_run, start_run
+from experiments.runner import (
+    claim_run_dir,
+    claim_unfinished_run,
+    default_run_dir,
+    run,
+    save_run,
+    start_run,
+)
 from mlp.network import ModelFileError
 from mlp.train import RUNAWAY_FACTOR
 
@@ -55,20 +63,32 @@ def train(
     try:
         config = resolve(config_from_options(options))
         check_memory(config)
-        run_dir = prepare_run_dir(out or default_run_dir(config), overwrite)
     except ConfigError as exc:
         raise usage_error(exc) from None
-    start_run(run_dir, config)
-    train_and_save(config, run_dir, log_every)
+    with claimed(claim_run_dir(out or default_run_dir(config), overwrite)) as run_dir:
+        start_run(run_dir, config)
+        train_and_save(config, run_dir, log_every)
 
 
 def resume_run(run_dir: Path, log_every: int) -> None:
-    try:
-        config = resumable_config(run_dir)
-    except ConfigError as exc:
-        raise usage_error(exc) from None
-    console.print(f"resuming {run_dir} from its last checkpoint", highlight=False)
-    train_and_save(config, run_dir, log_every)
+    with claimed(claim_unfinished_run(run_dir)) as config:
+        console.print(f"resuming {run_dir} from its last checkpoint", highlight=False)
+        train_and_save(config, run_dir, log_every)
+
+
+@contextlib.contextmanager
+def claimed(claim):
+    """Enter ``claim``, a context manager that locks a run directory for the whole run,
+    with its errors as the user sees them: a bad directory is a usage error, one that
+    another nnx process is writing a run-time failure."""
+    with contextlib.ExitStack() as stack:
+        try:
+            value = stack.enter_context(claim)
+        except ConfigError as exc:
+            raise usage_error(exc) from None
+        except BusyError as exc:
+            fail(str(exc))
+        yield value
 
 
 def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
@@ -92,8 +112,8 @@ def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
              "kept: continue it with --resume once the problem is fixed")
     show_run_summary(outcome, run_dir)
     if outcome.status != "ok":
-        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (the loss ran away: "
-             f"NaN, infinite or {RUNAWAY_FACTOR:g}x its first value); try a smaller --lr")
+        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (the loss became NaN, "
+             f"infinite or over {RUNAWAY_FACTOR:g} times its first value); try a smaller --lr")
 
 
 def abandon_run(run_dir: Path) -> None:

@@ -1,11 +1,13 @@
 """One training run: config -> data + network -> trainer -> outcome -> files."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +27,7 @@ from experiments.config import TrainConfig, format_hidden, format_option, resolv
 from experiments.datasets import Dataset, make_2d
 from experiments.errors import ConfigError
 from experiments.files import history_csv, make_dir
+from experiments.locks import directory_lock
 from experiments.resources import check_memory
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
@@ -165,17 +168,33 @@ def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{config.data}-{arch}-seed{config.seed}-{stamp}"
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Check ``path`` can take a run before any work is done; create it."""
+@contextlib.contextmanager
+def claim_run_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Create ``path`` for a new run and hold its lock while the block runs (BusyError
+    when another nnx process holds it); check it can take the run before any work is
+    done. The check happens under the lock: two runs started together cannot both pass it."""
     path = make_dir(path)
-    existing = [name for name in (*RUN_FILES, CHECKPOINT) if (path / name).exists()]
-    if existing and not overwrite:
-        hint = "continue it with --resume, " if existing == ["config.json", CHECKPOINT] else ""
-        raise ConfigError("out", f"{path} already holds a run ({', '.join(existing)}); {hint}"
-                                 "pass --overwrite to replace it or choose another --out")
-    for name in existing:      # a stale checkpoint would otherwise be resumed
-        (path / name).unlink()
-    return path
+    with directory_lock(path):
+        existing = [name for name in (*RUN_FILES, CHECKPOINT) if (path / name).exists()]
+        if existing and not overwrite:
+            hint = "continue it with --resume, " if existing == ["config.json", CHECKPOINT] else ""
+            raise ConfigError("out", f"{path} already holds a run ({', '.join(existing)}); {hint}"
+                                     "pass --overwrite to replace it or choose another --out")
+        for name in existing:      # a stale checkpoint would otherwise be resumed
+            (path / name).unlink()
+        yield path
+
+
+@contextlib.contextmanager
+def claim_unfinished_run(path: str | Path) -> Iterator[TrainConfig]:
+    """Hold the lock of the killed run in ``path`` while the block resumes it; yields its
+    config (ConfigError when there is no unfinished run there, BusyError when another
+    nnx process is running it)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError("resume", f"{path} holds no nnx run (no such directory)")
+    with directory_lock(path):
+        yield resumable_config(path)
 
 
 def start_run(path: Path, config: TrainConfig) -> None:

@@ -32,12 +32,8 @@ import mlp
 from experiments.config import OPTIONS, format_option
 from experiments.errors import ConfigError
 from experiments.files import history_csv, make_dir
+from experiments.locks import directory_lock
 from mlp.network import atomic_write_bytes
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock, one driver per directory by convention
-    fcntl = None
 
 # Every TrainConfig field is a column (the resolved value), seed last: the table
 # describes each run on its own and its columns never depend on the sweep.
@@ -80,10 +76,11 @@ class SweepStore:
     @classmethod
     @contextlib.contextmanager
     def open(cls, path: str | Path) -> Iterator[SweepStore]:
-        """Create the directory and hold its lock while the block runs: one driver at a time."""
+        """Create the directory and hold its lock while the block runs: one driver at a
+        time (BusyError for a second one)."""
         store = cls(path)
         make_dir(store.path)
-        with _locked(store.path):
+        with directory_lock(store.path):
             yield store
 
     # ---- sweep ------------------------------------------------------------------
@@ -277,23 +274,6 @@ def format_line(row: dict) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([row[c] for c in RESULT_COLUMNS])
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """An exclusive lock on the directory itself (so no lock file), released on exit or kill."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError("out", f"another nnx sweep is writing to {folder}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

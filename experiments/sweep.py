@@ -23,7 +23,7 @@ from typing import Any
 
 from experiments.config import OPTIONS, TrainConfig, apply_recipe, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
-from experiments.errors import ConfigError
+from experiments.errors import ClusterLostError, ConfigError
 from experiments.resources import check_memory
 from experiments.store import SweepStore, trial_key
 
@@ -381,12 +381,13 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
               scheduler: str | None = None, retry_failed: bool = False, force: bool = False,
               callback: SweepCallback | None = None) -> SweepOutcome:
     """Run every trial of ``sweep`` not yet finished in ``out``; write rows as they finish."""
-    from experiments.executors import default_workers, execute
+    from experiments.executors import connect, default_workers, execute
 
     started = time.perf_counter()
     callback = callback or SweepCallback()
     trials, out = plan(sweep, out)
-    with SweepStore.open(out) as store:
+    # The cluster first: an unreachable one must leave no directory behind.
+    with connect(scheduler) as cluster, SweepStore.open(out) as store:
         _adopt_sweep(store, sweep, trials, force)
         store.repair(force)
         rows = store.read_rows()
@@ -397,8 +398,8 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         todo = sorted((t for t in trials if t.key not in rows), key=lambda t: -_cost(t.config))
         callback.on_sweep_begin(len(trials), len(trials) - len(todo), len(todo), list(rows.values()))
         workers = default_workers() if workers is None else workers
-        results = execute([t.config.to_dict() for t in todo], workers, scheduler)
-        with contextlib.closing(results):      # an error here stops the workers too
+        results = execute([t.config.to_dict() for t in todo], workers, cluster)
+        with contextlib.closing(results), _saying_what_is_saved(out, trials, rows):
             for index, record in results:
                 row = store.append(todo[index], record)
                 rows[row["trial_key"]] = row
@@ -406,6 +407,17 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         store.write_summary([t.key for t in trials])
     return SweepOutcome(out, trials, {t.key: rows[t.key] for t in trials}, len(todo),
                         len(trials) - len(todo), time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _saying_what_is_saved(out: Path, trials: list[Trial], rows: dict):
+    """A lost cluster's error, completed with what the sweep has (``rows`` as it grows)."""
+    try:
+        yield
+    except ClusterLostError as exc:
+        raise ClusterLostError(f"{exc}: {len(trials) - len(rows)} trial(s) unfinished; the "
+                               f"{len(rows)} finished are saved in {out}: run the same command "
+                               "again to finish the sweep") from None
 
 
 def _cost(config) -> float:

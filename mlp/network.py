@@ -252,12 +252,37 @@ class Network:
         return f"Network(\n  {layers},\n  loss={self.loss_name}, reg={self.reg})"
 
 
+def _process_umask() -> int:
+    """The umask, read without changing it where the system reports it (Linux, in
+    /proc since 4.7); elsewhere only by setting it and back, done once, at import."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+# The mode of every file nnx writes: what open() gives under the umask (0644 under 022,
+# 0664 under 002), so results can be shared on a multi-user machine; mkstemp alone makes
+# them 0600. The umask belongs to the whole process, so it is read once, not set and
+# restored around each write while other threads may be creating files.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` (mode FILE_MODE) via a temporary file in the same
+    folder and a rename: readers see the old file or the new one, never a part."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -26,6 +26,7 @@ def test_confusion_matrix_counts_true_rows_predicted_columns():
     np.testing.assert_array_equal(m, [[1, 1, 0], [0, 1, 0], [1, 0, 1]])
 
 
+@pytest.mark.numerics
 def test_evaluation_agrees_with_the_training_record(run_dir):
     import json
     net = Network.load(run_dir / "model.npz")

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # One value per field that differs from its default (and from None).
 SAMPLE = {"recipe": None, "bn_decay": 0.5, "bn_eps": 1e-3, "bn_scale": False, "bn_bias_lr": 8.0,
-          "whiten_bias_epochs": 2, "data": "moons", "points": 37, "classes": 2, "noise": 0.15, "val_size": 0.25,
+          "whiten_bias_epochs": 2, "data": "moons", "points": 37, "classes": 2, "noise": 0.15,
+          "val_size": 0.25,
           "data_seed": 4, "data_dir": "/tmp/nowhere", "limit": 300, "augment": True,
           "arch": None, "hidden": [16, 8], "activation": "tanh", "init": "xavier",
           "weight_scale": 0.02, "dropout": 0.1, "loss": "softmax", "reg": 0.003,

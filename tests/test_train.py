@@ -22,6 +22,7 @@ def test_linear_softmax_on_the_spiral_lands_near_the_notes_49_percent():
     assert 0.45 <= outcome.final["final_train_acc"] <= 0.58
 
 
+@pytest.mark.numerics
 def test_same_seed_gives_bit_identical_metrics():
     config = TrainConfig(data="moons", hidden=[16], optimizer="adam", lr=0.01, batch_size=32,
                          epochs=15, val_size=0.2, dropout=0.1, seed=7)
@@ -99,6 +100,7 @@ def test_a_callback_re_plans_the_run_and_the_schedule_follows():
     assert result.history[-1]["lr"] == pytest.approx(schedule(4.0))   # the last epoch's first batch
 
 
+@pytest.mark.numerics
 def test_a_runaway_loss_is_divergence_even_while_finite():
     """lr 1000 on the spiral: the loss jumps a hundredfold and more, then oscillates
     without ever reaching inf; the 100x rule calls it diverged."""
