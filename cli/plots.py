@@ -5,8 +5,10 @@ from pathlib import Path
 
 import typer
 
-from cli.common import console, fail
+from cli.common import console, fail, finite, usage_error
 from cli.options import config_option, parse_option
+from experiments.errors import ConfigError
+from experiments.files import check_output_file
 
 FORMAT_HELP = "png, svg or pdf (ignored when --out names a file with one of these extensions)."
 OUT_HELP = "Image file to write [default: {name}.<format> inside the directory drawn]."
@@ -23,19 +25,24 @@ def output_path(source: Path, name: str, out: Path | None, fmt: str) -> Path:
     from experiments.plots import FORMATS
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="'--format'")
-    if out is not None and out.is_dir():
-        return out / f"{name}.{fmt}"
     if out is not None:
-        return out if out.suffix.lstrip(".").lower() in FORMATS else out.with_suffix(f".{fmt}")
+        if out.is_dir():
+            out = out / f"{name}.{fmt}"
+        elif out.suffix.lstrip(".").lower() not in FORMATS:
+            out = out.with_suffix(f".{fmt}")
+        try:
+            return check_output_file(out)       # refused before anything is drawn
+        except ConfigError as exc:
+            raise usage_error(exc) from None
     folder = source if source.is_dir() else source.parent
     return folder / f"{name}.{fmt}"
 
 
 def draw(function, *args, **kwargs):
-    """Call a plots function and return what it returns. A refusal is one red line and
-    exit code 2 when the path is the wrong kind of thing (a CIFAR-10 model for decision
-    regions, a run where a sweep is needed), 1 otherwise (nothing finished yet, a file
-    missing, an output file that cannot be written)."""
+    """Call a plots function and return what it returns. A refusal is one red line: exit
+    code 2 for a bad option (an unknown column) and for a path of the wrong kind (a
+    CIFAR-10 model for decision regions, a run where a sweep is needed), 1 otherwise
+    (nothing finished yet, a file missing, an output file that could not be written)."""
     from experiments.boundary import NotDrawableError, WrongKindError
     from experiments.errors import NotWritableError
     try:
@@ -44,6 +51,10 @@ def draw(function, *args, **kwargs):
         fail(str(exc), 2)
     except (NotDrawableError, NotWritableError) as exc:
         fail(str(exc))
+    except ConfigError as exc:
+        raise usage_error(exc) from None
+    except OSError as exc:
+        fail(f"cannot write {exc.filename or 'the figure'}: {exc.strerror or exc}")
 
 
 def parse_where(items: list[str]) -> dict[str, str]:
@@ -60,10 +71,10 @@ def plot_boundary_command(
     path: Path = typer.Argument(..., help="A run directory (nnx train) or a sweep directory (nnx sweep)."),
     out: Path | None = typer.Option(None, help=OUT_HELP.format(name="boundary")),
     format: str = typer.Option("png", "--format", help=FORMAT_HELP),
-    resolution: int | None = typer.Option(None, min=2, help="Grid points per axis \\[default: 200, "
-                                          "120 for --animate]."),
-    margin: float = typer.Option(0.1, min=0.0, help="Grid margin beyond the data, as a fraction "
-                                 "of the data's span on each side."),
+    resolution: int | None = typer.Option(None, min=2, max=4000, help="Grid points per axis "
+                                          "\\[default: 200, 120 for --animate]."),
+    margin: float = typer.Option(0.1, min=0.0, max=10.0, callback=finite, help="Grid margin "
+                                 "beyond the data, as a fraction of the data's span on each side."),
     rows: str | None = typer.Option(None, help=ROWS_HELP),
     cols: str | None = typer.Option(None, help=COLS_HELP),
     seed: str | None = config_option("seed", help="Sweeps: the seed to draw \\[default: the smallest]."),
@@ -87,6 +98,10 @@ def plot_boundary_command(
         if animate.suffix.lstrip(".").lower() not in ANIMATION_FORMATS:
             raise typer.BadParameter(f"{animate} is not a .gif or .mp4 file name",
                                      param_hint="'--animate'")
+        try:
+            check_output_file(animate, "animate")       # refused before any frame is drawn
+        except ConfigError as exc:
+            raise usage_error(exc) from None
         size = {"resolution": resolution or 120, "margin": margin, "fps": fps, "max_frames": max_frames}
         if is_sweep_dir(path):
             draw(animate_sweep, path, animate, rows=rows, cols=cols, seed=seed,
@@ -180,7 +195,10 @@ def reproduce_command(
     from experiments.reproduce import TARGETS, reproduce_cs231n
     if target not in TARGETS:
         raise typer.BadParameter(f"{target!r} is not one of {', '.join(TARGETS)}", param_hint="'TARGET'")
-    report = reproduce_cs231n(out, workers=workers, quick=quick, log=console.print)
+    try:
+        report = reproduce_cs231n(out, workers=workers, quick=quick, log=console.print)
+    except ConfigError as exc:
+        raise usage_error(exc) from None
     for claim in report.claims:
         verdict = "[green]held[/green]" if claim.held else "[red]did not hold[/red]"
         console.print(f"{claim.name}: {verdict} ({claim.evidence})")

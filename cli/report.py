@@ -5,8 +5,9 @@ from pathlib import Path
 
 import typer
 
-from cli.common import console
+from cli.common import console, usage_error
 from cli.plots import draw
+from experiments.errors import ConfigError
 
 
 def report_command(
@@ -17,8 +18,14 @@ def report_command(
     """Write one HTML page: the command that reruns it, the full config, the environment,
     the results (tables sort when a header is clicked) and every figure nnx draws for it,
     all embedded: it opens offline in any browser and travels as one file."""
+    from experiments.files import check_output_file
     from experiments.report import write_report
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise typer.BadParameter(f"{out} is not an .html file name", param_hint="'--out'")
+    if out is not None:
+        try:
+            check_output_file(out)                  # refused before anything is drawn
+        except ConfigError as exc:
+            raise usage_error(exc) from None
     written = draw(write_report, path, out, log=None)
     console.print(f"report written to {written}")

@@ -1,7 +1,10 @@
 """``nnx sweep``: a grid of ``nnx train`` runs, in parallel and resumable."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from pathlib import Path
 
 import typer
@@ -19,7 +22,7 @@ from rich.table import Table
 from cli.common import console, fail, usage_error
 from cli.options import parse_options, with_config_options
 from cli.progress import fmt
-from experiments.errors import ConfigError
+from experiments.errors import ConfigError, NnxError
 from experiments.store import SweepStore
 from experiments.sweep import (
     Sweep,
@@ -96,7 +99,7 @@ def sweep_command(
 def run_with_progress(definition: Sweep, out_dir, workers, scheduler, retry_failed, force
                       ) -> SweepOutcome:
     try:
-        with SweepProgress(console) as progress:
+        with terminate_as_interrupt(), SweepProgress(console) as progress:
             return run_sweep(definition, out_dir, workers=workers, scheduler=scheduler,
                              retry_failed=retry_failed, force=force, callback=progress)
     except ConfigError as exc:
@@ -104,8 +107,27 @@ def run_with_progress(definition: Sweep, out_dir, workers, scheduler, retry_fail
     except KeyboardInterrupt:
         fail(f"interrupted; the finished trials are saved in {out_dir}: run the same command "
              "again to resume", 130)
-    except RuntimeError as exc:
+    except (NnxError, RuntimeError) as exc:     # a lost cluster, a busy directory, a dead worker
         fail(str(exc))
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (``kill``, a batch system's time limit) stops the sweep as Ctrl-C does:
+    the workers are stopped, the finished trials are kept, and the same command resumes.
+    Python lets only the main thread set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- progress ------------------------------------------------------------------

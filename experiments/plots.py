@@ -43,10 +43,12 @@ from experiments.boundary import (  # noqa: E402
     decision_regions,
 )
 from experiments.config import TrainConfig, parse_hidden  # noqa: E402
-from experiments.errors import NotWritableError  # noqa: E402
+from experiments.errors import ConfigError, NotWritableError  # noqa: E402
+from experiments.files import check_output_file  # noqa: E402
 from experiments.stats import over_seeds  # noqa: E402
 from experiments.store import (  # noqa: E402
     BEST_COLUMNS,
+    FINAL_COLUMNS,
     GROUP_COLUMNS,
     METRIC_COLUMNS,
     OPTION_COLUMNS,
@@ -55,7 +57,7 @@ from experiments.store import (  # noqa: E402
     cell,
     summarize,
 )
-from mlp.network import ModelFileError, Network  # noqa: E402
+from mlp.network import FILE_MODE, ModelFileError, Network  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette (black left out: it marks edges and text).
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
@@ -73,7 +75,8 @@ def save(fig: Figure, path: str | Path) -> Figure:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ValueError(f"{path}: choose a .png, .svg or .pdf file name")
+        raise ConfigError("out", f"{path}: choose a .png, .svg or .pdf file name")
+    check_output_file(path)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=DPI, bbox_inches="tight")
     write_output(path, buf.getvalue())
@@ -100,9 +103,7 @@ def output_file(path: Path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
         os.close(fd)
         yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)        # mkstemp's file is private; a figure is not
+        os.chmod(tmp, FILE_MODE)            # mkstemp's file is private; a figure is not
         os.replace(tmp, path)
     except OSError as exc:
         raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
@@ -147,16 +148,44 @@ def check_dir(path: str | Path, want: str = "run or sweep") -> Path:
     return path
 
 
+def read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """A CSV file nnx wrote, as strings; NotDrawableError naming the file when it is not
+    one (empty, binary, torn, other columns)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise NotDrawableError(f"{path} is empty; it is not a {what}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise NotDrawableError(f"{path} is not a {what} ({reason})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise NotDrawableError(f"{path} is not a {what}: it has no {', '.join(missing)} column")
+    return frame
+
+
+# Columns of results.csv files written by nnx 0.1, read under today's names.
+OLD_RESULT_COLUMNS = {"trial": "trial_key", "model": "arch", "gamma": "lr_decay"}
+
+
 def read_results(sweep_dir: str | Path) -> pd.DataFrame:
     """results.csv with option columns as written (strings) and metrics as numbers."""
     path = check_dir(sweep_dir, "sweep")
-    frame = pd.read_csv(path / "results.csv", dtype=str, keep_default_na=False)
+    frame = read_table(path / "results.csv", (), "results table written by nnx sweep")
+    frame = frame.rename(columns={old: new for old, new in OLD_RESULT_COLUMNS.items()
+                                  if old in frame.columns and new not in frame.columns})
+    if "val_fraction" in frame.columns:         # nnx 0.1 kept both; 2D sweeps read the fraction
+        frame = frame.drop(columns="val_size").rename(columns={"val_fraction": "val_size"})
+    missing = [c for c in ("trial_key", "status", *FINAL_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise NotDrawableError(f"{path / 'results.csv'} is not a results table written by nnx sweep: "
+                               f"it has no {', '.join(missing)} column")
     if frame.empty:
         raise NotDrawableError(f"{path}: the sweep has no finished trials yet")
-    if "trial_key" in frame and not set(BEST_COLUMNS) <= set(frame.columns):
+    if not set(BEST_COLUMNS) <= set(frame.columns):
         frame = with_best_columns(frame, SweepStore(path))
-    for column in METRIC_COLUMNS:
-        if column in frame:
+    for column in frame.columns:
+        if column in METRIC_COLUMNS or column.startswith(("final_", "best_")):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
 
@@ -194,9 +223,21 @@ def axis_values(results: pd.DataFrame, name: str) -> list[str]:
     return sorted(results[name].unique(), key=lambda v: sort_key(name, v))
 
 
-def check_axis(results: pd.DataFrame, name: str) -> None:
-    if name not in results.columns:
-        raise NotDrawableError(f"{name!r} is not an option column of this sweep")
+def check_axis(results: pd.DataFrame, name: str, option: str) -> None:
+    """A usage error (ConfigError naming ``option``) unless ``name`` is an option column."""
+    if name not in results.columns or name not in OPTION_COLUMNS:
+        raise ConfigError(option, f"{name!r} is not an option of this sweep; its varying options "
+                                  f"are {', '.join(varying_options(results, True)) or 'none'}")
+
+
+def check_metric(table: pd.DataFrame, name: str, option: str = "metric") -> None:
+    """A usage error unless ``name`` is a metric column of ``table``."""
+    metrics = [c for c in table.columns if c not in OPTION_COLUMNS and c not in
+               ("trial_key", "status", "error", "nnx_version", "finished")]
+    if name not in metrics:
+        means = [c for c in metrics if c.startswith("mean_")]
+        choices = f"{', '.join(means)} (or their std_, min_, max_)" if means else ", ".join(metrics)
+        raise ConfigError(option, f"{name!r} is not a metric column here; choose from {choices}")
 
 
 def settings_label(row, names: list[str]) -> str:
@@ -318,9 +359,9 @@ def layout_axes(results: pd.DataFrame, rows: str | None = None, cols: str | None
     a sweep of one axis gets it as columns. Up to ``spare`` more options are returned
     for the caller to show inside a panel (as colours); any further one is refused
     with the --where that pins it. -> (rows or None, cols or None, spare options)."""
-    for name in (rows, cols):
+    for name, option in ((rows, "rows"), (cols, "cols")):
         if name is not None:
-            check_axis(results, name)
+            check_axis(results, name, option)
     free = [n for n in varying_options(results) if n not in (rows, cols)]
     if rows is None and cols is None and len(free) == 1:
         cols = free.pop(0)
@@ -359,9 +400,9 @@ def select_trials(results: pd.DataFrame, rows: str | None, cols: str | None, see
     """The ok trials of one seed (the first by default) that match ``where``, and the
     rows and columns to lay them out by (``layout_axes``); refuse a selection that
     still has two trials in one (rows, cols) cell."""
-    for name in (rows, cols, *(where or {})):
+    for name, option in ((rows, "rows"), (cols, "cols"), *((n, "where") for n in where or {})):
         if name is not None:
-            check_axis(results, name)
+            check_axis(results, name, option)
     chosen = results[results["status"] == "ok"]
     if chosen.empty:
         raise NotDrawableError("the sweep has no trial that trained without diverging")
@@ -418,8 +459,9 @@ def plot_variance(sweep_dir, path, x: str = "hidden", line: str = "reg",
     """Left: ``metric`` of every seed against ``x`` (points plus a box per size and line
     value), one line through the means per ``line`` value. Right: the std across seeds."""
     results = read_results(sweep_dir)
-    for name in (x, line):
-        check_axis(results, name)
+    check_axis(results, x, "x")
+    check_axis(results, line, "line")
+    check_metric(results, metric)
     xs, lines = axis_values(results, x), axis_values(results, line)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_points, ax_std = fig.subplots(1, 2)
@@ -476,7 +518,13 @@ METRIC_NAMES = {"loss": "loss", "acc": "accuracy"}
 
 
 def read_curve(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path).apply(pd.to_numeric, errors="coerce")
+    """A metrics.csv (or a sweep's curve): one row per epoch, numbers."""
+    frame = read_table(path, ("epoch", "train_loss"), "learning curve written by nnx")
+    frame = frame.apply(pd.to_numeric, errors="coerce")
+    if frame["epoch"].isna().any():
+        raise NotDrawableError(f"{path} is not a learning curve written by nnx (an epoch that is "
+                               "not a number)")
+    return frame
 
 
 def curve_band(curves: list[pd.DataFrame], column: str) -> pd.DataFrame:
@@ -614,7 +662,7 @@ def plot_sweep_curves(sweep_dir, path, rows: str | None = None, cols: str | None
     results = read_results(sweep_dir)
     ok = results[results["status"] == "ok"]
     for name, value in (where or {}).items():
-        check_axis(results, name)
+        check_axis(results, name, "where")
         ok = ok[[sort_key(name, v) == sort_key(name, value) for v in ok[name]]]
     if ok.empty:
         raise NotDrawableError(f"{sweep_dir}: no trial trained without diverging"
@@ -722,22 +770,23 @@ def plot_curves(run_or_sweep_dir, path, rows: str | None = None, cols: str | Non
 
 # ---- sweep heatmap ---------------------------------------------------------------
 def read_summary(sweep_dir) -> pd.DataFrame:
+    read_results(sweep_dir)                 # summary.csv is only as good as results.csv
     path = check_dir(sweep_dir, "sweep") / "summary.csv"
     if not path.is_file():
         raise NotDrawableError(f"{path.parent}: no summary.csv yet (written when the sweep finishes)")
-    summary = pd.read_csv(path, dtype=str, keep_default_na=False)
+    summary = read_table(path, ("mean_final_train_loss",), "summary table written by nnx sweep")
     if f"mean_{BEST_COLUMNS[0]}" not in summary:     # written before the best_* columns
-        summary = summarize(read_results(sweep_dir)).astype(str)
+        results = read_results(sweep_dir)
+        older = [c for c in GROUP_COLUMNS if c not in results]      # options added since
+        summary = summarize(results.assign(**dict.fromkeys(older, ""))).drop(columns=older).astype(str)
     return summary
 
 
 def heatmap_table(summary: pd.DataFrame, x: str, y: str, metric: str) -> pd.DataFrame:
     """``metric`` (numbers) indexed by y values (rows) and x values (columns), in axis order."""
-    for name in (x, y):
-        check_axis(summary, name)
-    if metric not in summary:
-        raise NotDrawableError(f"summary.csv has no column {metric!r} (try mean_final_val_acc, "
-                               "mean_best_val_acc or mean_best_epoch)")
+    check_axis(summary, x, "x")
+    check_axis(summary, y, "y")
+    check_metric(summary, metric)
     extra = [n for n in varying_options(summary) if n not in (x, y)]
     if extra:
         raise NotDrawableError(f"the sweep also varies {', '.join(extra)}; the heatmap shows two axes")

@@ -1,11 +1,13 @@
 """One training run: config -> data + network -> trainer -> outcome -> files."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,10 +27,12 @@ from experiments.config import TrainConfig, format_hidden, format_option, resolv
 from experiments.datasets import Dataset, make_2d
 from experiments.environment import environment
 from experiments.errors import ConfigError
-from experiments.files import history_csv
+from experiments.files import history_csv, make_dir
+from experiments.locks import directory_lock
+from experiments.resources import check_memory
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
-from mlp.train import Callback, Callbacks, EarlyStopping, Trainer, TrainResult
+from mlp.train import Callback, Callbacks, EarlyStopping, Lookahead, Trainer, TrainResult
 
 SNAPSHOTS = "snapshots.npz"
 RUN_FILES = ("model.npz", "metrics.csv", "config.json", SNAPSHOTS)
@@ -82,7 +86,8 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
 
 def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
     return Schedule(config.schedule, config.lr, total=epochs, step_size=config.step_size,
-                    gamma=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr)
+                    lr_decay=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr,
+                    warmup_from=config.warmup_from)
 
 
 # A time budget may lengthen the probe's plan up to this factor (the probe is rarely
@@ -99,8 +104,9 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
     resumed, giving the numbers an uninterrupted run gives.
     """
     config = resolve(config)
+    check_memory(config)
     data = data if data is not None else load_data(config)
-    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
+    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum, config.weight_decay)
     if checkpoint is not None and Path(checkpoint).exists():
         net, state = load_checkpoint(checkpoint, optimizer)
         if net.metadata.get("config") != config.to_dict():
@@ -109,8 +115,8 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         net, state = build_network(config, data), TrainResult()
     augment = None
     if config.augment:
-        from experiments.cifar10 import augment_flip_shift
-        augment = augment_flip_shift
+        from experiments.cifar10 import FlipShift
+        augment = FlipShift(config.flip, config.pad, config.shift, seed=config.seed)
     n_batches = math.ceil(len(data.X_train) / (config.batch_size or len(data.X_train)))
     epochs, iterations, max_epochs = config.epochs, config.iterations, None
     if config.time_budget is not None:
@@ -127,6 +133,10 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         callbacks.callbacks.append(TimeBudget(config.time_budget, epochs, limit=max_epochs))
     if config.patience is not None and trainer.validate:
         callbacks.callbacks.append(EarlyStopping(config.patience, state, trainer.params))
+    if config.ema_decay:
+        callbacks.callbacks.append(Lookahead({**net.params, **net.buffers}, state,
+                                             trainer.batches_per_epoch, config.ema_decay,
+                                             config.ema_every, config.ema_start))
     if checkpoint is not None and config.checkpoint_every:
         callbacks.callbacks.append(Checkpointer(checkpoint, net, optimizer, state,
                                                 config.checkpoint_every))
@@ -159,20 +169,33 @@ def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{config.data}-{arch}-seed{config.seed}-{stamp}"
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Check ``path`` can take a run before any work is done; create it."""
+@contextlib.contextmanager
+def claim_run_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Create ``path`` for a new run and hold its lock while the block runs (BusyError
+    when another nnx process holds it); check it can take the run before any work is
+    done. The check happens under the lock: two runs started together cannot both pass it."""
+    path = make_dir(path)
+    with directory_lock(path):
+        existing = [name for name in (*RUN_FILES, CHECKPOINT) if (path / name).exists()]
+        if existing and not overwrite:
+            hint = "continue it with --resume, " if existing == ["config.json", CHECKPOINT] else ""
+            raise ConfigError("out", f"{path} already holds a run ({', '.join(existing)}); {hint}"
+                                     "pass --overwrite to replace it or choose another --out")
+        for name in existing:      # a stale checkpoint would otherwise be resumed
+            (path / name).unlink()
+        yield path
+
+
+@contextlib.contextmanager
+def claim_unfinished_run(path: str | Path) -> Iterator[TrainConfig]:
+    """Hold the lock of the killed run in ``path`` while the block resumes it; yields its
+    config (ConfigError when there is no unfinished run there, BusyError when another
+    nnx process is running it)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError("out", f"{path} is a file, not a directory")
-    existing = [name for name in (*RUN_FILES, CHECKPOINT) if (path / name).exists()]
-    if existing and not overwrite:
-        hint = "continue it with --resume, " if existing == ["config.json", CHECKPOINT] else ""
-        raise ConfigError("out", f"{path} already holds a run ({', '.join(existing)}); {hint}"
-                                 "pass --overwrite to replace it or choose another --out")
-    for name in existing:      # a stale checkpoint would otherwise be resumed
-        (path / name).unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if not path.is_dir():
+        raise ConfigError("resume", f"{path} holds no nnx run (no such directory)")
+    with directory_lock(path):
+        yield resumable_config(path)
 
 
 def start_run(path: Path, config: TrainConfig) -> None:

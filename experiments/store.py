@@ -32,13 +32,9 @@ from pathlib import Path
 import mlp
 from experiments.config import OPTIONS, format_option
 from experiments.errors import ConfigError
-from experiments.files import history_csv, read_history_csv
+from experiments.files import history_csv, make_dir, read_history_csv
+from experiments.locks import directory_lock
 from mlp.network import atomic_write_bytes
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock, one driver per directory by convention
-    fcntl = None
 
 # Every TrainConfig field is a column (the resolved value), seed last: the table
 # describes each run on its own and its columns never depend on the sweep.
@@ -85,12 +81,11 @@ class SweepStore:
     @classmethod
     @contextlib.contextmanager
     def open(cls, path: str | Path) -> Iterator[SweepStore]:
-        """Create the directory and hold its lock while the block runs: one driver at a time."""
+        """Create the directory and hold its lock while the block runs: one driver at a
+        time (BusyError for a second one)."""
         store = cls(path)
-        if store.path.exists() and not store.path.is_dir():
-            raise ConfigError("out", f"{store.path} is a file, not a directory")
-        store.path.mkdir(parents=True, exist_ok=True)
-        with _locked(store.path):
+        make_dir(store.path)
+        with directory_lock(store.path):
             yield store
 
     # ---- sweep ------------------------------------------------------------------
@@ -179,9 +174,13 @@ class SweepStore:
         return True
 
     def read_history(self, key: str) -> list[dict]:
-        """The per-epoch history in curves/<key>.csv; [] when there is none."""
+        """The per-epoch history in curves/<key>.csv; [] when there is none or it is not
+        one (damaged): its trial then has no best epoch, rather than stopping the reader."""
         path = self.curves_dir / f"{key}.csv"
-        return read_history_csv(path.read_text()) if path.is_file() else []
+        try:
+            return read_history_csv(path.read_text(encoding="utf-8")) if path.is_file() else []
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return []
 
     def read_rows(self) -> dict[str, dict]:
         """trial key -> row (strings) for every complete row; a later row for a key wins."""
@@ -322,23 +321,6 @@ def format_line(row: dict) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([row[c] for c in RESULT_COLUMNS])
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """An exclusive lock on the directory itself (so no lock file), released on exit or kill."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError("out", f"another nnx sweep is writing to {folder}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.config import OPTIONS, TrainConfig, format_option, parse_option, resolve
+from experiments.config import OPTIONS, TrainConfig, apply_recipe, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
 from experiments.environment import environment
-from experiments.errors import ConfigError
+from experiments.errors import ClusterLostError, ConfigError
+from experiments.resources import check_memory
 from experiments.store import SweepStore, trial_key
 
 if sys.version_info >= (3, 11):
@@ -320,8 +321,11 @@ def expand(sweep: Sweep) -> list[Trial]:
 
 def _resolve_trial(sweep: Sweep, params: dict) -> TrainConfig:
     try:
-        values = {name: coerce_value(name, v) for name, v in {**sweep.fixed, **params}.items()}
-        return resolve(TrainConfig(**values))
+        values = {name: coerce_value(name, v)
+                  for name, v in apply_recipe({**sweep.fixed, **params}).items()}
+        config = resolve(TrainConfig(**values))
+        check_memory(config)
+        return config
     except ConfigError as exc:
         if exc.option in params:
             raise SweepError(exc.option, f"{exc} (trial {describe(params)})",
@@ -378,12 +382,13 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
               scheduler: str | None = None, retry_failed: bool = False, force: bool = False,
               callback: SweepCallback | None = None) -> SweepOutcome:
     """Run every trial of ``sweep`` not yet finished in ``out``; write rows as they finish."""
-    from experiments.executors import default_workers, execute
+    from experiments.executors import connect, default_workers, execute
 
     started = time.perf_counter()
     callback = callback or SweepCallback()
     trials, out = plan(sweep, out)
-    with SweepStore.open(out) as store:
+    # The cluster first: an unreachable one must leave no directory behind.
+    with connect(scheduler) as cluster, SweepStore.open(out) as store:
         _adopt_sweep(store, sweep, trials, force)
         store.repair(force)
         rows = store.read_rows()
@@ -396,8 +401,8 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         workers = default_workers() if workers is None else workers
         if todo:
             store.record_environment({**environment(), "workers": workers, "scheduler": scheduler})
-        results = execute([t.config.to_dict() for t in todo], workers, scheduler)
-        with contextlib.closing(results):      # an error here stops the workers too
+        results = execute([t.config.to_dict() for t in todo], workers, cluster)
+        with contextlib.closing(results), _saying_what_is_saved(out, trials, rows):
             for index, record in results:
                 row = store.append(todo[index], record)
                 rows[row["trial_key"]] = row
@@ -405,6 +410,17 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         store.write_summary([t.key for t in trials])
     return SweepOutcome(out, trials, {t.key: rows[t.key] for t in trials}, len(todo),
                         len(trials) - len(todo), time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _saying_what_is_saved(out: Path, trials: list[Trial], rows: dict):
+    """A lost cluster's error, completed with what the sweep has (``rows`` as it grows)."""
+    try:
+        yield
+    except ClusterLostError as exc:
+        raise ClusterLostError(f"{exc}: {len(trials) - len(rows)} trial(s) unfinished; the "
+                               f"{len(rows)} finished are saved in {out}: run the same command "
+                               "again to finish the sweep") from None
 
 
 def _cost(config) -> float:

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import flat, make_batches, write_batches
+from helpers import KillAt, flat, make_batches, without_seconds, write_batches
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -50,11 +50,13 @@ def test_mlp_on_flattened_cifar(data_dir):
     assert outcome.config.arch is None and outcome.network.layers[0].in_features == 3072
 
 
+@pytest.mark.numerics
 def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
-    from test_resume import KillAt, without_seconds
     config = dict(data="cifar10", arch="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10", augment=True,
                   data_dir=str(data_dir), val_size=20, epochs=4, batch_size=25, optimizer="nesterov",
-                  lr=0.05, schedule="cosine", label_smoothing=0.1, seed=2)
+                  lr=0.05, schedule="linear", warmup=1, warmup_from=0.2, label_smoothing=0.1, seed=2,
+                  weight_decay=5e-4, ema_decay=0.9, ema_every=2, ema_start=1, flip="alternating",
+                  pad="reflect")
     whole = run(TrainConfig(**config))
     with pytest.raises(KeyboardInterrupt):
         run(TrainConfig(**config), callback=KillAt(2), checkpoint=tmp_path / "checkpoint.npz")

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import flat
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.text import Text
@@ -14,6 +15,7 @@ from cli.app import app
 from experiments import plots
 from experiments.boundary import boundary_complexity, decision_regions, grid_axes
 from experiments.config import TrainConfig
+from experiments.errors import ConfigError
 from experiments.runner import run, save_run
 from experiments.sweep import Sweep, run_sweep
 from mlp.conv import Conv2D
@@ -321,9 +323,10 @@ def test_a_sweep_written_before_the_best_columns_is_drawn_without_upgrading_it(t
     assert (old / "results.csv").read_bytes() == before
 
 
-def test_heatmap_refuses_an_unknown_axis(sweep_dir, tmp_path):
-    with pytest.raises(plots.NotDrawableError, match="'width' is not an option"):
+def test_heatmap_refuses_an_unknown_axis_as_a_usage_error(sweep_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'width' is not an option") as refused:
         plots.plot_sweep(sweep_dir, tmp_path / "h.png", x="width")
+    assert refused.value.option == "x"
 
 
 # ---- image models ----------------------------------------------------------------
@@ -419,19 +422,30 @@ def test_a_bad_format_is_a_usage_error(run_dir):
 @pytest.mark.parametrize("where", ["file/out.png", "/proc/nnx-figure.png"])
 @pytest.mark.parametrize("command", ["plot-boundary", "plot-variance", "plot-curves", "plot-sweep",
                                      "plot-filters", "evaluate"])
-def test_an_unwritable_output_file_is_one_line_and_exit_1(sweep_dir, run_dir, tmp_path, command, where):
+def test_an_unwritable_output_file_is_refused_before_drawing(sweep_dir, run_dir, tmp_path, command, where):
     (tmp_path / "file").write_text("a file, not a folder")
     target = where if where.startswith("/") else str(tmp_path / where)
+    option = "--plot" if command == "evaluate" else "--out"
     if command == "plot-filters":
         conv_net().save(tmp_path / "conv.npz")
-        args = [command, str(tmp_path / "conv.npz"), "--out", target]
+        args = [command, str(tmp_path / "conv.npz"), option, target]
     elif command == "evaluate":
-        args = [command, str(run_dir), "--split", "train", "--plot", target]
+        args = [command, str(run_dir), "--split", "train", option, target]
     else:
-        args = [command, str(sweep_dir), "--out", target]
+        args = [command, str(sweep_dir), option, target]
     result = runner.invoke(app, args)
-    if command == "evaluate":           # the scores are printed before the figure is drawn
-        assert result.exit_code == 1 and isinstance(result.exception, (SystemExit, type(None)))
-        assert f"Error: cannot write {target}" in result.output
-    else:
-        assert one_error_line(result).startswith(f"Error: cannot write {target}:")
+    assert result.exit_code == 2 and isinstance(result.exception, (SystemExit, type(None)))
+    text = flat(result.output)
+    assert f"Invalid value for '{option}'" in text and ("is a file" in text or "cannot" in text)
+
+
+def test_a_figure_that_cannot_be_written_after_drawing_is_one_line_and_exit_1(run_dir, tmp_path,
+                                                                              monkeypatch):
+    """A disk that fills up (or a folder removed) between the check and the write."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(plots.os, "replace", full)
+    line = one_error_line(runner.invoke(app, ["plot-curves", str(run_dir), "--out",
+                                              str(tmp_path / "c.png")]))
+    assert line == f"Error: cannot write {tmp_path / 'c.png'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []            # no partial file, no temporary one
