@@ -11,7 +11,8 @@ from experiments.errors import ConfigError
 from experiments.files import check_output_file
 
 FORMAT_HELP = "png, svg or pdf (ignored when --out names a file with one of these extensions)."
-OUT_HELP = "Image file to write [default: {name}.<format> inside the directory drawn]."
+OUT_HELP = ("Image file to write, or a folder for the default name \\[default: {name}.<format> "
+            "inside the directory drawn].")
 ROWS_HELP = ("Sweeps: the option whose values are the rows \\[default: the first option the sweep "
              "varies, seed aside, in the order of nnx train's options: hidden before reg].")
 COLS_HELP = "Sweeps: the option whose values are the columns \\[default: the second option the sweep varies]."

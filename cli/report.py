@@ -12,7 +12,7 @@ from experiments.errors import ConfigError
 
 def report_command(
     path: Path = typer.Argument(..., help="A run directory (nnx train) or a sweep directory (nnx sweep)."),
-    out: Path | None = typer.Option(None, help="HTML file to write [default: report.html inside "
+    out: Path | None = typer.Option(None, help="HTML file to write \\[default: report.html inside "
                                     "the directory]."),
 ):
     """Write one HTML page: the command that reruns it, the full config, the environment,
