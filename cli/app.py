@@ -167,9 +167,11 @@ def _mount_subcommands():
     from cli.data import data_app
     from cli.evaluate import evaluate_command
     from cli.plots import register_plot_commands
+    from cli.report import report_command
     from cli.sweep import sweep_command
     app.command("evaluate")(evaluate_command)
     app.command("sweep")(sweep_command)
+    app.command("report")(report_command)
     register_plot_commands(app)
     app.add_typer(data_app, name="data")
 

@@ -61,8 +61,12 @@ def evaluate_command(
         fail(f"{path}: {exc}")
     show(result, trained_on)
     if plot is not None:
+        from experiments.errors import NotWritableError
         from experiments.plots import plot_confusion
-        plot_confusion(result.confusion, result.class_names, plot)
+        try:
+            plot_confusion(result.confusion, result.class_names, plot)
+        except NotWritableError as exc:
+            fail(str(exc))
         console.print(f"confusion matrix drawn to {plot}")
 
 

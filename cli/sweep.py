@@ -224,14 +224,17 @@ def show_sweep_summary(definition: Sweep, outcome: SweepOutcome) -> None:
     has_val = summary["mean_final_val_acc"].notna().any()
     split = "val" if has_val else "train"
     metrics = [f"{split}_acc", f"{split}_loss"] + (["train_acc"] if has_val else [])
-    table = Table(title=f"Sweep summary (mean ± std over seeds), {split} accuracy")
-    for column in (*axes, "seeds", *metrics, "seconds"):
+    best = ["best val_acc", "best epoch"] if has_val else []
+    table = Table(title=f"Sweep summary (mean ± std over seeds), {split} accuracy at the last epoch"
+                        + (" and at the best validation epoch" if has_val else ""))
+    for column in (*axes, "seeds", metrics[0], *best, *metrics[1:], "seconds"):
         table.add_column(column, justify="left" if column in axes else "right")
     for _, row in summary.iterrows():
         seeds = f"{int(row['n_ok'])}" + _problems(row)
-        table.add_row(*(_cell(row[a]) for a in axes), seeds,
-                      *(_mean_std(row, f"final_{m}") for m in metrics),
-                      fmt(row["mean_seconds"], ".2f"))
+        cells = [_mean_std(row, f"final_{m}") for m in metrics]
+        if has_val:
+            cells[1:1] = [_mean_std(row, "best_val_acc"), fmt(row["mean_best_epoch"], ".0f")]
+        table.add_row(*(_cell(row[a]) for a in axes), seeds, *cells, fmt(row["mean_seconds"], ".2f"))
     console.print(table)
     n = len(outcome.trials)
     counts = ", ".join(f"{outcome.count(s)} {s}" for s in ("ok", "diverged", "failed"))

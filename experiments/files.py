@@ -19,6 +19,13 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
+def read_history_csv(text: str) -> list[dict]:
+    """The inverse of ``history_csv``: epoch as int, every other column as float
+    (floats were written by repr, so they read back bit for bit)."""
+    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(text))]
+
+
 def make_dir(path: str | Path, option: str = "out") -> Path:
     """Create the output directory ``path`` (with its parents); a path that cannot be one
     (a file on the way, no permission, a read-only or virtual file system) is a

@@ -25,6 +25,7 @@ from experiments.checkpoint import (
 )
 from experiments.config import TrainConfig, format_hidden, format_option, resolve
 from experiments.datasets import Dataset, make_2d
+from experiments.environment import environment
 from experiments.errors import ConfigError
 from experiments.files import history_csv, make_dir
 from experiments.locks import directory_lock
@@ -200,7 +201,7 @@ def claim_unfinished_run(path: str | Path) -> Iterator[TrainConfig]:
 def start_run(path: Path, config: TrainConfig) -> None:
     """Record the run's config before training, so a killed run can be resumed."""
     record = {"nnx_version": mlp.__version__, "config": config.to_dict(),
-              "command": rerun_command(config), "status": "running"}
+              "command": rerun_command(config), "status": "running", "environment": environment()}
     atomic_write_bytes(Path(path) / "config.json", (json.dumps(record, indent=2) + "\n").encode())
 
 
@@ -231,11 +232,16 @@ def best_metrics(result: TrainResult) -> dict:
 
 
 def snapshots_bytes(result: TrainResult) -> bytes | None:
-    """The run's snapshots as the bytes of snapshots.npz, or None when it took none."""
+    """The run's snapshots as the bytes of snapshots.npz, or None when it took none.
+    Parameters are stored as float32: frames of an animation need no more, and the file
+    halves (201 frames of a 2-100-3 network: 488 KB, not 973 KB; zip compression would
+    save 5%). A checkpoint keeps them in full, so a resumed run's frames are exact."""
     if not result.snapshots:
         return None
+    arrays = {name: values.astype(np.float32) if values.dtype.kind == "f" else values
+              for name, values in snapshot_arrays(result.snapshots).items()}
     buf = io.BytesIO()
-    np.savez(buf, **snapshot_arrays(result.snapshots))
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 
@@ -245,7 +251,8 @@ def run_record(outcome: RunOutcome) -> dict:
             "command": rerun_command(outcome.config), "status": outcome.status,
             "epochs_run": outcome.result.epochs_run, "stopped_early": outcome.result.stopped_early,
             "seconds": outcome.seconds, **outcome.final, **best_metrics(outcome.result),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment()}
 
 
 def save_run(path: str | Path, outcome: RunOutcome) -> None:

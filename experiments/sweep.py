@@ -23,6 +23,7 @@ from typing import Any
 
 from experiments.config import OPTIONS, TrainConfig, apply_recipe, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
+from experiments.environment import environment
 from experiments.errors import ClusterLostError, ConfigError
 from experiments.resources import check_memory
 from experiments.store import SweepStore, trial_key
@@ -398,6 +399,8 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         todo = sorted((t for t in trials if t.key not in rows), key=lambda t: -_cost(t.config))
         callback.on_sweep_begin(len(trials), len(trials) - len(todo), len(todo), list(rows.values()))
         workers = default_workers() if workers is None else workers
+        if todo:
+            store.record_environment({**environment(), "workers": workers, "scheduler": scheduler})
         results = execute([t.config.to_dict() for t in todo], workers, cluster)
         with contextlib.closing(results), _saying_what_is_saved(out, trials, rows):
             for index, record in results:
