@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlp._allocator import keep_freed_arrays_in_the_heap
 from mlp.network import Network
 from mlp.optim import Optimizer, Schedule
 from mlp.parallel import single_blas_thread
@@ -85,6 +86,7 @@ def train(net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
     place and returned. ``max_epochs`` (default ``epochs``) lets a callback that
     re-plans the run (a time budget) take it past ``epochs``; a callback then ends it.
     """
+    keep_freed_arrays_in_the_heap()   # once per process; NNX_MALLOC_TUNING=0 turns it off
     n = len(X)
     bs = n if batch_size <= 0 or batch_size >= n else batch_size
     batches_per_epoch = math.ceil(n / bs)

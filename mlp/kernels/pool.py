@@ -1,0 +1,93 @@
+"""Max-pooling over channels-last memory: the 2x2 tournament and strided window views.
+
+Layers see NCHW shapes; the work runs on the NHWC view of the same memory (a
+conv's output is NHWC memory), so every window view has C contiguous numbers
+innermost. The argmax is the first maximum in row-major window order, as
+PyTorch's (mlp/reference.py's maxpool_forward says it plainly).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mlp.kernels.conv import nchw, nhwc
+from mlp.parallel import over_batch
+
+
+def _windows(x, K, S, Ho, Wo):
+    """The K*K strided views x[:, kh + S*i, kw + S*j, :] of x: (N, H, W, C), each
+    (N, Ho, Wo, C), in row-major window order."""
+    return [x[:, kh:kh + S * (Ho - 1) + 1:S, kw:kw + S * (Wo - 1) + 1:S, :]
+            for kh in range(K) for kw in range(K)]
+
+
+def maxpool_forward(x, size: int, stride: int):
+    """x: (N, C, H, W) -> (out: (N, C, Ho, Wo) as a view of NHWC memory, cache)."""
+    N, C, H, W = x.shape
+    Ho, Wo = (H - size) // stride + 1, (W - size) // stride + 1
+    xt = nhwc(x)
+    if size == stride == 2:
+        # 2x2 windows tile the first 2*Ho rows and 2*Wo columns (an odd last one is
+        # dropped, as in floor mode): a tournament over them.
+        out = np.empty((N, Ho, Wo, C), x.dtype)
+        winner = np.empty((N, Ho, 2, Wo, 2, C), bool)
+        over_batch(lambda lo, hi: _tournament(xt[lo:hi, :2 * Ho, :2 * Wo], out[lo:hi], winner[lo:hi]),
+                   N, x.size)
+        return nchw(out), ("tournament", x.shape, winner)
+    views = _windows(xt, size, stride, Ho, Wo)
+    out = views[0].copy()
+    arg = np.zeros(out.shape, np.uint8)
+    for k, v in enumerate(views[1:], 1):
+        wins = v > out  # strict: a later equal value never takes the win
+        np.copyto(arg, k, where=wins)
+        np.maximum(out, v, out=out)
+    return nchw(out), ("windows", x.shape, arg, size, stride, xt)
+
+
+def _tournament(x, out, winner):
+    """2x2 windows tiling x: (n, 2*Ho, 2*Wo, C): their maxima into out: (n, Ho, Wo, C)
+    and one-hot argmaxes into winner: (n, Ho, 2, Wo, 2, C), by a two-round
+    tournament: pairs along W, then the pair winners along H. Strict ">" keeps the
+    first maximum on ties, as PyTorch does."""
+    v00, v01, v10, v11 = _windows(x, 2, 2, *out.shape[1:3])
+    top, bottom = np.maximum(v00, v01, out=out), np.maximum(v10, v11)
+    right_top, right_bottom, lower = v01 > v00, v11 > v10, bottom > top
+    np.maximum(top, bottom, out=top)
+    np.logical_not(lower | right_top, out=winner[:, :, 0, :, 0])
+    np.greater(right_top, lower, out=winner[:, :, 0, :, 1])  # bools: a > b is a and not b
+    np.greater(lower, right_bottom, out=winner[:, :, 1, :, 0])
+    np.logical_and(lower, right_bottom, out=winner[:, :, 1, :, 1])
+
+
+def maxpool_backward(dout, cache):
+    """dout: (N, C, Ho, Wo) -> dx: (N, C, H, W) (a view of NHWC memory)."""
+    N, C, Ho, Wo = dout.shape
+    dt = nhwc(dout)
+    if dt.strides[-1] != dt.itemsize:  # NCHW memory (from a Linear): one transposing copy
+        dt = np.ascontiguousarray(dt)
+    if cache[0] == "tournament":
+        _, (_, _, H, W), winner = cache
+        # Each upstream gradient, broadcast over its 2x2 window, times the window's
+        # one-hot argmax; a dropped odd last row or column gets zeros.
+        dx = np.empty((N, H, W, C), dout.dtype)
+        tiled = dx[:, :2 * Ho, :2 * Wo].reshape(N, Ho, 2, Wo, 2, C) if H % 2 == W % 2 == 0 else \
+            np.empty(winner.shape, dout.dtype)
+        over_batch(lambda lo, hi: np.multiply(dt[lo:hi, :, None, :, None, :], winner[lo:hi],
+                                              out=tiled[lo:hi]), N, tiled.size)
+        if H % 2 or W % 2:
+            dx[:, 2 * Ho:] = 0
+            dx[:, :, 2 * Wo:] = 0
+            dx[:, :2 * Ho, :2 * Wo] = tiled.reshape(N, 2 * Ho, 2 * Wo, C)
+        return (nchw(dx),)
+    _, (_, _, H, W), arg, K, S, xt = cache
+    # Disjoint windows (S >= K) take plain writes; if they also cover x, no
+    # input is left unwritten and dx needs no zeroing first.
+    disjoint = S >= K
+    covers = S == K and H == K * Ho and W == K * Wo
+    dx = (np.empty_like if covers else np.zeros_like)(xt, dtype=dout.dtype)
+    for k, view in enumerate(_windows(dx, K, S, Ho, Wo)):
+        routed = np.where(arg == k, dt, 0)
+        if disjoint:
+            view[...] = routed
+        else:
+            view += routed
+    return (nchw(dx),)
