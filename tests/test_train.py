@@ -76,3 +76,26 @@ def test_callback_sees_every_epoch_and_can_stop_training():
 def test_float32_dtype_trains_in_float32():
     outcome = run(TrainConfig(data="circle", hidden=[16], dtype="float32", epochs=50))
     assert all(p.dtype == np.float32 for p in outcome.network.params.values())
+
+
+def test_importing_nnx_leaves_the_allocator_alone_training_tunes_it(monkeypatch):
+    """The glibc mmap-threshold change belongs to the process: `import mlp` must not
+    make it; training does, once; NNX_MALLOC_TUNING=0 turns it off."""
+    import subprocess
+    import sys
+    code = ("import mlp, mlp.network, mlp.arch, mlp.conv, experiments.runner, cli.app\n"
+            "from mlp import _allocator\nassert _allocator._done is None, _allocator._done")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    from mlp import _allocator
+    calls = []
+    monkeypatch.setattr(_allocator, "_mallopt", lambda: calls.append(1) or True)
+    net = build_mlp(2, [4], 2, seed=0)
+    X, y = np.random.default_rng(0).standard_normal((8, 2)), np.arange(8) % 2
+    for value, expected in (("0", 0), ("off", 0), ("", 1), ("1", 1)):
+        monkeypatch.setenv("NNX_MALLOC_TUNING", value)
+        monkeypatch.setattr(_allocator, "_done", None)
+        calls.clear()
+        train(net, SGD(0.1), X, y, epochs=2)
+        train(net, SGD(0.1), X, y, epochs=1)      # once per process, not per call
+        assert len(calls) == expected, value

@@ -67,16 +67,14 @@ def maxpool_backward(dout, cache):
     if cache[0] == "tournament":
         _, (_, _, H, W), winner = cache
         # Each upstream gradient, broadcast over its 2x2 window, times the window's
-        # one-hot argmax; a dropped odd last row or column gets zeros.
+        # one-hot argmax, written straight into the windows' part of dx (a view);
+        # a dropped odd last row or column gets zeros.
         dx = np.empty((N, H, W, C), dout.dtype)
-        tiled = dx[:, :2 * Ho, :2 * Wo].reshape(N, Ho, 2, Wo, 2, C) if H % 2 == W % 2 == 0 else \
-            np.empty(winner.shape, dout.dtype)
+        windows = dx[:, :2 * Ho].reshape(N, Ho, 2, W, C)[:, :, :, :2 * Wo].reshape(N, Ho, 2, Wo, 2, C)
         over_batch(lambda lo, hi: np.multiply(dt[lo:hi, :, None, :, None, :], winner[lo:hi],
-                                              out=tiled[lo:hi]), N, tiled.size)
-        if H % 2 or W % 2:
-            dx[:, 2 * Ho:] = 0
-            dx[:, :, 2 * Wo:] = 0
-            dx[:, :2 * Ho, :2 * Wo] = tiled.reshape(N, 2 * Ho, 2 * Wo, C)
+                                              out=windows[lo:hi]), N, windows.size)
+        dx[:, 2 * Ho:] = 0
+        dx[:, :, 2 * Wo:] = 0
         return (nchw(dx),)
     _, (_, _, H, W), arg, K, S, xt = cache
     # Disjoint windows (S >= K) take plain writes; if they also cover x, no

@@ -13,25 +13,25 @@ of a tile, one matrix product over channels:
 
     M[xi] = V[xi] @ U[xi]    V: (tiles, C) transformed input, U: (C, F) filters
 
-so a layer is an input transform (adds and scalings), a*a GEMMs and an
-output transform. F(2x2, 3x3) needs 16 multiplications per 4 outputs
-(2.25x fewer than direct), F(4x4, 3x3) 36 per 16 (4x fewer), paid for by
-the transforms (memory passes) and by float32 rounding that grows with the
-tile (the F(4x4) matrices hold 1/24 and 8).
+so a layer is an input transform, a*a GEMMs and an output transform.
+F(2x2, 3x3) needs 16 multiplications per 4 outputs (2.25x fewer than
+direct), F(4x4, 3x3) 36 per 16 (4x fewer), paid for by the transforms
+(memory-bound) and by float32 rounding that grows with the tile (the F(4x4)
+matrices hold 1/24 and 8).
 
 The gradients are the exact gradients of this forward (so a float64
 gradient check passes through it):
     filters: dU[xi] = V[xi]^T @ dM[xi],  dM = A dY A^T,  dg = G^T dU G
     input:   dV[xi] = dM[xi] @ U[xi]^T,  dd = B dV B^T, overlapping tiles added
 
-Layout. NumPy's elementwise loops run several times faster over contiguous
-memory than over strided views, so the transforms work on a *phase-split*
-copy of each block of images:  xs[rh, rw, th, tw, n, c] = xpad[n, m*th + rh,
-m*tw + rw, c]. Row j of every tile is then the contiguous slab
-xs[j % m, :, j // m : j // m + Th], and the transforms are a few dozen
-whole-slab adds and scalings. Tiles are ordered (th, tw, n) in the GEMM rows.
-Layer arrays are (n, H, W, C) channels-last, as everywhere in mlp.conv; the
-copies into and out of the phase-split layout are the only strided passes.
+Layout. A block of n images (n, H, W, C), channels-last as everywhere in
+mlp.conv, is gathered into its tiles D: (a, a, Th, Tw, n, C), D[r, s] holding
+entry (r, s) of every tile: a*a strided copies. Each transform is then two
+matrix products with the small matrix along an axis of contiguous slabs
+(B^T D = B^T @ D.reshape(a, -1), and per row the same along the columns), so
+BLAS streams the data twice; NumPy's elementwise adds over the same slabs
+took two to three times as long (measured here). GEMM rows are the tiles in
+(th, tw, n) order.
 
 Work goes through the batch in blocks of images (their transforms stay in
 cache between the passes), shared out among threads by mlp.parallel; block
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlp.parallel import block_size, over_blocks
+from mlp.parallel import block_size, over_blocks, sum_in_order
 
 # Transform matrices (B^T: a x a, G: a x 3, A^T: m x a); F(4x4) uses the points 0, +-1, +-2, inf.
 _F2 = (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float),
@@ -61,7 +61,7 @@ TILE_SIZES = tuple(MATRICES)
 # blocks keep the transforms in cache, larger ones make taller GEMMs; measured
 # on conv6bn's and airbench's layers (see bench/profile_conv.py).
 BLOCK_BYTES = 2 << 20
-MIN_ROWS = 256      # GEMM rows per block at least (tiles x images), cache or not
+MIN_ROWS = 128     # GEMM rows per block at least (tiles x images), cache or not
 
 
 def supports(kernel_size: int, stride: int, padding: int) -> bool:
@@ -69,254 +69,95 @@ def supports(kernel_size: int, stride: int, padding: int) -> bool:
     return kernel_size == 3 and stride == 1 and 0 <= padding <= 2
 
 
-# ---- linear combinations of whole arrays -------------------------------------------
-
-def _signed_sum(out, terms):
-    """out = sum of +-arrays; terms: [(sign, array)], at least one."""
-    (s0, a0), rest = terms[0], terms[1:]
-    if rest and s0 > 0:
-        s1, a1 = rest[0]
-        (np.add if s1 > 0 else np.subtract)(a0, a1, out=out)
-        rest = rest[1:]
-    elif rest and rest[0][0] > 0:
-        np.subtract(rest[0][1], a0, out=out)
-        rest = rest[1:]
-    elif s0 > 0:
-        np.copyto(out, a0)
-    else:
-        np.negative(a0, out=out)
-    for s, a in rest:
-        if s > 0:
-            out += a
-        else:
-            out -= a
-
-
-def combine(out, coefs, arrays):
-    """out = sum_k coefs[k] * arrays[k], the zero terms skipped, in few passes and few
-    temporaries: terms sharing a coefficient's magnitude are summed first and scaled
-    once (e.g. -4 d1 - 4 d2 + d3 + d4 = -4 (d1 + d2) + (d3 + d4): four passes, none
-    of them into a temporary)."""
-    groups: dict[float, list] = {}
-    for c, a in zip(coefs, arrays, strict=True):
-        if c:
-            groups.setdefault(abs(float(c)), []).append((1 if c > 0 else -1, a))
-    unit = groups.pop(1.0, None)
-    first = True
-    for scale, terms in groups.items():
-        target = out if first else np.empty_like(out)
-        _signed_sum(target, terms)
-        target *= scale
-        if not first:
-            out += target
-        first = False
-    if unit:
-        if first:
-            _signed_sum(out, unit)
-        else:
-            for s, a in unit:
-                if s > 0:
-                    out += a
-                else:
-                    out -= a
-
-
-# ---- the small linear maps, applied to whole arrays ------------------------------
-# Each map takes lists of equally shaped arrays, ``outs[i] = sum_j T[i, j] ins[j]``,
-# T one of B^T, B, A^T, A. Generic: term by term (combine); F(4x4)'s four maps are
-# written out with their common subexpressions (its points +-1 and +-2 pair up),
-# about a third fewer passes.
-
-def _map_of(matrix):
-    def apply(outs, ins):
-        for row, out in zip(matrix, outs, strict=True):
-            combine(out, row, ins)
-    return apply
-
-
-def _bt4(outs, ins):
-    """B^T of F(4x4, 3x3): 20 passes."""
-    d0, d1, d2, d3, d4, d5 = ins
-    r0, r1, r2, r3, r4, r5 = outs
-    t = np.subtract(d4, d2)
-    np.subtract(d0, d2, out=r0)       # r0 = 4 d0 - 5 d2 + d4 = 4 (d0 - d2) + (d4 - d2)
-    r0 *= 4
-    r0 += t
-    np.subtract(d3, d1, out=r3)       # r3 = 2 (d3 - d1) + (d4 - d2),  r4 = -2 (d3 - d1) + (d4 - d2)
-    r3 *= 2
-    np.subtract(t, r3, out=r4)
-    r3 += t
-    np.add(d1, d2, out=r1)            # r1 = -4 (d1 + d2) + (d3 + d4)
-    r1 *= -4
-    np.add(d3, d4, out=t)
-    r1 += t
-    np.subtract(d1, d2, out=r2)       # r2 = 4 (d1 - d2) + (d4 - d3)
-    r2 *= 4
-    r2 += d4
-    r2 -= d3
-    np.subtract(d1, d3, out=r5)       # r5 = 4 d1 - 5 d3 + d5 = 4 (d1 - d3) + (d5 - d3)
-    r5 *= 4
-    r5 += d5
-    r5 -= d3
-
-
-def _b4(outs, ins):
-    """B of F(4x4, 3x3) (the transpose of _bt4): 19 passes."""
-    d0, d1, d2, d3, d4, d5 = ins
-    o0, o1, o2, o3, o4, o5 = outs
-    np.multiply(d0, 4, out=o0)
-    s12, s34 = np.add(d1, d2), np.add(d3, d4)
-    np.add(d0, s12, out=o4)           # o4 = d0 + d1 + d2 + d3 + d4
-    o4 += s34
-    np.multiply(s12, -4, out=o2)      # o2 = -5 d0 - 4 (d1 + d2) - (d3 + d4)
-    o2 -= s34
-    np.multiply(d0, 5, out=s12)
-    o2 -= s12
-    d12, d34 = np.subtract(d1, d2, out=s12), np.subtract(d3, d4, out=s34)
-    np.subtract(d5, d12, out=o1)      # o1 = 4 (d5 - (d1 - d2)) - 2 (d3 - d4)
-    o1 *= 4
-    d34 *= 2
-    o1 -= d34
-    np.add(d12, d34, out=o3)          # o3 = (d1 - d2) + 2 (d3 - d4) - 5 d5
-    np.multiply(d5, 5, out=d12)
-    o3 -= d12
-    np.copyto(o5, d5)
-
-
-def _at4(outs, ins):
-    """A^T of F(4x4, 3x3): 13 passes."""
-    m0, m1, m2, m3, m4, m5 = ins
-    y0, y1, y2, y3 = outs
-    t = np.add(m1, m2)                # y0 = m0 + (m1 + m2) + (m3 + m4)
-    np.add(m3, m4, out=y2)            # y2 = (m1 + m2) + 4 (m3 + m4)
-    np.add(m0, t, out=y0)
-    y0 += y2
-    y2 *= 4
-    y2 += t
-    np.subtract(m1, m2, out=t)        # y1 = (m1 - m2) + 2 (m3 - m4)
-    np.subtract(m3, m4, out=y3)       # y3 = (m1 - m2) + 8 (m3 - m4) + m5
-    np.multiply(y3, 2, out=y1)
-    y1 += t
-    y3 *= 8
-    y3 += t
-    y3 += m5
-
-
-def _a4(outs, ins):
-    """A of F(4x4, 3x3) (the transpose of _at4): 13 passes."""
-    y0, y1, y2, y3 = ins
-    o0, o1, o2, o3, o4, o5 = outs
-    even, odd = np.add(y0, y2), np.add(y1, y3)
-    np.add(even, odd, out=o1)         # o1, o2 = (y0 + y2) +- (y1 + y3)
-    np.subtract(even, odd, out=o2)
-    np.multiply(y2, 4, out=even)      # o3, o4 = (y0 + 4 y2) +- 2 (y1 + 4 y3)
-    even += y0
-    np.multiply(y3, 4, out=odd)
-    odd += y1
-    odd *= 2
-    np.add(even, odd, out=o3)
-    np.subtract(even, odd, out=o4)
-    np.copyto(o0, y0)
-    np.copyto(o5, y3)
-
-
-_MAPS = {(m, name): _map_of(matrix) for m, (BT, _, AT) in MATRICES.items()
-         for name, matrix in (("BT", BT), ("B", BT.T), ("AT", AT), ("A", AT.T))}
-_MAPS.update({(4, "BT"): _bt4, (4, "B"): _b4, (4, "AT"): _at4, (4, "A"): _a4})
-
-
-# ---- transforms -------------------------------------------------------------------
-
 def tiles(size: int, m: int) -> int:
     """Tiles of m outputs covering ``size`` outputs along one axis."""
     return -(-size // m)
 
 
-def split_phases(x, m: int, pad: int, xs):
-    """x: (n, H, W, C) -> xs: (m, m, Th+1, Tw+1, n, C) with xs[rh, rw, th, tw] =
-    xpad[:, m*th + rh, m*tw + rw], xpad x zero-padded by ``pad``. Writes only where
-    x lands: the caller's xs must hold zeros elsewhere."""
-    _, H, W, _ = x.shape
-    for rh in range(m):
-        h0 = (rh - pad) % m
-        th0, rows = (h0 + pad) // m, len(range(h0, H, m))
-        for rw in range(m):
-            w0 = (rw - pad) % m
-            tw0, cols = (w0 + pad) // m, len(range(w0, W, m))
-            xs[rh, rw, th0:th0 + rows, tw0:tw0 + cols] = x[:, h0::m, w0::m].transpose(1, 2, 0, 3)
+def _inside(r: int, pad: int, size: int, m: int, T: int):
+    """The tiles t in [first, stop) whose entry r, row m*t + r - pad of the unpadded
+    input, lies inside it (0 <= row < size); and that row for t = first."""
+    first = max(0, -(-(pad - r) // m))
+    stop = max(first, min(T, -(-(size + pad - r) // m)))
+    return first, stop, m * first + r - pad
 
 
-def merge_phases(ys, out, pad: int = 0):
-    """The inverse of split_phases: out: (n, H, W, C) <- ys: (m, m, Th', Tw', n, C)."""
-    m = ys.shape[0]
-    _, H, W, _ = out.shape
-    for rh in range(m):
-        h0 = (rh - pad) % m
-        th0, rows = (h0 + pad) // m, len(range(h0, H, m))
-        for rw in range(m):
-            w0 = (rw - pad) % m
-            tw0, cols = (w0 + pad) // m, len(range(w0, W, m))
-            out[:, h0::m, w0::m] = ys[rh, rw, th0:th0 + rows, tw0:tw0 + cols].transpose(2, 0, 1, 3)
+def gather_tiles(x, m: int, pad: int, Th: int, Tw: int):
+    """x: (n, H, W, C) -> D: (a, a, Th, Tw, n, C), D[r, s, th, tw] = xpad[:, m*th + r,
+    m*tw + s], xpad x zero-padded by ``pad`` (and beyond, for the last tiles)."""
+    a = m + 2
+    n, H, W, C = x.shape
+    D = np.empty((a, a, Th, Tw, n, C), x.dtype)
+    for r in range(a):
+        t0, t1, h0 = _inside(r, pad, H, m, Th)
+        for s in range(a):
+            u0, u1, w0 = _inside(s, pad, W, m, Tw)
+            d = D[r, s]
+            if t1 > t0 and u1 > u0:
+                d[t0:t1, u0:u1] = x[:, h0:h0 + m * (t1 - t0 - 1) + 1:m,
+                                    w0:w0 + m * (u1 - u0 - 1) + 1:m].transpose(1, 2, 0, 3)
+            d[:t0] = d[t1:] = d[:, :u0] = d[:, u1:] = 0
+    return D
 
 
-def input_transform(xs, m: int):
-    """V = B^T d B for every tile. xs: (m, m, Th+1, Tw+1, n, C) -> V: (a, a, Th, Tw, n, C).
-    Tile row j of every tile is the slab xs[j % m, :, j // m : j // m + Th]."""
-    bt, a = _MAPS[m, "BT"], m + 2
-    _, _, Th1, Tw1, n, C = xs.shape
-    Th, Tw = Th1 - 1, Tw1 - 1
-    R = np.empty((a, m, Th, Tw1, n, C), xs.dtype)
-    bt(list(R), [xs[j % m, :, j // m:j // m + Th] for j in range(a)])
-    V = np.empty((a, a, Th, Tw, n, C), xs.dtype)
-    bt([V[:, j] for j in range(a)], [R[:, j % m, :, j // m:j // m + Tw] for j in range(a)])
-    return V
+def scatter_tiles(dD, m: int, pad: int, dx):
+    """The transpose of gather_tiles: dx: (n, H, W, C) = the sum of every tile entry
+    dD[r, s, th, tw] at its place (entries that overlap add up; padding is dropped).
+    The entries r, s < m tile the input once and are written; the first stray rows
+    and columns past them are zeroed; the overlapping entries are then added."""
+    a = m + 2
+    _, H, W, _ = dx.shape
+    Th, Tw = dD.shape[2:4]
+    order = [(r, s) for r in range(m) for s in range(m)]
+    order += [(r, s) for r in range(a) for s in range(a) if r >= m or s >= m]
+    for k, (r, s) in enumerate(order):
+        if k == m * m:
+            dx[:, max(0, m * Th - pad):] = 0
+            dx[:, :, max(0, m * Tw - pad):] = 0
+        t0, t1, h0 = _inside(r, pad, H, m, Th)
+        u0, u1, w0 = _inside(s, pad, W, m, Tw)
+        if t1 == t0 or u1 == u0:
+            continue
+        target = dx[:, h0:h0 + m * (t1 - t0 - 1) + 1:m, w0:w0 + m * (u1 - u0 - 1) + 1:m]
+        source = dD[r, s, t0:t1, u0:u1].transpose(2, 0, 1, 3)
+        if k < m * m:
+            target[...] = source
+        else:
+            target += source
+
+
+def _two_sided(left, right_t, D):
+    """left @ D @ right_t^T over the two leading axes of D: (p, q, ...) -> (i, j, ...),
+    out[i, j] = sum_{p,q} left[i, p] right_t[j, q] D[p, q]: one matrix product along
+    the first axis, a batch of them along the second."""
+    p, q = D.shape[:2]
+    rest = D.shape[2:]
+    rows = (left @ D.reshape(p, -1)).reshape(len(left), q, -1)     # (i, q, rest)
+    return np.matmul(right_t, rows).reshape(len(left), len(right_t), *rest)
+
+
+def input_transform(D, m: int):
+    """V = B^T d B for every tile. D: (a, a, ...) -> V: (a, a, ...)."""
+    BT = MATRICES[m][0].astype(D.dtype)
+    return _two_sided(BT, BT, D)
 
 
 def input_transform_adjoint(dV, m: int):
-    """The transpose of input_transform: dd = B dV B^T per tile, overlapping tiles added.
-    dV: (a, a, Th, Tw, n, C) -> dxs: (m, m, Th+1, Tw+1, n, C).
-
-    Tile columns j and j + m land on the same phase, one tile apart: the slabs of
-    j < m are written, those of j >= m added (the last tile column, which only
-    they reach, zeroed first). Likewise for the rows."""
-    b, a = _MAPS[m, "B"], m + 2
-    _, _, Th, Tw, n, C = dV.shape
-    dR = np.empty((a, m, Th, Tw + 1, n, C), dV.dtype)      # adjoint of the column stage
-    dR[:, :, :, Tw] = 0
-    targets = [dR[:, j % m, :, j // m:j // m + Tw] for j in range(a)]
-    extra = [np.empty(targets[0].shape, dV.dtype) for _ in range(m, a)]
-    b(targets[:m] + extra, [dV[:, j] for j in range(a)])
-    for target, part in zip(targets[m:], extra, strict=True):
-        target += part
-    dxs = np.empty((m, m, Th + 1, Tw + 1, n, C), dV.dtype)  # adjoint of the row stage
-    dxs[:, :, Th] = 0
-    targets = [dxs[j % m, :, j // m:j // m + Th] for j in range(a)]
-    extra = [np.empty(targets[0].shape, dV.dtype) for _ in range(m, a)]
-    b(targets[:m] + extra, list(dR))
-    for target, part in zip(targets[m:], extra, strict=True):
-        target += part
-    return dxs
+    """dd = B dV B^T for every tile (the transpose of input_transform)."""
+    B = MATRICES[m][0].T.astype(dV.dtype)
+    return _two_sided(B, B, dV)
 
 
 def output_transform(M, m: int):
-    """Y = A^T M A for every tile. M: (a, a, Th, Tw, n, F) -> Y: (m, m, Th, Tw, n, F)."""
-    at, a = _MAPS[m, "AT"], m + 2
-    S = np.empty((a, m) + M.shape[2:], M.dtype)
-    at([S[:, q] for q in range(m)], [M[:, j] for j in range(a)])
-    Y = np.empty((m, m) + M.shape[2:], M.dtype)
-    at(list(Y), list(S))
-    return Y
+    """Y = A^T M A for every tile. M: (a, a, ...) -> Y: (m, m, ...)."""
+    AT = MATRICES[m][2].astype(M.dtype)
+    return _two_sided(AT, AT, M)
 
 
-def output_transform_adjoint(dYs, m: int):
-    """The transpose of output_transform: dM = A dY A^T per tile.
-    dYs: (m, m, Th, Tw, n, F) -> dM: (a, a, Th, Tw, n, F)."""
-    a_, a = _MAPS[m, "A"], m + 2
-    S = np.empty((a, m) + dYs.shape[2:], dYs.dtype)
-    a_(list(S), list(dYs))
-    dM = np.empty((a, a) + dYs.shape[2:], dYs.dtype)
-    a_([dM[:, j] for j in range(a)], [S[:, q] for q in range(m)])
-    return dM
+def output_transform_adjoint(dY, m: int):
+    """dM = A dY A^T for every tile (the transpose of output_transform): (m, m, ...) -> (a, a, ...)."""
+    A = MATRICES[m][2].T.astype(dY.dtype)
+    return _two_sided(A, A, dY)
 
 
 def filter_transform(w: np.ndarray, m: int) -> np.ndarray:
@@ -358,16 +199,24 @@ def forward(x, w, b, padding: int, m: int):
     out = np.empty((N, Ho, Wo, F), x.dtype)
 
     def block(lo, hi):
-        xs = np.zeros((m, m, Th + 1, Tw + 1, hi - lo, C), x.dtype)
-        split_phases(x[lo:hi], m, padding, xs)
-        V = input_transform(xs, m)
-        M = np.matmul(V.reshape(a * a, -1, C), U).reshape(a, a, Th, Tw, hi - lo, F)
-        Y = output_transform(M, m)
+        V = input_transform(gather_tiles(x[lo:hi], m, padding, Th, Tw), m)
+        M = np.matmul(V.reshape(a * a, -1, C), U)
+        Y = output_transform(M.reshape(a, a, -1), m).reshape(m, m, Th, Tw, hi - lo, F)
         Y += b
-        merge_phases(Y, out[lo:hi])
+        scatter_tiles_exact(Y, out[lo:hi])
 
     over_blocks(block, N, _images_per_block(m, Th, Tw, C, F, x.itemsize))
     return out
+
+
+def scatter_tiles_exact(Y, out):
+    """out: (n, Ho, Wo, F) <- the output tiles Y: (m, m, Th, Tw, n, F), which do not
+    overlap; the parts of the last tiles past Ho or Wo are dropped."""
+    m = Y.shape[0]
+    _, Ho, Wo, _ = out.shape
+    for p in range(m):
+        for q in range(m):
+            out[:, p::m, q::m] = Y[p, q, :len(range(p, Ho, m)), :len(range(q, Wo, m))].transpose(2, 0, 1, 3)
 
 
 def backward(dout, x, w, padding: int, m: int, input_grad: bool = True):
@@ -382,22 +231,27 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True):
 
     def block(lo, hi):
         n = hi - lo
-        xs = np.zeros((m, m, Th + 1, Tw + 1, n, C), x.dtype)
-        split_phases(x[lo:hi], m, padding, xs)
-        V = input_transform(xs, m).reshape(a * a, -1, C)
-        dys = np.zeros((m, m, Th, Tw, n, F), dout.dtype)
-        split_phases(dout[lo:hi], m, 0, dys)
-        dM = output_transform_adjoint(dys, m).reshape(a * a, -1, F)
+        V = input_transform(gather_tiles(x[lo:hi], m, padding, Th, Tw), m).reshape(a * a, -1, C)
+        dY = _output_tiles(dout[lo:hi], m, Th, Tw)
+        dM = output_transform_adjoint(dY, m).reshape(a * a, -1, F)
         dU = np.matmul(V.transpose(0, 2, 1), dM)
         db = np.ones(n * Ho * Wo, dout.dtype) @ dout[lo:hi].reshape(-1, F)
         if input_grad:
-            dV = np.matmul(dM, U_T).reshape(a, a, Th, Tw, n, C)
-            merge_phases(input_transform_adjoint(dV, m), dx[lo:hi], padding)
+            dV = np.matmul(dM, U_T).reshape(a, a, -1)
+            dD = input_transform_adjoint(dV, m).reshape(a, a, Th, Tw, n, C)
+            scatter_tiles(dD, m, padding, dx[lo:hi])
         return dU, db
 
     parts = over_blocks(block, N, _images_per_block(m, Th, Tw, C, F, x.itemsize))
-    dU, db = parts[0]
-    for more_dU, more_db in parts[1:]:   # block order: the same sums whatever the threads
-        dU += more_dU
-        db += more_db
+    dU, db = sum_in_order([p[0] for p in parts]), sum_in_order([p[1] for p in parts])
     return dx, filter_transform_adjoint(dU, m), db
+
+
+def _output_tiles(dout, m, Th, Tw):
+    """dout: (n, Ho, Wo, F) -> its m x m tiles dY: (m, m, Th, Tw, n, F), zeros past Ho, Wo."""
+    n, Ho, Wo, F = dout.shape
+    dY = np.zeros((m, m, Th, Tw, n, F), dout.dtype)
+    for p in range(m):
+        for q in range(m):
+            dY[p, q, :len(range(p, Ho, m)), :len(range(q, Wo, m))] = dout[:, p::m, q::m].transpose(1, 2, 0, 3)
+    return dY
