@@ -75,7 +75,7 @@ def train(
                                         "[default for cifar10: convnetjs].", rich_help_panel=MODEL),
     hidden: str | None = typer.Option(None, help="MLP hidden sizes: 100, 64,64, or none for a "
                                          "linear classifier [default: 100].", rich_help_panel=MODEL),
-    activation: str = typer.Option("relu", help="relu, leaky_relu, tanh or sigmoid.",
+    activation: str = typer.Option("relu", help="relu, leaky_relu, tanh, sigmoid or gelu (tanh form).",
                                    rich_help_panel=MODEL),
     init: str = typer.Option("auto", help="Weight init: auto (He for ReLU, Xavier for tanh/"
                              "sigmoid), he, xavier, or normal (std --weight-scale).",

@@ -59,7 +59,7 @@ def sweep(
                                               rich_help_panel=FIXED),
     hidden: str | None = typer.Option(None, help="MLP hidden sizes: 100, 64,64 or none.",
                                       rich_help_panel=FIXED),
-    activation: str | None = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid.",
+    activation: str | None = typer.Option(None, help="relu, leaky_relu, tanh, sigmoid or gelu (tanh form).",
                                           rich_help_panel=FIXED),
     reg: float | None = typer.Option(None, help="L2 strength.", rich_help_panel=FIXED),
     optimizer: str | None = typer.Option(None, help="Optimizer.", rich_help_panel=FIXED),

@@ -104,7 +104,7 @@ class Conv2D(Layer):
             self.cache = ("reference", cache)
             return out
         self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, w, S, P, self.input_grad)
-        out, cache = conv_kernels.forward(self.algorithm, x, w, b, S, P, self.workspace)
+        out, cache = conv_kernels.forward(self.algorithm, x, w, b, S, P, self.workspace, train)
         self.cache = ("fast", cache)
         return out
 

@@ -80,7 +80,7 @@ def test_winograd_on_cifar_sized_layers_within_a_float32_tolerance(tile):
     dout = rng.standard_normal(exact.shape)
     dx, dw, _ = conv_kernels.backward(nhwc_memory(dout.astype(np.float32)), cache)
     exact_dx, exact_dw, _ = reference.conv_backward(dout, exact_cache)
-    bound = {2: 2e-6, 4: 1e-5}[tile]   # measured: about 4e-7 and 3e-6
+    bound = {2: 2e-6, 4: 2e-5}[tile]   # measured here: at most 7e-7 and 5e-6
     assert_close(out, exact, bound)
     assert_close(dx, exact_dx, bound)
     assert_close(dw, exact_dw, bound)

@@ -120,24 +120,24 @@ def fastest(x, w, stride, padding, input_grad, candidates=ALGORITHMS, rounds: in
     return min(candidates, key=lambda name: min(seconds[name][1:]))
 
 
-def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict):
+def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict, train: bool = True):
     """x: (N, C, H, W) in any memory order -> (out: (N, F, Ho, Wo) as a view of NHWC
     memory, cache for ``backward``)."""
-    xt = nhwc(x)
+    xt, kept = nhwc(x), None
     if algorithm == "im2col":
         out = im2col.forward(xt, w, b, stride, padding, workspace)
     else:
-        out = winograd.forward(xt, w, b, padding, _TILE[algorithm])
-    return nchw(out), (algorithm, xt, w, stride, padding, workspace)
+        out, kept = winograd.forward(xt, w, b, padding, _TILE[algorithm], keep=train)
+    return nchw(out), (algorithm, xt, w, stride, padding, workspace, kept)
 
 
 def backward(dout, cache, input_grad: bool = True):
     """dout: (N, F, Ho, Wo) -> (dx: (N, C, H, W) or None without ``input_grad``,
     dw: (F, C, K, K), db: (F,))."""
-    algorithm, xt, w, stride, padding, workspace = cache
+    algorithm, xt, w, stride, padding, workspace, kept = cache
     dt = nhwc(dout)
     if algorithm == "im2col":
         dx, dw, db = im2col.backward(dt, xt.shape, w, stride, padding, workspace, input_grad)
     else:
-        dx, dw, db = winograd.backward(dt, xt, w, padding, _TILE[algorithm], input_grad)
+        dx, dw, db = winograd.backward(dt, xt, w, padding, _TILE[algorithm], input_grad, kept)
     return (None if dx is None else nchw(dx)), dw, db
