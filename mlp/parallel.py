@@ -167,9 +167,9 @@ class single_blas_thread(contextlib.ContextDecorator):
 
 
 def sum_in_order(parts: list) -> np.ndarray:
-    """Arrays (the results of blocks) summed in list order: a fixed order, so the same
-    numbers every run and whatever the thread count."""
-    total = np.array(parts[0], copy=True)
+    """Arrays (the blocks' fresh results) summed in list order, into the first of them:
+    a fixed order, so the same numbers every run and whatever the thread count."""
+    total = parts[0]
     for part in parts[1:]:
         total += part
     return total

@@ -40,6 +40,8 @@ count.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mlp.parallel import block_size, over_blocks, sum_in_order
@@ -74,6 +76,7 @@ def tiles(size: int, m: int) -> int:
     return -(-size // m)
 
 
+@functools.lru_cache(maxsize=4096)
 def _inside(r: int, pad: int, size: int, m: int, T: int):
     """The tiles t in [first, stop) whose entry r, row m*t + r - pad of the unpadded
     input, lies inside it (0 <= row < size); and that row for t = first."""
