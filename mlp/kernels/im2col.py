@@ -56,13 +56,16 @@ def forward(x, w, b, stride: int, padding: int, workspace: dict) -> np.ndarray:
     # W as a (kh, kw, c) x F matrix, matching the column order of the im2col rows.
     w_mat = w.transpose(2, 3, 1, 0).reshape(K * K * C, F)
     rows = Ho * Wo
+    # b repeated for every position of an image: added to whole images, the loop runs
+    # long (added to each (F,) row, NumPy's loop runs F numbers at a time).
+    b_image = np.tile(b, rows)
 
     def block(lo, hi):
         xp[lo:hi, P:P + H, P:P + W, :] = x[lo:hi]
         cols = np.empty(((hi - lo) * rows, K * K * C), w.dtype)
         im2col(xp[lo:hi], cols, K, S, Ho, Wo)
         np.matmul(cols, w_mat, out=out[lo * rows:hi * rows])
-        out[lo * rows:hi * rows] += b
+        out[lo * rows:hi * rows].reshape(hi - lo, rows * F)[...] += b_image
 
     over_blocks(block, N, _images_per_block(rows * K * K * C, w.dtype))
     return out.reshape(N, Ho, Wo, F)

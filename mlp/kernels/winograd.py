@@ -25,13 +25,14 @@ gradient check passes through it):
     input:   dV[xi] = dM[xi] @ U[xi]^T,  dd = B dV B^T, overlapping tiles added
 
 Layout. A block of n images (n, H, W, C), channels-last as everywhere in
-mlp.conv, is gathered into its tiles D: (a, a, Th, Tw, n, C), D[r, s] holding
+mlp.conv, is gathered into its tiles D: (a, a, n, Th, Tw, C), D[r, s] holding
 entry (r, s) of every tile: a*a strided copies. Each transform is then two
 matrix products with the small matrix along an axis of contiguous slabs
 (B^T D = B^T @ D.reshape(a, -1), and per row the same along the columns), so
 BLAS streams the data twice; NumPy's elementwise adds over the same slabs
 took two to three times as long (measured here). GEMM rows are the tiles in
-(th, tw, n) order.
+(n, th, tw) order, the order of x's memory, so the gathers copy runs of C
+numbers in the order they lie.
 
 Work goes through the batch in blocks of images (their transforms stay in
 cache between the passes), shared out among threads by mlp.parallel; block
@@ -86,20 +87,19 @@ def _inside(r: int, pad: int, size: int, m: int, T: int):
 
 
 def gather_tiles(x, m: int, pad: int, Th: int, Tw: int):
-    """x: (n, H, W, C) -> D: (a, a, Th, Tw, n, C), D[r, s, th, tw] = xpad[:, m*th + r,
+    """x: (n, H, W, C) -> D: (a, a, n, Th, Tw, C), D[r, s, :, th, tw] = xpad[:, m*th + r,
     m*tw + s], xpad x zero-padded by ``pad`` (and beyond, for the last tiles)."""
     a = m + 2
     n, H, W, C = x.shape
-    D = np.empty((a, a, Th, Tw, n, C), x.dtype)
+    D = np.empty((a, a, n, Th, Tw, C), x.dtype)
     for r in range(a):
         t0, t1, h0 = _inside(r, pad, H, m, Th)
         for s in range(a):
             u0, u1, w0 = _inside(s, pad, W, m, Tw)
             d = D[r, s]
             if t1 > t0 and u1 > u0:
-                d[t0:t1, u0:u1] = x[:, h0:h0 + m * (t1 - t0 - 1) + 1:m,
-                                    w0:w0 + m * (u1 - u0 - 1) + 1:m].transpose(1, 2, 0, 3)
-            d[:t0] = d[t1:] = d[:, :u0] = d[:, u1:] = 0
+                d[:, t0:t1, u0:u1] = x[:, h0:h0 + m * (t1 - t0 - 1) + 1:m, w0:w0 + m * (u1 - u0 - 1) + 1:m]
+            d[:, :t0] = d[:, t1:] = d[:, :, :u0] = d[:, :, u1:] = 0
     return D
 
 
@@ -110,7 +110,7 @@ def scatter_tiles(dD, m: int, pad: int, dx):
     and columns past them are zeroed; the overlapping entries are then added."""
     a = m + 2
     _, H, W, _ = dx.shape
-    Th, Tw = dD.shape[2:4]
+    Th, Tw = dD.shape[3:5]
     order = [(r, s) for r in range(m) for s in range(m)]
     order += [(r, s) for r in range(a) for s in range(a) if r >= m or s >= m]
     for k, (r, s) in enumerate(order):
@@ -122,7 +122,7 @@ def scatter_tiles(dD, m: int, pad: int, dx):
         if t1 == t0 or u1 == u0:
             continue
         target = dx[:, h0:h0 + m * (t1 - t0 - 1) + 1:m, w0:w0 + m * (u1 - u0 - 1) + 1:m]
-        source = dD[r, s, t0:t1, u0:u1].transpose(2, 0, 1, 3)
+        source = dD[r, s, :, t0:t1, u0:u1]
         if k < m * m:
             target[...] = source
         else:
@@ -185,9 +185,12 @@ def filter_transform_adjoint(dU: np.ndarray, m: int) -> np.ndarray:
 
 # ---- the layer's forward and backward -----------------------------------------------
 
-def _images_per_block(m, Th, Tw, C, F, itemsize):
+def _images_per_block(N, m, Th, Tw, C, F, itemsize):
+    """About BLOCK_BYTES of V and M, at least MIN_ROWS tiles, at most a quarter of the
+    batch (so that the blocks keep both threads busy); a function of the shapes only."""
     per_image = (m + 2) ** 2 * Th * Tw * (C + F) * itemsize
-    return max(block_size(per_image, BLOCK_BYTES), -(-MIN_ROWS // (Th * Tw)))
+    images = max(block_size(per_image, BLOCK_BYTES), -(-MIN_ROWS // (Th * Tw)))
+    return min(images, -(-N // 4))
 
 
 def forward(x, w, b, padding: int, m: int, keep: bool = False):
@@ -202,28 +205,29 @@ def forward(x, w, b, padding: int, m: int, keep: bool = False):
     Th, Tw = tiles(Ho, m), tiles(Wo, m)
     a = m + 2
     U = filter_transform(w, m)
+    b_tiles = np.tile(b, Th * Tw)
     out = np.empty((N, Ho, Wo, F), x.dtype)
 
     def block(lo, hi):
         V = input_transform(gather_tiles(x[lo:hi], m, padding, Th, Tw), m).reshape(a * a, -1, C)
         M = np.matmul(V, U)
-        Y = output_transform(M.reshape(a, a, -1), m).reshape(m, m, Th, Tw, hi - lo, F)
-        Y += b
+        Y = output_transform(M.reshape(a, a, -1), m).reshape(m, m, hi - lo, Th, Tw, F)
+        Y.reshape(-1, Th * Tw * F)[...] += b_tiles   # long rows: see im2col.forward
         scatter_tiles_exact(Y, out[lo:hi])
         return V if keep else None
 
-    kept = over_blocks(block, N, _images_per_block(m, Th, Tw, C, F, x.itemsize))
+    kept = over_blocks(block, N, _images_per_block(N, m, Th, Tw, C, F, x.itemsize))
     return out, (kept if keep else None)
 
 
 def scatter_tiles_exact(Y, out):
-    """out: (n, Ho, Wo, F) <- the output tiles Y: (m, m, Th, Tw, n, F), which do not
+    """out: (n, Ho, Wo, F) <- the output tiles Y: (m, m, n, Th, Tw, F), which do not
     overlap; the parts of the last tiles past Ho or Wo are dropped."""
     m = Y.shape[0]
     _, Ho, Wo, _ = out.shape
     for p in range(m):
         for q in range(m):
-            out[:, p::m, q::m] = Y[p, q, :len(range(p, Ho, m)), :len(range(q, Wo, m))].transpose(2, 0, 1, 3)
+            out[:, p::m, q::m] = Y[p, q, :, :len(range(p, Ho, m)), :len(range(q, Wo, m))]
 
 
 def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=None):
@@ -237,7 +241,7 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
     U_T = filter_transform(w.transpose(1, 0, 2, 3), m) if input_grad else None
     dx = np.empty((N, H, W, C), x.dtype) if input_grad else None
 
-    images = _images_per_block(m, Th, Tw, C, F, x.itemsize)
+    images = _images_per_block(N, m, Th, Tw, C, F, x.itemsize)
 
     def block(lo, hi):
         n = hi - lo
@@ -251,7 +255,7 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
         db = np.ones(n * Ho * Wo, dout.dtype) @ dout[lo:hi].reshape(-1, F)
         if input_grad:
             dV = np.matmul(dM, U_T).reshape(a, a, -1)
-            dD = input_transform_adjoint(dV, m).reshape(a, a, Th, Tw, n, C)
+            dD = input_transform_adjoint(dV, m).reshape(a, a, n, Th, Tw, C)
             scatter_tiles(dD, m, padding, dx[lo:hi])
         return dU, db
 
@@ -261,10 +265,10 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
 
 
 def _output_tiles(dout, m, Th, Tw):
-    """dout: (n, Ho, Wo, F) -> its m x m tiles dY: (m, m, Th, Tw, n, F), zeros past Ho, Wo."""
+    """dout: (n, Ho, Wo, F) -> its m x m tiles dY: (m, m, n, Th, Tw, F), zeros past Ho, Wo."""
     n, Ho, Wo, F = dout.shape
-    dY = np.zeros((m, m, Th, Tw, n, F), dout.dtype)
+    dY = np.zeros((m, m, n, Th, Tw, F), dout.dtype)
     for p in range(m):
         for q in range(m):
-            dY[p, q, :len(range(p, Ho, m)), :len(range(q, Wo, m))] = dout[:, p::m, q::m].transpose(1, 2, 0, 3)
+            dY[p, q, :, :len(range(p, Ho, m)), :len(range(q, Wo, m))] = dout[:, p::m, q::m]
     return dY
