@@ -29,9 +29,9 @@ def maxpool_forward(x, size: int, stride: int):
         # 2x2 windows tile the first 2*Ho rows and 2*Wo columns (an odd last one is
         # dropped, as in floor mode): a tournament over them.
         out = np.empty((N, Ho, Wo, C), x.dtype)
-        winner = np.empty((N, Ho, 2, Wo, 2, C), bool)
-        over_batch(lambda lo, hi: _tournament(xt[lo:hi, :2 * Ho, :2 * Wo], out[lo:hi], winner[lo:hi]),
-                   N, x.size)
+        winner = np.empty((2, 2, N, Ho, Wo, C), bool)
+        windows = _tiled(xt, Ho, Wo)
+        over_batch(lambda lo, hi: _tournament(windows[lo:hi], out[lo:hi], winner[:, :, lo:hi]), N, x.size)
         return nchw(out), ("tournament", x.shape, winner)
     views = _windows(xt, size, stride, Ho, Wo)
     out = views[0].copy()
@@ -43,19 +43,28 @@ def maxpool_forward(x, size: int, stride: int):
     return nchw(out), ("windows", x.shape, arg, size, stride, xt)
 
 
-def _tournament(x, out, winner):
-    """2x2 windows tiling x: (n, 2*Ho, 2*Wo, C): their maxima into out: (n, Ho, Wo, C)
-    and one-hot argmaxes into winner: (n, Ho, 2, Wo, 2, C), by a two-round
-    tournament: pairs along W, then the pair winners along H. Strict ">" keeps the
-    first maximum on ties, as PyTorch does."""
-    v00, v01, v10, v11 = _windows(x, 2, 2, *out.shape[1:3])
+def _tiled(x, Ho, Wo):
+    """The 2x2 windows of x: (N, H, W, C) as a view (N, Ho, 2, Wo, 2, C)."""
+    N, _, W, C = x.shape
+    return x[:, :2 * Ho].reshape(N, Ho, 2, W, C)[:, :, :, :2 * Wo].reshape(N, Ho, 2, Wo, 2, C)
+
+
+def _tournament(windows, out, winner):
+    """The 2x2 windows: (n, Ho, 2, Wo, 2, C): their maxima into out: (n, Ho, Wo, C) and
+    one-hot argmaxes into winner: (2, 2, n, Ho, Wo, C), by a two-round tournament:
+    pairs along W, then the pair winners along H. Strict ">" keeps the first
+    maximum on ties, as PyTorch does. The window entries are first copied apart
+    into four contiguous arrays (a strided copy runs fast; strided comparisons,
+    C numbers at a time, do not)."""
+    v00, v01, v10, v11 = entries = np.empty((4,) + out.shape, out.dtype)
+    np.copyto(entries.reshape((2, 2) + out.shape), windows.transpose(2, 4, 0, 1, 3, 5))
     top, bottom = np.maximum(v00, v01, out=out), np.maximum(v10, v11)
     right_top, right_bottom, lower = v01 > v00, v11 > v10, bottom > top
     np.maximum(top, bottom, out=top)
-    np.logical_not(lower | right_top, out=winner[:, :, 0, :, 0])
-    np.greater(right_top, lower, out=winner[:, :, 0, :, 1])  # bools: a > b is a and not b
-    np.greater(lower, right_bottom, out=winner[:, :, 1, :, 0])
-    np.logical_and(lower, right_bottom, out=winner[:, :, 1, :, 1])
+    np.logical_not(lower | right_top, out=winner[0, 0])
+    np.greater(right_top, lower, out=winner[0, 1])  # bools: a > b is a and not b
+    np.greater(lower, right_bottom, out=winner[1, 0])
+    np.logical_and(lower, right_bottom, out=winner[1, 1])
 
 
 def maxpool_backward(dout, cache):
@@ -66,13 +75,17 @@ def maxpool_backward(dout, cache):
         dt = np.ascontiguousarray(dt)
     if cache[0] == "tournament":
         _, (_, _, H, W), winner = cache
-        # Each upstream gradient, broadcast over its 2x2 window, times the window's
-        # one-hot argmax, written straight into the windows' part of dx (a view);
-        # a dropped odd last row or column gets zeros.
+        # Each upstream gradient times its window's one-hot argmax (contiguous arrays),
+        # then copied into the windows' part of dx; a dropped odd last row or column
+        # gets zeros.
         dx = np.empty((N, H, W, C), dout.dtype)
-        windows = dx[:, :2 * Ho].reshape(N, Ho, 2, W, C)[:, :, :, :2 * Wo].reshape(N, Ho, 2, Wo, 2, C)
-        over_batch(lambda lo, hi: np.multiply(dt[lo:hi, :, None, :, None, :], winner[lo:hi],
-                                              out=windows[lo:hi]), N, windows.size)
+        windows = _tiled(dx, Ho, Wo)
+
+        def route(lo, hi):
+            routed = winner[:, :, lo:hi] * dt[lo:hi]
+            np.copyto(windows[lo:hi], routed.transpose(2, 3, 0, 4, 1, 5))
+
+        over_batch(route, N, dx.size)
         dx[:, 2 * Ho:] = 0
         dx[:, :, 2 * Wo:] = 0
         return (nchw(dx),)
