@@ -105,7 +105,7 @@ def gather_tiles(x, m: int, pad: int, Th: int, Tw: int):
 
 def scatter_tiles(dD, m: int, pad: int, dx):
     """The transpose of gather_tiles: dx: (n, H, W, C) = the sum of every tile entry
-    dD[r, s, th, tw] at its place (entries that overlap add up; padding is dropped).
+    dD[r, s, :, th, tw] at its place (entries that overlap add up; padding is dropped).
     The entries r, s < m tile the input once and are written; the first stray rows
     and columns past them are zeroed; the overlapping entries are then added."""
     a = m + 2
