@@ -15,7 +15,11 @@ layer, weight gradient) over the step's time: Winograd does fewer
 multiplications, so it can pass the GEMM peak, which is measured in the same
 run with one large float32 np.matmul on all BLAS threads.
 
-    python bench/bench_conv.py [--quick] [--nets conv6bn airbench]
+    python bench/bench_conv.py [--quick] [--nets conv6bn airbench] [--one-thread]
+
+``--one-thread`` runs both on one thread and counts this thread's CPU time, not
+the wall clock: on a machine shared with other work, the comparison that a busy
+neighbour disturbs least.
 """
 from __future__ import annotations
 
@@ -46,11 +50,14 @@ SPECS = {
 }
 
 
+CLOCK = time.perf_counter
+
+
 def step_seconds(step, steps: int) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - start) / steps
+    return (CLOCK() - start) / steps
 
 
 def interleaved(steps: dict, warmup: int, reps: int, steps_per_rep: int) -> tuple[dict, dict]:
@@ -149,9 +156,9 @@ def gemm_peak(size: int = 2048, reps: int = 7) -> float:
     a @ b
     times = []
     for _ in range(reps):
-        started = time.perf_counter()
+        started = CLOCK()
         a @ b
-        times.append(time.perf_counter() - started)
+        times.append(CLOCK() - started)
     return 2 * size ** 3 / float(np.median(times)) / 1e9
 
 
@@ -174,12 +181,22 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--nets", nargs="*", default=[*PRESETS, *SPECS],
                         help="presets, SPECS names or specs (default: the presets and airbench)")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="both on one thread, timed by this thread's CPU time")
     args = parser.parse_args(argv)
     warmup, reps, steps_per_rep = (2, 3, 1) if args.quick else (3, 7, 2)
     keep_freed_arrays_in_the_heap()   # as training does
+    threads = TORCH_THREADS
+    if args.one_thread:
+        global CLOCK
+        from threadpoolctl import threadpool_limits
+
+        from mlp import parallel
+        CLOCK, threads, parallel.THREADS = time.thread_time, 1, 1
+        threadpool_limits(1)
     try:
         import torch
-        torch.set_num_threads(TORCH_THREADS)
+        torch.set_num_threads(threads)
     except ImportError:
         torch = None
         print("note: PyTorch is not installed; showing nnx only")
@@ -188,10 +205,13 @@ def main(argv=None):
     y = rng.integers(0, CLASSES, BATCH)
     peak = gemm_peak()
     print(machine())
-    print(f"float32 GEMM peak (2048^3 np.matmul): {peak:.0f} GFLOP/s")
-    print(f"batch {BATCH}, float32, forward + backward + momentum step; PyTorch {TORCH_THREADS} threads"
-          f"{'' if torch is None else ' ' + torch.__version__}; median of {reps} x {steps_per_rep} steps "
-          f"after {warmup} warm-up, in turns; ratio = PyTorch's time / nnx's (> 1: nnx faster)")
+    clock = "CPU time of one thread" if args.one_thread else "wall clock"
+    on = f"{threads} thread{'s' if threads > 1 else ''}"
+    print(f"float32 GEMM peak (2048^3 np.matmul, {on}): {peak:.0f} GFLOP/s")
+    print(f"batch {BATCH}, float32, forward + backward + momentum step; nnx and PyTorch"
+          f"{'' if torch is None else ' ' + torch.__version__} on {on}, {clock}; median of {reps} x "
+          f"{steps_per_rep} steps after {warmup} warm-up, in turns; "
+          f"ratio = PyTorch's time / nnx's (> 1: nnx faster)")
     print(f"{'net':<15} {'nnx img/s':>9} {'NCHW img/s':>10} {'ratio':>6} {'ch-last img/s':>13} {'ratio':>6} "
           f"{'nnx GFLOP/s':>11} {'of peak':>7}  conv algorithms")
     for name in args.nets:
