@@ -232,7 +232,7 @@ def scatter_tiles_exact(Y, out):
 
 def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=None):
     """dout: (N, Ho, Wo, F), x: (N, H, W, C) the forward's input, both channels-last,
-    ``kept`` the forward's transformed input if it kept it ->
+    ``kept`` the forward's transformed input if it kept it (emptied here) ->
     (dx: (N, H, W, C) or None without ``input_grad``, dw: (F, C, 3, 3), db: (F,))."""
     N, H, W, C = x.shape
     _, Ho, Wo, F = dout.shape
@@ -245,7 +245,7 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
 
     def block(lo, hi):
         n = hi - lo
-        if kept is not None:
+        if kept:
             V = kept[lo // images]
         else:
             V = input_transform(gather_tiles(x[lo:hi], m, padding, Th, Tw), m).reshape(a * a, -1, C)
@@ -260,6 +260,8 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
         return dU, db
 
     parts = over_blocks(block, N, images)
+    if kept:
+        kept.clear()   # used: its memory goes back before the next forward makes more
     dU, db = sum_in_order([p[0] for p in parts]), sum_in_order([p[1] for p in parts])
     return dx, filter_transform_adjoint(dU, m), db
 
