@@ -6,7 +6,7 @@ optimizer step, timed in place. PyTorch (2 threads, channels_last unless
 --nchw): torch.profiler's self time per operator. Both summed by kind
 (conv forward, conv backward, pool, batch norm, ...) side by side.
 
-    python bench/profile_conv.py [--model conv6bn] [--gelu] [--steps 5] [--nchw]
+    python bench/profile_conv.py [--model conv6bn] [--gelu] [--steps 5] [--nchw] [--one-thread]
     python bench/profile_conv.py --model airbench     # the 94 % issue's network (bench_conv.SPECS)
     python bench/profile_conv.py --gelu-forms         # the tanh and erf forms of GELU, timed
 """
@@ -41,11 +41,14 @@ KIND_OF_TORCH_OP = {
 }
 
 
+CLOCK = time.perf_counter   # time.thread_time with --one-thread
+
+
 def timed(fn, name: str, totals: dict):
     def wrapper(*args, **kwargs):
-        started = time.perf_counter()
+        started = CLOCK()
         result = fn(*args, **kwargs)
-        totals[name] += time.perf_counter() - started
+        totals[name] += CLOCK() - started
         return result
     return wrapper
 
@@ -71,11 +74,11 @@ def nnx_profile(spec: str, X, y, steps: int, gelu: bool):
         layer.forward = timed(layer.forward, f"{i:2d} {layer.kind} forward", totals)
         layer.backward = timed(layer.backward, f"{i:2d} {layer.kind} backward", totals)
     opt.step = timed(opt.step, "optimizer step", totals)
-    started = time.perf_counter()
+    started = CLOCK()
     for _ in range(steps):
         _, grads = net.loss(X, y)
         opt.step(net.params, grads)
-    step = (time.perf_counter() - started) / steps
+    step = (CLOCK() - started) / steps
     per_step = {name: seconds / steps for name, seconds in totals.items()}
     per_step["loss and the rest"] = step - sum(per_step.values())
     return net, step, per_step
@@ -168,8 +171,18 @@ def main():
     parser.add_argument("--nchw", action="store_true", help="PyTorch in NCHW memory (default channels_last)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--gelu-forms", action="store_true", help="time the two GELU forms and stop")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="both on one thread; nnx timed by its thread's CPU time")
     args = parser.parse_args()
     keep_freed_arrays_in_the_heap()   # as training does
+    threads = 2
+    if args.one_thread:
+        global CLOCK
+        from threadpoolctl import threadpool_limits
+
+        from mlp import parallel
+        CLOCK, threads, parallel.THREADS = time.thread_time, 1, 1
+        threadpool_limits(1)
     if args.gelu_forms:
         gelu_forms()
         return
@@ -179,7 +192,8 @@ def main():
     y = rng.integers(0, CLASSES, BATCH)
     net, step, nnx = nnx_profile(spec, X, y, args.steps, args.gelu)
     print(f"{args.model}{' with GELU' if args.gelu else ''}: {spec}")
-    print(f"nnx: {step * 1e3:.1f} ms per training step (batch {BATCH}), {BATCH / step:,.0f} images/s; "
+    print(f"nnx ({'one thread, CPU time' if args.one_thread else '2 threads'}): {step * 1e3:.1f} ms per "
+          f"training step (batch {BATCH}), {BATCH / step:,.0f} images/s; "
           f"conv algorithms {net.conv_algorithms()}")
     for name, seconds in sorted(nnx.items(), key=lambda kv: -kv[1]):
         print(f"  {name:28s} {seconds * 1e3:7.2f} ms")
@@ -190,10 +204,10 @@ def main():
         except ImportError:
             print("PyTorch is not installed: nnx only")
         else:
-            torch.set_num_threads(2)
+            torch.set_num_threads(threads)
             layout = "NCHW" if args.nchw else "channels_last"
             seconds, torch_ops = torch_profile(net, X, y, args.steps, torch, not args.nchw)
-            print(f"PyTorch ({layout}, 2 threads): {seconds * 1e3:.1f} ms per step, "
+            print(f"PyTorch ({layout}, {threads} thread(s)): {seconds * 1e3:.1f} ms per step, "
                   f"{BATCH / seconds:,.0f} images/s; its profiler's self time per operator:")
             for name, secs in sorted(torch_ops.items(), key=lambda kv: -kv[1])[:14]:
                 print(f"  {name:40s} {secs * 1e3:7.2f} ms")

@@ -33,10 +33,14 @@ def _views(x):
     return t.reshape(-1, C), t.reshape(N, -1), H * W, lambda m: nchw(m.reshape(N, H, W, C))
 
 
+# Bytes of input per block: the passes over a block meet in cache.
+BLOCK_BYTES = 1 << 20
+
+
 def _blocks(n, images):
     """``blocks(fn)``: ``fn(lo, hi)`` over blocks of whole images, in parallel; the results
     in block order."""
-    block = block_size(images.shape[1] * images.itemsize)
+    block = block_size(images.shape[1] * images.itemsize, BLOCK_BYTES)
     return lambda fn: over_blocks(fn, n, block)
 
 
@@ -51,22 +55,21 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
     n, m = len(images), len(columns)
     blocks = _blocks(n, images)
     mean = sum_in_order(blocks(lambda lo, hi: np.ones((hi - lo) * P, x.dtype) @ columns[lo * P:hi * P])) / m
-    xhat = np.empty_like(images)
+    centred = np.empty_like(images)     # x - mean, kept for the backward
     mean_t = np.tile(mean, P)
 
     def centre(lo, hi):
-        np.subtract(images[lo:hi], mean_t, out=xhat[lo:hi])
-        squares = np.square(xhat[lo:hi])
+        np.subtract(images[lo:hi], mean_t, out=centred[lo:hi])
+        squares = np.square(centred[lo:hi])
         return np.ones((hi - lo) * P, x.dtype) @ squares.reshape(-1, C)
 
     var = sum_in_order(blocks(centre)) / m
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    inv_std_t, gamma_t, beta_t = np.tile(inv_std, P), np.tile(gamma, P), np.tile(beta, P)
+    scale_t, beta_t = np.tile(gamma * inv_std, P), np.tile(beta, P)
     out = np.empty_like(images)
 
     def normalise(lo, hi):
-        xhat[lo:hi] *= inv_std_t
-        np.multiply(xhat[lo:hi], gamma_t, out=out[lo:hi])
+        np.multiply(centred[lo:hi], scale_t, out=out[lo:hi])
         out[lo:hi] += beta_t
 
     blocks(normalise)
@@ -74,12 +77,15 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
     running_mean += (1 - momentum) * mean
     running_var *= momentum
     running_var += (1 - momentum) * var * (m / max(m - 1, 1))
-    return back(out), (xhat, gamma, inv_std, P)
+    return back(out), (centred, gamma, inv_std, P)
 
 
 def batchnorm_backward(dout, cache):
-    """As mlp.reference.batchnorm_backward: (dx, dgamma, dbeta)."""
-    xhat, gamma, inv_std, P = cache
+    """As mlp.reference.batchnorm_backward: (dx, dgamma, dbeta). With c = x - mean,
+    xhat = c * inv_std and k = gamma * inv_std:
+        dbeta = sum(dout),  dgamma = inv_std * sum(dout * c),
+        dx = k * dout - k * dbeta / M - c * k * inv_std * dgamma / M."""
+    centred, gamma, inv_std, P = cache
     columns, images, _, back = _views(dout)
     C = columns.shape[1]
     n, m = len(images), len(columns)
@@ -87,20 +93,20 @@ def batchnorm_backward(dout, cache):
 
     def sums(lo, hi):
         ones = np.ones((hi - lo) * P, dout.dtype)
-        products = images[lo:hi] * xhat[lo:hi]
+        products = images[lo:hi] * centred[lo:hi]
         return ones @ columns[lo * P:hi * P], ones @ products.reshape(-1, C)
 
     parts = blocks(sums)
-    dbeta, dgamma = sum_in_order([p[0] for p in parts]), sum_in_order([p[1] for p in parts])
-    # dx = k * dout - k * sum(dout) / M - xhat * k * sum(dout * xhat) / M, k = gamma * inv_std.
+    dbeta = sum_in_order([p[0] for p in parts])
+    dgamma = sum_in_order([p[1] for p in parts]) * inv_std
     k = gamma * inv_std
-    k_t, shift_t, slope_t = np.tile(k, P), np.tile(k * dbeta / m, P), np.tile(k * dgamma / m, P)
+    k_t, shift_t, slope_t = np.tile(k, P), np.tile(k * dbeta / m, P), np.tile(k * inv_std * dgamma / m, P)
     dx = np.empty_like(images)
 
     def rows_of_dx(lo, hi):
         np.multiply(images[lo:hi], k_t, out=dx[lo:hi])
         dx[lo:hi] -= shift_t
-        dx[lo:hi] -= xhat[lo:hi] * slope_t
+        dx[lo:hi] -= centred[lo:hi] * slope_t
 
     blocks(rows_of_dx)
     return back(dx), dgamma, dbeta

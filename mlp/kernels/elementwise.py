@@ -1,14 +1,26 @@
 """ReLU and GELU over the batch in threads, keeping the input's memory order.
 
 ``empty_like`` keeps x's memory order (a conv's NHWC), so each thread's rows
-are contiguous; an MLP's small batch skips the thread hand-off.
+are contiguous; an MLP's small batch skips the thread hand-off. A forward that
+makes several passes goes a cache-sized block of images at a time, so its
+later passes read from cache.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from mlp.parallel import MIN_PARALLEL_SIZE, over_batch
+from mlp.parallel import MIN_PARALLEL_SIZE, block_size, over_batch, over_blocks
 from mlp.reference import GELU_C, GELU_K
+
+BLOCK_BYTES = 1 << 20
+
+
+def _in_blocks(fn, x):
+    """fn(lo, hi) over blocks of about BLOCK_BYTES of x, on all threads (one block for
+    small work)."""
+    if x.size < MIN_PARALLEL_SIZE:
+        return fn(0, len(x))
+    return over_blocks(fn, len(x), block_size(x[0].size * x.itemsize, BLOCK_BYTES))
 
 
 def relu_forward(x):
@@ -21,7 +33,7 @@ def relu_forward(x):
         np.greater(x[lo:hi], 0, out=mask[lo:hi])
         np.maximum(x[lo:hi], 0, out=out[lo:hi])
 
-    over_batch(rows, len(x), x.size)
+    _in_blocks(rows, x)
     return out, mask
 
 
@@ -62,7 +74,7 @@ def gelu_forward(x, train: bool = True):
             s *= 2
             s += h
 
-    over_batch(rows, len(x), x.size)
+    _in_blocks(rows, x)
     return out, slope
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from mlp.kernels.conv import nchw, nhwc
-from mlp.parallel import over_batch
+from mlp.parallel import block_size, over_blocks
+
+# Bytes of input per block: a block's copies and comparisons stay in cache.
+BLOCK_BYTES = 1 << 20
+
+
+def _images_per_block(x):
+    return block_size(x[0].size * x.itemsize, BLOCK_BYTES)
 
 
 def _windows(x, K, S, Ho, Wo):
@@ -31,7 +38,8 @@ def maxpool_forward(x, size: int, stride: int):
         out = np.empty((N, Ho, Wo, C), x.dtype)
         winner = np.empty((2, 2, N, Ho, Wo, C), bool)
         windows = _tiled(xt, Ho, Wo)
-        over_batch(lambda lo, hi: _tournament(windows[lo:hi], out[lo:hi], winner[:, :, lo:hi]), N, x.size)
+        over_blocks(lambda lo, hi: _tournament(windows[lo:hi], out[lo:hi], winner[:, :, lo:hi]), N,
+                    _images_per_block(x))
         return nchw(out), ("tournament", x.shape, winner)
     views = _windows(xt, size, stride, Ho, Wo)
     out = views[0].copy()
@@ -85,7 +93,7 @@ def maxpool_backward(dout, cache):
             routed = winner[:, :, lo:hi] * dt[lo:hi]
             np.copyto(windows[lo:hi], routed.transpose(2, 3, 0, 4, 1, 5))
 
-        over_batch(route, N, dx.size)
+        over_blocks(route, N, _images_per_block(dx))
         dx[:, 2 * Ho:] = 0
         dx[:, :, 2 * Wo:] = 0
         return (nchw(dx),)
