@@ -172,7 +172,8 @@ def machine() -> str:
         pass
     from threadpoolctl import threadpool_info
     blas = [f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')}, "
-            f"{i.get('num_threads')} threads" for i in threadpool_info() if i.get("user_api") == "blas"]
+            f"{i.get('num_threads')} thread{'s' if i.get('num_threads') != 1 else ''}"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
     return f"{model}, {os.cpu_count()} CPUs; BLAS: {'; '.join(blas) or 'unknown'}"
 
 

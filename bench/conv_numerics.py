@@ -34,8 +34,7 @@ def relative_error(ours, exact) -> float:
 def main():
     rng = np.random.default_rng(0)
     print(f"max |float32 - exact| / max |exact|, batch {BATCH}; exact = direct conv in float64")
-    print(f"{'layer':<18} " + " ".join(f"{name + ' ' + part:>15}" for name in conv_kernels.ALGORITHMS
-                                      for part in ("out/dx/dw",)))
+    print(f"{'layer':<18} " + " ".join(f"{name + ' out/dx/dw':>27}" for name in conv_kernels.ALGORITHMS))
     worst = {name: 0.0 for name in conv_kernels.ALGORITHMS}
     for H, C, F in LAYERS:
         x = np.maximum(rng.standard_normal((BATCH, C, H, H)), 0)
@@ -52,7 +51,7 @@ def main():
             errors = [relative_error(out, exact), relative_error(dx, exact_dx), relative_error(dw, exact_dw)]
             worst[name] = max(worst[name], *errors)
             cells.append("/".join(f"{e:.0e}" for e in errors))
-        print(f"{H}x{H} {C:>3}->{F:<3}      " + " ".join(f"{c:>15}" for c in cells))
+        print(f"{f'{H}x{H} {C}->{F}':<18} " + " ".join(f"{c:>27}" for c in cells))
     print("worst: " + ", ".join(f"{name} {e:.1e}" for name, e in worst.items()))
 
 
