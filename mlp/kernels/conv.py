@@ -127,7 +127,7 @@ def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict,
     if algorithm == "im2col":
         out = im2col.forward(xt, w, b, stride, padding, workspace)
     else:
-        out, kept = winograd.forward(xt, w, b, padding, _TILE[algorithm], keep=train)
+        out, kept = winograd.forward(xt, w, b, padding, _TILE[algorithm], keep=train, workspace=workspace)
     return nchw(out), (algorithm, xt, w, stride, padding, workspace, kept)
 
 

@@ -41,10 +41,10 @@ count.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
+from mlp.kernels.im2col import zero_bordered
 from mlp.parallel import block_size, over_blocks, sum_in_order
 
 # Transform matrices (B^T: a x a, G: a x 3, A^T: m x a); F(4x4) uses the points 0, +-1, +-2, inf.
@@ -77,56 +77,39 @@ def tiles(size: int, m: int) -> int:
     return -(-size // m)
 
 
-@functools.lru_cache(maxsize=4096)
-def _inside(r: int, pad: int, size: int, m: int, T: int):
-    """The tiles t in [first, stop) whose entry r, row m*t + r - pad of the unpadded
-    input, lies inside it (0 <= row < size); and that row for t = first."""
-    first = max(0, -(-(pad - r) // m))
-    stop = max(first, min(T, -(-(size + pad - r) // m)))
-    return first, stop, m * first + r - pad
+def _tile_view(padded, m: int, rows: int, cols: int, Th: int, Tw: int, writeable: bool = False):
+    """padded: (n, Hp, Wp, C) -> the (rows, cols, n, Th, Tw, C) view whose [r, s, :, th, tw]
+    is padded[:, m*th + r, m*tw + s]: entry (r, s) of every tile, tiles m apart. With
+    rows or cols above m, two entries of the view are one number of ``padded`` (tiles
+    overlap): such a view is only read; the ones written have rows, cols <= m."""
+    sN, sH, sW, sC = padded.strides
+    return as_strided(padded, (rows, cols, padded.shape[0], Th, Tw, padded.shape[3]),
+                      (sH, sW, sN, m * sH, m * sW, sC), writeable=writeable)
 
 
-def gather_tiles(x, m: int, pad: int, Th: int, Tw: int):
-    """x: (n, H, W, C) -> D: (a, a, n, Th, Tw, C), D[r, s, :, th, tw] = xpad[:, m*th + r,
-    m*tw + s], xpad x zero-padded by ``pad`` (and beyond, for the last tiles)."""
+def gather_tiles(padded, m: int, Th: int, Tw: int):
+    """padded: (n, m*Th + 2, m*Tw + 2, C), the input with its zero padding (and zeros past
+    it for the last tiles) -> D: (a, a, n, Th, Tw, C), D[r, s, :, th, tw] =
+    padded[:, m*th + r, m*tw + s]: one strided copy."""
     a = m + 2
-    n, H, W, C = x.shape
-    D = np.empty((a, a, n, Th, Tw, C), x.dtype)
-    for r in range(a):
-        t0, t1, h0 = _inside(r, pad, H, m, Th)
-        for s in range(a):
-            u0, u1, w0 = _inside(s, pad, W, m, Tw)
-            d = D[r, s]
-            if t1 > t0 and u1 > u0:
-                d[:, t0:t1, u0:u1] = x[:, h0:h0 + m * (t1 - t0 - 1) + 1:m, w0:w0 + m * (u1 - u0 - 1) + 1:m]
-            d[:, :t0] = d[:, t1:] = d[:, :, :u0] = d[:, :, u1:] = 0
+    D = np.empty((a, a, padded.shape[0], Th, Tw, padded.shape[3]), padded.dtype)
+    np.copyto(D, _tile_view(padded, m, a, a, Th, Tw))
     return D
 
 
-def scatter_tiles(dD, m: int, pad: int, dx):
-    """The transpose of gather_tiles: dx: (n, H, W, C) = the sum of every tile entry
-    dD[r, s, :, th, tw] at its place (entries that overlap add up; padding is dropped).
-    The entries r, s < m tile the input once and are written; the first stray rows
-    and columns past them are zeroed; the overlapping entries are then added."""
-    a = m + 2
-    _, H, W, _ = dx.shape
-    Th, Tw = dD.shape[3:5]
-    order = [(r, s) for r in range(m) for s in range(m)]
-    order += [(r, s) for r in range(a) for s in range(a) if r >= m or s >= m]
-    for k, (r, s) in enumerate(order):
-        if k == m * m:
-            dx[:, max(0, m * Th - pad):] = 0
-            dx[:, :, max(0, m * Tw - pad):] = 0
-        t0, t1, h0 = _inside(r, pad, H, m, Th)
-        u0, u1, w0 = _inside(s, pad, W, m, Tw)
-        if t1 == t0 or u1 == u0:
-            continue
-        target = dx[:, h0:h0 + m * (t1 - t0 - 1) + 1:m, w0:w0 + m * (u1 - u0 - 1) + 1:m]
-        source = dD[r, s, :, t0:t1, u0:u1]
-        if k < m * m:
-            target[...] = source
-        else:
-            target += source
+def scatter_tiles(dD, m: int, dxp):
+    """The transpose of gather_tiles: dxp: (n, m*Th + 2, m*Tw + 2, C) = the sum of every
+    tile entry dD[r, s, :, th, tw] at its place, overlapping entries added. The entries
+    r, s < m tile dxp once and are written; the two further rows and columns of each
+    tile (a = m + 2) are then added onto the next tiles' first ones, in three strided
+    passes whose own entries never coincide."""
+    a, n, Th, Tw, C = m + 2, *dD.shape[2:]
+    dxp[:, m * Th:] = 0
+    dxp[:, :m * Th, m * Tw:] = 0
+    np.copyto(dxp[:, :m * Th, :m * Tw].reshape(n, Th, m, Tw, m, C), dD[:m, :m].transpose(2, 3, 0, 4, 1, 5))
+    _tile_view(dxp[:, :, m:], m, m, a - m, Th, Tw, writeable=True)[...] += dD[:m, m:]
+    _tile_view(dxp[:, m:, :], m, a - m, m, Th, Tw, writeable=True)[...] += dD[m:, :m]
+    _tile_view(dxp[:, m:, m:], m, a - m, a - m, Th, Tw, writeable=True)[...] += dD[m:, m:]
 
 
 def _two_sided(left, right_t, D):
@@ -193,12 +176,13 @@ def _images_per_block(N, m, Th, Tw, C, F, itemsize):
     return min(images, -(-N // 4))
 
 
-def forward(x, w, b, padding: int, m: int, keep: bool = False):
+def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict | None = None):
     """x: (N, H, W, C) channels-last -> (out: (N, Ho, Wo, F), Ho = H + 2*padding - 2,
     the transformed input V of every block when ``keep``, else None).
     w: (F, C, 3, 3), b: (F,). The backward needs V again: kept, it is read back
     instead of gathered and transformed a second time (measured here: 5-10 % of a
-    training step; it costs 2.25x (F(4x4)) or 4x (F(2x2)) the layer's input in memory)."""
+    training step; it costs 2.25x (F(4x4)) or 4x (F(2x2)) the layer's input in memory).
+    ``workspace`` keeps the zero-padded input between calls (see im2col.zero_bordered)."""
     N, H, W, C = x.shape
     F = w.shape[0]
     Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
@@ -207,27 +191,26 @@ def forward(x, w, b, padding: int, m: int, keep: bool = False):
     U = filter_transform(w, m)
     b_tiles = np.tile(b, Th * Tw)
     out = np.empty((N, Ho, Wo, F), x.dtype)
+    # The input padded by ``padding`` and, for the last tiles, with zeros to m*T + 2.
+    xp = zero_bordered({} if workspace is None else workspace, "winograd_xp",
+                       (N, m * Th + 2, m * Tw + 2, C), x.dtype)
 
     def block(lo, hi):
-        V = input_transform(gather_tiles(x[lo:hi], m, padding, Th, Tw), m).reshape(a * a, -1, C)
+        n = hi - lo
+        xp[lo:hi, padding:padding + H, padding:padding + W] = x[lo:hi]
+        V = input_transform(gather_tiles(xp[lo:hi], m, Th, Tw), m).reshape(a * a, -1, C)
         M = np.matmul(V, U)
-        Y = output_transform(M.reshape(a, a, -1), m).reshape(m, m, hi - lo, Th, Tw, F)
+        Y = output_transform(M.reshape(a, a, -1), m).reshape(m, m, n, Th, Tw, F)
         Y.reshape(-1, Th * Tw * F)[...] += b_tiles   # long rows: see im2col.forward
-        scatter_tiles_exact(Y, out[lo:hi])
+        tiled = Y.transpose(2, 3, 0, 4, 1, 5)          # (n, Th, m, Tw, m, F): NHWC order
+        if Ho == m * Th and Wo == m * Tw:
+            np.copyto(out[lo:hi].reshape(n, Th, m, Tw, m, F), tiled)
+        else:   # the last tiles reach past the output: crop
+            out[lo:hi] = tiled.reshape(n, m * Th, m * Tw, F)[:, :Ho, :Wo]
         return V if keep else None
 
     kept = over_blocks(block, N, _images_per_block(N, m, Th, Tw, C, F, x.itemsize))
     return out, (kept if keep else None)
-
-
-def scatter_tiles_exact(Y, out):
-    """out: (n, Ho, Wo, F) <- the output tiles Y: (m, m, n, Th, Tw, F), which do not
-    overlap; the parts of the last tiles past Ho or Wo are dropped."""
-    m = Y.shape[0]
-    _, Ho, Wo, _ = out.shape
-    for p in range(m):
-        for q in range(m):
-            out[:, p::m, q::m] = Y[p, q, :, :len(range(p, Ho, m)), :len(range(q, Wo, m))]
 
 
 def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=None):
@@ -240,7 +223,6 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
     a = m + 2
     U_T = filter_transform(w.transpose(1, 0, 2, 3), m) if input_grad else None
     dx = np.empty((N, H, W, C), x.dtype) if input_grad else None
-
     images = _images_per_block(N, m, Th, Tw, C, F, x.itemsize)
 
     def block(lo, hi):
@@ -248,15 +230,17 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
         if kept:
             V = kept[lo // images]
         else:
-            V = input_transform(gather_tiles(x[lo:hi], m, padding, Th, Tw), m).reshape(a * a, -1, C)
-        dY = _output_tiles(dout[lo:hi], m, Th, Tw)
-        dM = output_transform_adjoint(dY, m).reshape(a * a, -1, F)
+            xp = np.zeros((n, m * Th + 2, m * Tw + 2, C), x.dtype)
+            xp[:, padding:padding + H, padding:padding + W] = x[lo:hi]
+            V = input_transform(gather_tiles(xp, m, Th, Tw), m).reshape(a * a, -1, C)
+        dM = output_transform_adjoint(_output_tiles(dout[lo:hi], m, Th, Tw), m).reshape(a * a, -1, F)
         dU = np.matmul(V.transpose(0, 2, 1), dM)
         db = np.ones(n * Ho * Wo, dout.dtype) @ dout[lo:hi].reshape(-1, F)
         if input_grad:
             dV = np.matmul(dM, U_T).reshape(a, a, -1)
-            dD = input_transform_adjoint(dV, m).reshape(a, a, n, Th, Tw, C)
-            scatter_tiles(dD, m, padding, dx[lo:hi])
+            dxp = np.empty((n, m * Th + 2, m * Tw + 2, C), x.dtype)
+            scatter_tiles(input_transform_adjoint(dV, m).reshape(a, a, n, Th, Tw, C), m, dxp)
+            dx[lo:hi] = dxp[:, padding:padding + H, padding:padding + W]
         return dU, db
 
     parts = over_blocks(block, N, images)
@@ -269,8 +253,10 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
 def _output_tiles(dout, m, Th, Tw):
     """dout: (n, Ho, Wo, F) -> its m x m tiles dY: (m, m, n, Th, Tw, F), zeros past Ho, Wo."""
     n, Ho, Wo, F = dout.shape
-    dY = np.zeros((m, m, n, Th, Tw, F), dout.dtype)
-    for p in range(m):
-        for q in range(m):
-            dY[p, q, :, :len(range(p, Ho, m)), :len(range(q, Wo, m))] = dout[:, p::m, q::m]
+    if Ho != m * Th or Wo != m * Tw:
+        padded = np.zeros((n, m * Th, m * Tw, F), dout.dtype)
+        padded[:, :Ho, :Wo] = dout
+        dout = padded
+    dY = np.empty((m, m, n, Th, Tw, F), dout.dtype)
+    np.copyto(dY, dout.reshape(n, Th, m, Tw, m, F).transpose(2, 4, 0, 1, 3, 5))
     return dY
