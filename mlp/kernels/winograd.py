@@ -25,14 +25,16 @@ gradient check passes through it):
     input:   dV[xi] = dM[xi] @ U[xi]^T,  dd = B dV B^T, overlapping tiles added
 
 Layout. A block of n images (n, H, W, C), channels-last as everywhere in
-mlp.conv, is gathered into its tiles D: (a, a, n, Th, Tw, C), D[r, s] holding
-entry (r, s) of every tile: a*a strided copies. Each transform is then two
-matrix products with the small matrix along an axis of contiguous slabs
-(B^T D = B^T @ D.reshape(a, -1), and per row the same along the columns), so
-BLAS streams the data twice; NumPy's elementwise adds over the same slabs
-took two to three times as long (measured here). GEMM rows are the tiles in
-(n, th, tw) order, the order of x's memory, so the gathers copy runs of C
-numbers in the order they lie.
+mlp.conv, is copied into a zero-padded buffer and gathered into its tiles
+D: (a, a, n, Th, Tw, C), D[r, s] holding entry (r, s) of every tile: one copy
+from a strided view. Each transform is then two matrix products with the small
+matrix along an axis of contiguous slabs (B^T D = B^T @ D.reshape(a, -1), and
+per row the same along the columns), so BLAS streams the data twice; NumPy's
+elementwise adds over the same slabs took two to three times as long
+(measured here). GEMM rows are the tiles in (n, th, tw) order, the order of
+x's memory. Few, large NumPy calls per block matter on two threads: the Python
+between calls holds the GIL (with ~50 small copies per block, narrow layers
+ran hardly faster on two threads than on one).
 
 Work goes through the batch in blocks of images (their transforms stay in
 cache between the passes), shared out among threads by mlp.parallel; block
