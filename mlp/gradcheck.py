@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlp.conv import gradcheck_cases as conv_gradcheck_cases
-from mlp.layers import Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+from mlp.layers import GELU, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from mlp.losses import softmax_cross_entropy, svm_hinge
 from mlp.network import Network, build_mlp
 
@@ -110,6 +110,7 @@ def _layer_cases(rng):
         ("Linear", Linear(5, 3, rng=rng), x, None),
         ("Linear (flattens N,2,3,2)", Linear(12, 3, rng=rng), rng.standard_normal((2, 2, 3, 2)), None),
         ("ReLU", ReLU(), x, None),
+        ("GELU (tanh form)", GELU(), 2 * rng.standard_normal((3, 2, 4, 5)), None),
         ("LeakyReLU", LeakyReLU(0.1), x, None),
         ("Tanh", Tanh(), x, None),
         ("Sigmoid", Sigmoid(), x, None),

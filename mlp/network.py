@@ -178,13 +178,21 @@ class Network:
             shape = layer.output_shape(shape)
         return shape
 
+    def conv_algorithms(self) -> dict[str, str]:
+        """{layer index: algorithm} of every conv layer that has run (or was loaded with
+        its algorithm recorded): im2col, winograd2 or winograd4. Saved in model files
+        and checkpoints, so a loaded network computes with the same rounding."""
+        return {str(i): layer.algorithm for i, layer in enumerate(self.layers)
+                if getattr(layer, "algorithm", None) is not None}
+
     # ---- save / load -----------------------------------------------------------
     def spec(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION,
                 "layers": [layer.spec() for layer in self.layers],
                 "loss": self.loss_name, "reg": self.reg, "label_smoothing": self.label_smoothing,
                 "input_shape": list(self.input_shape) if self.input_shape else None,
-                "dtype": self.dtype.name, "metadata": self.metadata}
+                "dtype": self.dtype.name, "metadata": self.metadata,
+                "conv_algorithms": self.conv_algorithms()}
 
     def to_bytes(self, extra: dict[str, np.ndarray] | None = None) -> bytes:
         """The ``.npz`` bytes ``save`` writes: the spec (JSON), every parameter and
@@ -242,6 +250,8 @@ class Network:
         dtype = np.dtype(spec.get("dtype", "float64"))
         layers = [layer_from_spec(s, dtype) for s in spec["layers"]]
         shape = spec.get("input_shape")
+        for index, algorithm in (spec.get("conv_algorithms") or {}).items():
+            layers[int(index)].algorithm = algorithm   # ValueError when it does not apply
         return cls(layers, loss=spec["loss"], reg=spec["reg"],
                    label_smoothing=spec.get("label_smoothing", 0.0),
                    input_shape=tuple(shape) if shape else None, dtype=dtype,

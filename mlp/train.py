@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlp._allocator import keep_freed_arrays_in_the_heap
 from mlp.network import Network
 from mlp.optim import Optimizer, Schedule
 from mlp.parallel import single_blas_thread
@@ -270,6 +271,7 @@ class Trainer:
         epoch then partial), a callback returns STOP, or the run diverges. A callback
         may re-plan the run (``Decision(plan=...)``) up to ``max_epochs`` (default
         ``epochs``); the schedule's end moves with the plan."""
+        keep_freed_arrays_in_the_heap()   # once per process; NNX_MALLOC_TUNING=0 turns it off
         callback = callback or Callback()
         self.on_batch_end, self.on_updates_end = callback.on_batch_end, callback.on_updates_end
         result = self.result

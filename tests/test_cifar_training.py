@@ -30,6 +30,7 @@ def test_train_convnetjs_with_augmentation_then_evaluate(data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["optimizer"] == "nesterov" and record["config"]["dtype"] == "float32"
+    assert record["conv_algorithms"] == {"0": "im2col", "3": "im2col", "6": "im2col"}   # 5x5: no Winograd
     assert (out / "checkpoint.npz").exists()
     net = Network.load(out / "model.npz")
     assert net.metadata["arch"].startswith("conv16x5") and len(net.metadata["mean"]) == 3
@@ -64,6 +65,31 @@ def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
     assert without_seconds(resumed.result.history) == without_seconds(whole.result.history)
     for name, value in whole.network.buffers.items():       # BatchNorm running statistics too
         np.testing.assert_array_equal(resumed.network.buffers[name], value)
+
+
+def test_a_resumed_run_computes_with_the_recorded_conv_algorithm(data_dir, tmp_path, monkeypatch):
+    """The algorithm measured at the start of a run is recorded in its checkpoint; the
+    resumed run keeps it even where a fresh measurement would choose another (Winograd
+    and im2col round differently), so it ends with the uninterrupted run's numbers."""
+    from mlp.kernels import conv as conv_kernels
+    measured = {"choice": "winograd4"}
+    monkeypatch.setattr(conv_kernels, "choose", lambda *args, **kwargs: measured["choice"])
+    config = TrainConfig(data="cifar10", arch="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10",
+                         data_dir=str(data_dir), val_size=20, epochs=3, batch_size=25,
+                         optimizer="nesterov", lr=0.05, seed=2)
+    whole = run(config)
+    assert whole.network.conv_algorithms() == {"0": "winograd4", "4": "winograd4"}
+    with pytest.raises(KeyboardInterrupt):
+        run(config, callback=KillAt(2), checkpoint=tmp_path / "checkpoint.npz")  # epoch 1 checkpointed
+    measured["choice"] = "im2col"          # what another process might measure
+    resumed = run(config, checkpoint=tmp_path / "checkpoint.npz")
+    assert resumed.network.conv_algorithms() == whole.network.conv_algorithms()
+    assert without_seconds(resumed.result.history) == without_seconds(whole.result.history)
+    for name, value in whole.network.params.items():
+        np.testing.assert_array_equal(resumed.network.params[name], value)
+    other = run(config)                    # im2col from the start: other numbers
+    assert other.network.conv_algorithms() == {"0": "im2col", "4": "im2col"}
+    assert not np.array_equal(other.network.params["0.conv2d.W"], whole.network.params["0.conv2d.W"])
 
 
 def test_a_bad_architecture_is_a_usage_error_before_any_data_is_read(tmp_path):

@@ -167,6 +167,9 @@ def test_spec_parsing_suffixes_and_bn_goes_before_relu():
     net = build_network("conv4x3-pool2-bn-conv5x3-dropout0.5-fc3", (1, 8, 6), 3)
     assert [layer.kind for layer in net.layers] == [
         "conv2d", "maxpool2d", "batchnorm", "relu", "conv2d", "relu", "dropout", "linear"]
+    net = build_network("conv4x3-pool2-bn-gelu-conv5x3-gelu-fc8-gelu-fc3", (1, 8, 6), 3)
+    assert [layer.kind for layer in net.layers] == [
+        "conv2d", "maxpool2d", "batchnorm", "gelu", "conv2d", "gelu", "linear", "gelu", "linear"]
 
 
 def test_pooling_before_the_relu_changes_nothing():

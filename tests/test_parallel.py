@@ -69,14 +69,20 @@ def test_matmul_equals_numpy(monkeypatch):
     assert handed_off, "the products ran in one block: the blocked path was not tested"
 
 
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd2", "winograd4"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch, threads):
+def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch, threads, algorithm):
     """Blocks have fixed boundaries and sums over them a fixed order, so the
-    number of threads cannot change a single bit of the loss or the gradients."""
+    number of threads cannot change a single bit of the loss or the gradients,
+    whichever algorithm the 3x3 convs run."""
+    from mlp.kernels import winograd
     rng = np.random.default_rng(0)
     x = rng.standard_normal((37, 3, 16, 16)).astype(np.float32)  # odd batch: uneven blocks
     y = rng.integers(0, 10, 37)
-    spec = "conv8x3-pool2-bn-conv16x5-bn-pool2-fc32-bn-fc10"
+    spec = "conv8x3-pool2-bn-conv16x3-bn-conv16x5-pool2-fc32-bn-fc10"
+    monkeypatch.setenv("NNX_CONV_ALGORITHM", algorithm)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 20_000)
+    monkeypatch.setattr(winograd, "MIN_ROWS", 8)
 
     handed_off = parallel_hand_offs(monkeypatch)
 
@@ -86,6 +92,7 @@ def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch,
         monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
         net = build_network(spec, (3, 16, 16), 10, seed=1)
         loss, grads = net.loss(x, y)
+        assert list(net.conv_algorithms().values()) == [algorithm, algorithm, "im2col"]
         return loss, {k: g.copy() for k, g in grads.items()}, net.scores(x)
 
     loss_1, grads_1, scores_1 = step(1)

@@ -176,3 +176,24 @@ def test_lookahead_starts_late_and_its_decay_rises_with_progress():
         ahead.on_batch_end(1, batch, 10, 1, 0.0)      # step 20 of 40: rho = 0.95**5 * 0.5**3
     rho = 0.95 ** 5 * 0.5 ** 3
     assert w["w"][0] == pytest.approx(1 - rho)
+def test_importing_nnx_leaves_the_allocator_alone_training_tunes_it(monkeypatch):
+    """The glibc mmap-threshold change belongs to the process: `import mlp` must not
+    make it; training does, once; NNX_MALLOC_TUNING=0 turns it off."""
+    import subprocess
+    import sys
+    code = ("import mlp, mlp.network, mlp.arch, mlp.conv, experiments.runner, cli.app\n"
+            "from mlp import _allocator\nassert _allocator._done is None, _allocator._done")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    from mlp import _allocator
+    calls = []
+    monkeypatch.setattr(_allocator, "_mallopt", lambda: calls.append(1) or True)
+    net = build_mlp(2, [4], 2, seed=0)
+    X, y = np.random.default_rng(0).standard_normal((8, 2)), np.arange(8) % 2
+    for value, expected in (("0", 0), ("off", 0), ("", 1), ("1", 1)):
+        monkeypatch.setenv("NNX_MALLOC_TUNING", value)
+        monkeypatch.setattr(_allocator, "_done", None)
+        calls.clear()
+        train(net, SGD(0.1), X, y, epochs=2)
+        train(net, SGD(0.1), X, y, epochs=1)      # once per process, not per call
+        assert len(calls) == expected, value
