@@ -140,3 +140,22 @@ def process_group(pgid: int) -> list[int]:
         if group == pgid and state not in ("Z", "X"):
             found.append(int(entry))
     return found
+
+
+def conv_net(filters=6):
+    """A small ConvNet on 3x8x8 images, as if trained on CIFAR-10 (for the plot tests)."""
+    from mlp.conv import Conv2D
+    from mlp.layers import Flatten, Linear
+    from mlp.network import Network
+    rng = np.random.default_rng(0)
+    return Network([Conv2D(3, filters, 3, rng=rng), Flatten(), Linear(filters * 36, 10, rng=rng)],
+                   input_shape=(3, 8, 8), metadata={"data": "cifar10"})
+
+
+def one_error_line(result, code=1):
+    """The one line a refused command printed, checked to be alone and an error."""
+    assert result.exit_code == code
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:")
+    return lines[0]

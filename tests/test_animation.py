@@ -5,9 +5,8 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import flat
+from helpers import conv_net, flat, one_error_line
 from PIL import Image
-from test_plots import conv_net, one_error_line
 from typer.testing import CliRunner
 
 from cli.app import app

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import flat
+from helpers import conv_net, flat, one_error_line
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.text import Text
@@ -18,9 +18,7 @@ from experiments.config import TrainConfig
 from experiments.errors import ConfigError
 from experiments.runner import run, save_run
 from experiments.sweep import Sweep, run_sweep
-from mlp.conv import Conv2D
-from mlp.layers import Flatten, Linear
-from mlp.network import Network, build_mlp
+from mlp.network import build_mlp
 
 runner = CliRunner()
 QUICK = {"data": "moons", "points": 20, "optimizer": "adam", "lr": 0.05, "batch_size": 0,
@@ -330,12 +328,6 @@ def test_heatmap_refuses_an_unknown_axis_as_a_usage_error(sweep_dir, tmp_path):
 
 
 # ---- image models ----------------------------------------------------------------
-def conv_net(filters=6):
-    rng = np.random.default_rng(0)
-    return Network([Conv2D(3, filters, 3, rng=rng), Flatten(), Linear(filters * 36, 10, rng=rng)],
-                   input_shape=(3, 8, 8), metadata={"data": "cifar10"})
-
-
 def test_filters_are_one_tile_per_filter_of_the_first_conv_layer(tmp_path):
     net = conv_net(6)
     fig = plots.plot_filters(net, tmp_path / "f.png")
@@ -376,15 +368,6 @@ def test_sweep_commands_write_the_file_asked_for(sweep_dir, tmp_path, command):
     result = runner.invoke(app, args + (["--resolution", "10"] if command == "plot-boundary" else []))
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0
-
-
-def one_error_line(result, code=1):
-    """The one line a refused command printed, checked to be alone and an error."""
-    assert result.exit_code == code
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:")
-    return lines[0]
 
 
 @pytest.mark.parametrize("command", ["plot-boundary", "plot-variance", "plot-curves", "plot-sweep"])

@@ -8,9 +8,8 @@ from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
-from helpers import flat, make_batches, write_batches
+from helpers import flat, make_batches, one_error_line, write_batches
 from PIL import Image
-from test_plots import one_error_line
 from typer.testing import CliRunner
 
 import mlp
