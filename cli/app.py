@@ -1,6 +1,7 @@
 """The ``nnx`` command: parse options, call experiments/mlp, show the outcome."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -9,13 +10,22 @@ from rich.table import Table
 
 import mlp
 from cli.common import console, fail, usage_error
-from cli.options import config_from_options, with_config_options
+from cli.options import config_from_options, config_option, parse_option, with_config_options
 from cli.progress import TrainingProgress, fmt
 from experiments.checkpoint import CHECKPOINT
 from experiments.config import RUN, TrainConfig, resolve
-from experiments.errors import ConfigError, DataError
-from experiments.runner import default_run_dir, prepare_run_dir, resumable_config, run, save_run, start_run
+from experiments.errors import BusyError, ConfigError, DataError
+from experiments.resources import check_memory
+from experiments.runner import (
+    claim_run_dir,
+    claim_unfinished_run,
+    default_run_dir,
+    run,
+    save_run,
+    start_run,
+)
 from mlp.network import ModelFileError
+from mlp.train import RUNAWAY_FACTOR
 
 app = typer.Typer(name="nnx", no_args_is_help=True, add_completion=False,
                   help="Train and study neural networks written from scratch in NumPy.")
@@ -52,20 +62,33 @@ def train(
         return
     try:
         config = resolve(config_from_options(options))
-        run_dir = prepare_run_dir(out or default_run_dir(config), overwrite)
+        check_memory(config)
     except ConfigError as exc:
         raise usage_error(exc) from None
-    start_run(run_dir, config)
-    train_and_save(config, run_dir, log_every)
+    with claimed(claim_run_dir(out or default_run_dir(config), overwrite)) as run_dir:
+        start_run(run_dir, config)
+        train_and_save(config, run_dir, log_every)
 
 
 def resume_run(run_dir: Path, log_every: int) -> None:
-    try:
-        config = resumable_config(run_dir)
-    except ConfigError as exc:
-        raise usage_error(exc) from None
-    console.print(f"resuming {run_dir} from its last checkpoint", highlight=False)
-    train_and_save(config, run_dir, log_every)
+    with claimed(claim_unfinished_run(run_dir)) as config:
+        console.print(f"resuming {run_dir} from its last checkpoint", highlight=False)
+        train_and_save(config, run_dir, log_every)
+
+
+@contextlib.contextmanager
+def claimed(claim):
+    """Enter ``claim``, a context manager that locks a run directory for the whole run,
+    with its errors as the user sees them: a bad directory is a usage error, one that
+    another nnx process is writing a run-time failure."""
+    with contextlib.ExitStack() as stack:
+        try:
+            value = stack.enter_context(claim)
+        except ConfigError as exc:
+            raise usage_error(exc) from None
+        except BusyError as exc:
+            fail(str(exc))
+        yield value
 
 
 def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
@@ -73,14 +96,31 @@ def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
         with TrainingProgress(console, log_every) as progress:
             outcome = run(config, callback=progress, checkpoint=run_dir / CHECKPOINT)
     except (DataError, ModelFileError) as exc:
+        abandon_run(run_dir)
         fail(str(exc))
     except ConfigError as exc:
+        abandon_run(run_dir)
         raise usage_error(exc) from None
-    save_run(run_dir, outcome)
+    except MemoryError:
+        abandon_run(run_dir)
+        fail("out of memory: the run needs more than this machine has free; try a smaller "
+             "--batch-size or network")
+    try:
+        save_run(run_dir, outcome)
+    except OSError as exc:
+        fail(f"cannot write the run into {run_dir}: {exc.strerror or exc}; its last checkpoint is "
+             "kept: continue it with --resume once the problem is fixed")
     show_run_summary(outcome, run_dir)
     if outcome.status != "ok":
-        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (loss became NaN or "
-             "infinite); try a smaller --lr")
+        fail(f"training diverged at epoch {outcome.result.epochs_run + 1} (the loss became NaN, "
+             f"infinite or over {RUNAWAY_FACTOR:g} times its first value); try a smaller --lr")
+
+
+def abandon_run(run_dir: Path) -> None:
+    """After a failure before the first checkpoint, take back config.json's "running",
+    which would otherwise make the directory look like a run to resume."""
+    if not (run_dir / CHECKPOINT).exists():
+        (run_dir / "config.json").unlink(missing_ok=True)
 
 
 def show_run_summary(outcome, run_dir: Path) -> None:
@@ -104,10 +144,11 @@ def show_run_summary(outcome, run_dir: Path) -> None:
 
 
 @app.command()
-def gradcheck(seed: int = typer.Option(0, help="Seed of the random inputs and weights.")):
+def gradcheck(seed: str | None = config_option("seed", help="Seed of the random inputs and weights "
+                                              "\\[default: 0].")):
     """Check every layer, loss and a small network against numerical gradients."""
     from mlp.gradcheck import run_all_checks
-    results = run_all_checks(seed)
+    results = run_all_checks(parse_option("seed", seed) or 0)
     table = Table(title="Gradient check (float64, centred differences, h = 1e-5)")
     for column in ("check", "kind", "max relative error", "tolerance", "result"):
         table.add_column(column, justify="right" if "error" in column or column == "tolerance" else "left")
@@ -126,9 +167,11 @@ def _mount_subcommands():
     from cli.data import data_app
     from cli.evaluate import evaluate_command
     from cli.plots import register_plot_commands
+    from cli.report import report_command
     from cli.sweep import sweep_command
     app.command("evaluate")(evaluate_command)
     app.command("sweep")(sweep_command)
+    app.command("report")(report_command)
     register_plot_commands(app)
     app.add_typer(data_app, name="data")
 

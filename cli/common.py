@@ -7,6 +7,8 @@ option or file and what is wrong, never a traceback.
 """
 from __future__ import annotations
 
+import math
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,6 +23,13 @@ def fail(message: str, code: int = 1):
     """One red line on stderr and a non-zero exit, for errors that are not usage errors."""
     err_console.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def finite(value: float | None) -> float | None:
+    """A Typer callback: Click's ranges let nan through (every comparison is false)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 def usage_error(exc: ConfigError) -> typer.BadParameter:

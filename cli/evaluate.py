@@ -6,10 +6,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import console, fail
+from cli.common import console, fail, usage_error
 from cli.options import config_option, parse_option
-from experiments.errors import DataError
+from experiments.errors import ConfigError, DataError
 from experiments.evaluate import SPLITS, Evaluation, evaluate
+from experiments.files import check_output_file
 from mlp.network import ModelFileError, Network
 
 
@@ -21,6 +22,9 @@ def evaluate_command(
     data_dir: str | None = config_option("data_dir"),
     flip_average: bool = typer.Option(False, "--flip-average", help="Images: average the "
                                       "predictions on each image and its mirror image."),
+    tta: bool = typer.Option(False, "--tta", help="Images: test-time augmentation as airbench's: "
+                             "logits of six views (the image and its mirror, each also moved a "
+                             "pixel up-left and down-right), the unmoved ones weighted twice."),
     plot: Path | None = typer.Option(None, help="Also draw the confusion matrix to this "
                                         "image file (PNG, SVG or PDF by extension)."),
 ):
@@ -29,29 +33,47 @@ def evaluate_command(
     if split not in SPLITS:
         raise typer.BadParameter(f"{split!r} is not one of {', '.join(SPLITS)}", param_hint="'--split'")
     path = model / "model.npz" if model.is_dir() else model
+    if plot is not None:
+        try:
+            if plot.suffix.lstrip(".").lower() not in ("png", "svg", "pdf"):
+                raise ConfigError("plot", f"{plot}: choose a .png, .svg or .pdf file name")
+            check_output_file(plot, "plot")
+        except ConfigError as exc:
+            raise usage_error(exc) from None
     try:
         net = Network.load(path)
     except ModelFileError as exc:
         fail(str(exc))
     trained_on = net.metadata.get("data")
+    if (tta or flip_average) and tuple(net.input_shape or ()) == (2,):
+        flag = "--tta" if tta else "--flip-average"
+        raise typer.BadParameter(f"test-time augmentation shifts and mirrors images; this model "
+                                 f"takes 2D points ({trained_on})", param_hint=f"'{flag}'")
+    if tta and flip_average:
+        raise typer.BadParameter("--tta already includes the mirror images; give one of the two",
+                                 param_hint="'--tta'")
     if data is not None and data != trained_on:
         raise typer.BadParameter(f"the model was trained on {trained_on}, not {data}",
                                  param_hint="'--data'")
     try:
-        result = evaluate(net, split, data_dir, flip_average)
-    except (DataError, ValueError) as exc:
-        fail(str(exc))
+        result = evaluate(net, split, data_dir, flip_average, tta)
+    except (DataError, ValueError) as exc:   # a stored config or shape that does not fit
+        fail(f"{path}: {exc}")
     show(result, trained_on)
     if plot is not None:
+        from experiments.errors import NotWritableError
         from experiments.plots import plot_confusion
-        plot_confusion(result.confusion, result.class_names, plot)
+        try:
+            plot_confusion(result.confusion, result.class_names, plot)
+        except NotWritableError as exc:
+            fail(str(exc))
         console.print(f"confusion matrix drawn to {plot}")
 
 
 def show(result: Evaluation, data: str) -> None:
     console.print(f"[bold]{data}[/bold] {result.split} split: {result.count:,} examples, "
                   f"accuracy [bold]{result.accuracy:.2%}[/bold]"
-                  + (" (flip-averaged)" if result.flip_averaged else ""), highlight=False)
+                  + (f" ({result.views})" if result.views else ""), highlight=False)
     per_class = Table(title="Per-class accuracy")
     per_class.add_column("class")
     per_class.add_column("examples", justify="right")

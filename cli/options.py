@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from cli.common import usage_error
-from experiments.config import OPTIONS, RENAMED, TrainConfig
+from experiments.config import OPTIONS, RENAMED, TrainConfig, apply_recipe
 from experiments.errors import ConfigError
 
 KIND_METAVARS = {"int": "INTEGER", "float": "FLOAT", "size": "SIZE", "duration": "DURATION",
@@ -114,8 +114,9 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
-    """The config the command line asks for (unresolved: data set defaults still None)."""
-    return TrainConfig(**parse_options(options))
+    """The config the command line asks for, a recipe's values filling the options not
+    given (unresolved: data set defaults still None)."""
+    return TrainConfig(**apply_recipe(parse_options(options)))
 
 
 def config_option(name: str, help: str | None = None, **kwargs):

@@ -1,7 +1,10 @@
 """``nnx sweep``: a grid of ``nnx train`` runs, in parallel and resumable."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from pathlib import Path
 
 import typer
@@ -19,7 +22,7 @@ from rich.table import Table
 from cli.common import console, fail, usage_error
 from cli.options import parse_options, with_config_options
 from cli.progress import fmt
-from experiments.errors import ConfigError
+from experiments.errors import ConfigError, NnxError
 from experiments.store import SweepStore
 from experiments.sweep import (
     Sweep,
@@ -101,7 +104,7 @@ def sweep_command(
 def run_with_progress(definition: Sweep, out_dir, workers, scheduler, retry_failed, force,
                       stack_size=None) -> SweepOutcome:
     try:
-        with SweepProgress(console) as progress:
+        with terminate_as_interrupt(), SweepProgress(console) as progress:
             return run_sweep(definition, out_dir, workers=workers, scheduler=scheduler,
                              retry_failed=retry_failed, force=force, callback=progress,
                              stack_size=stack_size)
@@ -110,8 +113,27 @@ def run_with_progress(definition: Sweep, out_dir, workers, scheduler, retry_fail
     except KeyboardInterrupt:
         fail(f"interrupted; the finished trials are saved in {out_dir}: run the same command "
              "again to resume", 130)
-    except RuntimeError as exc:
+    except (NnxError, RuntimeError) as exc:     # a lost cluster, a busy directory, a dead worker
         fail(str(exc))
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (``kill``, a batch system's time limit) stops the sweep as Ctrl-C does:
+    the workers are stopped, the finished trials are kept, and the same command resumes.
+    Python lets only the main thread set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- progress ------------------------------------------------------------------
@@ -208,14 +230,17 @@ def show_sweep_summary(definition: Sweep, outcome: SweepOutcome) -> None:
     has_val = summary["mean_final_val_acc"].notna().any()
     split = "val" if has_val else "train"
     metrics = [f"{split}_acc", f"{split}_loss"] + (["train_acc"] if has_val else [])
-    table = Table(title=f"Sweep summary (mean ± std over seeds), {split} accuracy")
-    for column in (*axes, "seeds", *metrics, "seconds"):
+    best = ["best val_acc", "best epoch"] if has_val else []
+    table = Table(title=f"Sweep summary (mean ± std over seeds), {split} accuracy at the last epoch"
+                        + (" and at the best validation epoch" if has_val else ""))
+    for column in (*axes, "seeds", metrics[0], *best, *metrics[1:], "seconds"):
         table.add_column(column, justify="left" if column in axes else "right")
     for _, row in summary.iterrows():
         seeds = f"{int(row['n_ok'])}" + _problems(row)
-        table.add_row(*(_cell(row[a]) for a in axes), seeds,
-                      *(_mean_std(row, f"final_{m}") for m in metrics),
-                      fmt(row["mean_seconds"], ".2f"))
+        cells = [_mean_std(row, f"final_{m}") for m in metrics]
+        if has_val:
+            cells[1:1] = [_mean_std(row, "best_val_acc"), fmt(row["mean_best_epoch"], ".0f")]
+        table.add_row(*(_cell(row[a]) for a in axes), seeds, *cells, fmt(row["mean_seconds"], ".2f"))
     console.print(table)
     n = len(outcome.trials)
     counts = ", ".join(f"{outcome.count(s)} {s}" for s in ("ok", "diverged", "failed"))

@@ -20,7 +20,14 @@ DEFAULT_MARGIN = 0.1
 
 
 class NotDrawableError(ValueError):
-    """A model or directory that has no 2D decision regions to draw."""
+    """A run, sweep or model that cannot give the figure asked for (no trials finished
+    yet, no epochs recorded, a file missing): a run-time failure, exit code 1."""
+
+
+class WrongKindError(NotDrawableError):
+    """The path given is not the kind of thing the command draws (a CIFAR-10 model for
+    decision regions, a run where a sweep is needed, a folder that is neither): a
+    usage error, exit code 2."""
 
 
 @dataclass
@@ -82,9 +89,9 @@ def boundary_complexity(labels: np.ndarray) -> float:
 
 
 def check_2d(net: Network) -> None:
-    """Raise NotDrawableError unless ``net`` takes 2D points."""
+    """Raise WrongKindError unless ``net`` takes 2D points."""
     if net.input_shape != (2,):
         data = net.metadata.get("data", "non-2D data")
         shape = "x".join(map(str, net.input_shape or ()))
-        raise NotDrawableError(f"decision regions need a model of 2D points; this one was "
+        raise WrongKindError(f"decision regions need a model of 2D points; this one was "
                                f"trained on {data} (inputs of shape {shape})")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mlp.network import ModelFileError, Network
-from mlp.optim import Optimizer
+from mlp.optim import Momentum, Optimizer
 from mlp.train import Callback, Decision, TrainResult
 
 CHECKPOINT = "checkpoint.npz"
@@ -45,11 +45,12 @@ def save_checkpoint(path: Path, net: Network, optimizer: Optimizer, state: Train
     progress = {"history": state.history, "status": state.status, "iterations": state.iterations,
                 "best_epoch": state.best_epoch, "best_val_acc": state.best_val_acc,
                 "best_val_loss": state.best_val_loss, "first_loss": state.first_loss,
-                "lr": optimizer.lr}
+                "lr": optimizer.lr, "velocity": "raw gradients"}
     extra = {_STATE_KEY: np.array(json.dumps(progress))}
     extra.update({f"optim:{k}": v for k, v in optimizer.state_dict().items()})
     extra.update({f"best:{k}": v for k, v in (state.best_params or {}).items()})
     extra.update(snapshot_arrays(state.snapshots, prefix="snapshot:"))
+    extra.update({f"average:{k}": v for k, v in (state.average or {}).items()})
     net.save(path, extra)
 
 
@@ -86,12 +87,18 @@ def load_checkpoint(path: Path, optimizer: Optimizer) -> tuple[Network, TrainRes
         optimizer.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("optim:")})
         best = {k[5:]: data[k] for k in data.files if k.startswith("best:")}
         snapshots = read_snapshot_arrays(data, prefix="snapshot:")
+        average = {k[8:]: data[k] for k in data.files if k.startswith("average:")}
     optimizer.lr = progress["lr"]
+    if isinstance(optimizer, Momentum) and "velocity" not in progress:
+        # nnx 0.1 kept the cs231n velocity v = mu * v - lr * dw; today's holds raw gradients
+        for slots in optimizer.state.values():
+            slots["v"] = slots["v"] / -optimizer.lr
     state = TrainResult(history=progress["history"], status=progress["status"],
                         iterations=progress["iterations"], best_epoch=progress["best_epoch"],
                         best_val_acc=progress["best_val_acc"], best_params=best or None,
                         best_val_loss=progress.get("best_val_loss", math.nan),
-                        first_loss=progress.get("first_loss"), snapshots=snapshots)
+                        first_loss=progress.get("first_loss"), snapshots=snapshots,
+                        average=average or None)
     return net, state
 
 

@@ -345,34 +345,61 @@ def load_cifar10_dataset(config):
 
 
 # ---- augmentation --------------------------------------------------------------------
-def _random_crop_flip(xb: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
-    """Each image flipped left-right with p=0.5, then an (H, W) window cut from it
-    zero-padded by ``pad`` at a uniform offset. xb: (N, C, H, W), not modified."""
-    n, _, h, w = xb.shape
-    flip = rng.random(n) < 0.5
-    oy = rng.integers(0, 2 * pad + 1, size=n)
-    ox = rng.integers(0, 2 * pad + 1, size=n)
-    flipped = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
-    if pad == 0:
-        return flipped
-    padded = np.pad(flipped, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))
-    # windows: (N, C, 2p+1, 2p+1, H, W); picking one (oy, ox) per image gives (N, C, H, W)
-    return windows[np.arange(n), :, oy, ox]
+FLIPS = ("random", "alternating")
+PADS = ("zero", "reflect")
 
 
-def augment_flip_shift(xb: np.ndarray, rng: np.random.Generator, max_shift: int = 2) -> np.ndarray:
-    """Random left-right flips (p=0.5) and shifts of up to ``max_shift`` pixels in y and x
-    with zero fill, as the ConvNetJS CIFAR-10 demo. xb: (N, C, H, W) -> same shape and
-    dtype, new array."""
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be at least 0, not {max_shift}")
-    return _random_crop_flip(xb, rng, max_shift)
+@dataclass(frozen=True)
+class FlipShift:
+    """Training augmentation: left-right flips and shifts of up to ``shift`` pixels.
+
+    flip: "random" mirrors each image with p = 0.5, drawn anew every epoch (the
+    ConvNetJS demo's); "alternating" is airbench's derandomised flip: a random
+    half of the images (fixed by ``seed``) is mirrored in even epochs and the
+    other half in odd ones, so every image is seen both ways every two epochs.
+    pad: the fill of the pixels a shift uncovers, "zero" or "reflect" (the
+    mirror image of the border, as airbench pads). Each image's shift in y and
+    x is uniform in [-shift, shift], drawn from the epoch's ``rng``.
+    """
+
+    flip: str = "random"
+    pad: str = "zero"
+    shift: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.flip not in FLIPS or self.pad not in PADS or self.shift < 0:
+            raise ValueError(f"flip must be one of {FLIPS}, pad one of {PADS} and shift >= 0")
+
+    def __call__(self, xb: np.ndarray, rng: np.random.Generator, *, epoch: int = 0,
+                 index: np.ndarray | None = None) -> np.ndarray:
+        """xb: (N, C, H, W), rows ``index`` of the training set -> a new array, same shape
+        and dtype; xb is not modified."""
+        n, _, h, w = xb.shape
+        if self.flip == "alternating":
+            index = np.arange(n) if index is None else np.asarray(index)
+            flip = _half(self.seed, index) ^ bool(epoch % 2)
+        else:
+            flip = rng.random(n) < 0.5
+        oy = rng.integers(0, 2 * self.shift + 1, size=n)
+        ox = rng.integers(0, 2 * self.shift + 1, size=n)
+        flipped = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
+        if self.shift == 0:
+            return flipped
+        p = self.shift
+        padded = np.pad(flipped, ((0, 0), (0, 0), (p, p), (p, p)),
+                        mode="constant" if self.pad == "zero" else "reflect")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))
+        # windows: (N, C, 2p+1, 2p+1, H, W); one (oy, ox) per image gives (N, C, H, W)
+        return windows[np.arange(n), :, oy, ox]
 
 
-def augment_crop_flip(xb: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Random flips and (H, W) crops of the image zero-padded by ``pad`` (the usual
-    ResNet-style recipe). xb: (N, C, H, W) -> same shape and dtype, new array."""
-    if pad < 0:
-        raise ValueError(f"pad must be at least 0, not {pad}")
-    return _random_crop_flip(xb, rng, pad)
+def _half(seed: int, index: np.ndarray) -> np.ndarray:
+    """A fixed random half of the examples (True for about half of them), by example:
+    a hash of (seed, example index), so it does not depend on how batches are cut."""
+    salt = np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)     # splitmix64's constants
+    mixed = index.astype(np.uint64) + salt               # array arithmetic wraps mod 2**64
+    mixed ^= mixed >> np.uint64(31)
+    mixed *= np.uint64(0xBF58476D1CE4E5B9)
+    mixed ^= mixed >> np.uint64(29)
+    return (mixed & np.uint64(1)).astype(bool)

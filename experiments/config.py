@@ -28,7 +28,7 @@ from mlp.optim import OPTIMIZERS, SCHEDULES
 IMAGE_DATASETS = ("cifar10",)
 DATASETS = (*GENERATORS, *IMAGE_DATASETS)
 DTYPES = ("auto", "float32", "float64")
-DATA, MODEL, OPTIM, RUN = "Data", "Model", "Optimisation", "Run"
+RECIPE, DATA, MODEL, OPTIM, RUN = "Recipe", "Data", "Model", "Optimisation", "Run"
 
 # Bounds that keep an absurd value (a typo, an exponent) from reaching NumPy.
 MAX_COUNT = 10**9           # epochs, iterations, points, sizes
@@ -103,6 +103,26 @@ def parse_size(option: str, text: str) -> int | float:
         return parse_int(option, text)
     value = parse_float(option, text)
     return 0 if value == 0 else value       # 0.0 and 0 both hold out nothing: one value
+
+
+# Named recipes: option values a recipe gives to the options not given. airbench94 is
+# Keller Jordan's airbench94 (arXiv 2404.00498) in nnx's terms: its lr 11.5 per 1024
+# examples with Nesterov 0.85 is 11.5 / (1 + 1 / 0.15) = 1.5 on a batch-mean loss, and
+# its weight decay 0.0153 per 1024 examples is 0.0153 * 1024 / (1024 * (1 + 1 / 0.15))
+# = 0.0020 per step; the lr rises from 0.2x to its peak at 23 % of the 9.9 epochs (2.28)
+# and falls to 0.07x at the end.
+RECIPES = {
+    "airbench94": {
+        "data": "cifar10", "arch": "airbench94", "activation": "gelu", "init": "dirac",
+        "augment": True, "flip": "alternating", "pad": "reflect", "shift": 2,
+        "bn_decay": 0.6, "bn_eps": 1e-12, "bn_scale": False, "bn_bias_lr": 64.0,
+        "whiten_bias_epochs": 3, "label_smoothing": 0.2, "reg": 0.0,
+        "optimizer": "nesterov", "lr": 1.5, "momentum": 0.85, "weight_decay": 0.0153 / (1 + 1 / 0.15),
+        "schedule": "linear", "warmup": 2.28, "warmup_from": 0.2, "min_lr": 0.07 * 1.5,
+        "epochs": 10, "batch_size": 1024, "ema_decay": 0.95, "ema_every": 5, "ema_start": 3.0,
+        "dtype": "float32",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -218,6 +238,9 @@ def option(default, help: str, panel: str, **kwargs) -> Any:
 @dataclass
 class TrainConfig:
     # ---- data
+    recipe: str | None = option(None, "A named set of defaults for the other options (each can still "
+                                "be given); airbench94: the one-hour CIFAR-10 recipe (README).",
+                                RECIPE, choices=tuple(RECIPES))
     data: str = option("spiral", "Data set.", DATA, choices=DATASETS)
     points: int = option(100, "2D data: points per class.", DATA, kind="int", low=1, high=MAX_COUNT)
     classes: int = option(3, "2D data: classes (spiral and blobs; the others have 2).", DATA,
@@ -235,7 +258,15 @@ class TrainConfig:
                                   metavar="DIR")
     limit: int | None = option(None, "CIFAR-10: use only the first N training images (quick runs).",
                                DATA, kind="int", low=1, high=MAX_COUNT)
-    augment: bool = option(False, "CIFAR-10: random flips and shifts of up to 2 px.", DATA, kind="bool")
+    augment: bool = option(False, "CIFAR-10: flips and shifts of the training images (--flip, --pad, "
+                           "--shift).", DATA, kind="bool")
+    flip: str = option("random", "--augment: random (each image p=0.5, every epoch) or alternating "
+                       "(a fixed random half mirrored in even epochs, the other half in odd ones).",
+                       DATA, choices=("random", "alternating"))
+    pad: str = option("zero", "--augment: fill of the pixels a shift uncovers: zero or reflect.",
+                      DATA, choices=("zero", "reflect"))
+    shift: int = option(2, "--augment: shifts of up to this many pixels in y and x.", DATA,
+                        kind="int", low=0, high=16)
     # ---- model
     arch: str | None = option(None, "ConvNet architecture: a preset or a spec such as "
                               "conv16x5-pool2-fc10 (see README).", MODEL,
@@ -254,6 +285,19 @@ class TrainConfig:
     reg: float | None = option(None, "L2 strength: adds 0.5 * reg * sum(W**2) over weights (not "
                                "biases), gradient reg * W.", MODEL, kind="float", low=0,
                                default_help="1e-3; cifar10 5e-4")
+    bn_decay: float = option(0.9, "BatchNorm: the fraction of its running mean and variance kept "
+                             "at each training step (PyTorch's momentum is 1 - bn_decay).", MODEL,
+                             kind="float", low=0, high=1)
+    bn_eps: float = option(1e-5, "BatchNorm: added to the variance before its square root.", MODEL,
+                           kind="float", low=0, open_low=True, high=1)
+    bn_scale: bool = option(True, "BatchNorm learns its scale (gamma); --no-bn-scale keeps it at 1.",
+                            MODEL, kind="bool")
+    bn_bias_lr: float = option(1.0, "BatchNorm's biases (beta) learn this many times faster than "
+                               "the other parameters.", MODEL, kind="float", low=0, open_low=True,
+                               high=1e4)
+    whiten_bias_epochs: int | None = option(None, "The whitening layer's bias trains for this many "
+                                            "epochs, then stays.", MODEL, kind="int", low=0,
+                                            high=MAX_COUNT, default_help="throughout")
     label_smoothing: float = option(0.0, "Softmax label smoothing.", MODEL, kind="float", low=0,
                                     high=1, open_high=True)
     dtype: str = option("auto", "auto (float64 for MLPs, float32 for ConvNets), float32 or float64.",
@@ -264,17 +308,32 @@ class TrainConfig:
     lr: float | None = option(None, "Learning rate.", OPTIM, kind="float", low=0, open_low=True,
                               default_help="1.0 for 2D data, 0.02 for cifar10")
     momentum: float = option(0.9, "Momentum of momentum and nesterov.", OPTIM, kind="float", low=0,
-                             high=1)
-    schedule: str | None = option(None, "constant, step (x lr-decay every step-size epochs) or "
-                                  "cosine (after --warmup epochs).", OPTIM, choices=SCHEDULES,
+                             high=1, open_high=True)
+    weight_decay: float = option(0.0, "Weight decay: every step shrinks each parameter (biases too) by "
+                                 "this fraction at the base --lr, whatever --lr is (airbench's "
+                                 "parametrisation); unlike --reg it is not part of the loss.", OPTIM,
+                                 kind="float", low=0, high=1, open_high=True)
+    schedule: str | None = option(None, "constant, step (x lr-decay every step-size epochs), cosine "
+                                  "or linear (both after --warmup epochs).", OPTIM, choices=SCHEDULES,
                                   default_help="constant; cifar10 cosine")
     step_size: int = option(10, "Step schedule: epochs between decays.", OPTIM, kind="int", low=1,
                             high=MAX_COUNT)
     lr_decay: float = option(0.1, "Step schedule: the factor the lr is multiplied by at each decay.",
                              OPTIM, kind="float", low=0, open_low=True, high=1)
-    warmup: float | None = option(None, "Cosine schedule: linear warm-up epochs.", OPTIM,
+    warmup: float | None = option(None, "Cosine and linear schedules: warm-up epochs.", OPTIM,
                                   kind="float", low=0, high=MAX_COUNT, default_help="0; cifar10 0.5")
-    min_lr: float = option(0.0, "Cosine schedule: final learning rate.", OPTIM, kind="float", low=0)
+    warmup_from: float = option(0.0, "The warm-up starts at this fraction of --lr.", OPTIM,
+                                kind="float", low=0, high=1)
+    min_lr: float = option(0.0, "Cosine and linear schedules: final learning rate.", OPTIM,
+                           kind="float", low=0)
+    ema_decay: float = option(0.0, "Lookahead: every --ema-every updates from epoch --ema-start, the "
+                              "weights move to their moving average of decay ema_decay**every * "
+                              "progress**3 (airbench: 0.95); 0 = off.", OPTIM, kind="float", low=0,
+                              high=1, open_high=True)
+    ema_every: int = option(5, "Lookahead: updates between pulls.", OPTIM, kind="int", low=1,
+                            high=MAX_COUNT)
+    ema_start: float = option(3.0, "Lookahead: the epoch it starts.", OPTIM, kind="float", low=0,
+                              high=MAX_COUNT)
     epochs: int | None = option(None, "Epochs.", OPTIM, kind="int", low=1, high=10**7,
                                 default_help="10000 for 2D data, 10 for cifar10")
     iterations: int | None = option(None, "Train for this many updates instead of --epochs.", OPTIM,
@@ -380,6 +439,17 @@ DEFAULTS_2D = {"hidden": [100], "reg": 1e-3, "optimizer": "sgd", "lr": 1.0, "epo
 DEFAULTS_IMAGE = {"arch": "convnetjs", "reg": 5e-4, "optimizer": "nesterov", "lr": 0.02,
                   "epochs": 10, "batch_size": 128, "val_size": 5000, "checkpoint_every": 1,
                   "schedule": "cosine", "warmup": 0.5}
+
+
+def apply_recipe(values: dict) -> dict:
+    """Option values as given (by name), completed by the named recipe among them: the
+    options given keep their values, the recipe fills in the others."""
+    name = values.get("recipe")
+    if name is None:
+        return dict(values)
+    if name not in RECIPES:
+        raise ConfigError("recipe", f"{name!r} is not one of {', '.join(RECIPES)}")
+    return {**RECIPES[name], **values}
 
 
 def resolve(config: TrainConfig) -> TrainConfig:

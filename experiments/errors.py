@@ -34,3 +34,8 @@ class BusyError(NnxError):
 
 class ClusterLostError(NnxError):
     """The Dask cluster went away mid-sweep; the unfinished trials are not failures."""
+
+
+class NotWritableError(NnxError):
+    """An output file that cannot be written (its folder is a file, no permission, a
+    read-only file system); the message names the file and the reason."""

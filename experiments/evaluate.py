@@ -7,7 +7,7 @@ import numpy as np
 
 from experiments.config import TrainConfig, resolve
 from experiments.datasets import make_2d
-from experiments.errors import DataError
+from experiments.errors import ConfigError, DataError
 from mlp.losses import softmax
 from mlp.network import Network
 
@@ -23,7 +23,7 @@ class Evaluation:
     accuracy: float
     confusion: np.ndarray
     class_names: list[str]
-    flip_averaged: bool = False
+    views: str = ""          # "", "flip-averaged" or "tta": the test-time augmentation used
 
     @property
     def per_class_accuracy(self) -> np.ndarray:
@@ -47,7 +47,10 @@ def model_config(net: Network) -> TrainConfig:
     stored = net.metadata.get("config")
     if not isinstance(stored, dict):
         raise DataError("the model file does not record the data it was trained on")
-    return resolve(TrainConfig.from_dict(stored))
+    try:
+        return resolve(TrainConfig.from_dict(stored))
+    except ConfigError as exc:
+        raise DataError(f"the config stored with the model is not valid ({exc.option}: {exc})") from None
 
 
 def split_arrays(net: Network, split: str, data_dir: str | None = None):
@@ -85,19 +88,37 @@ def _train_or_val(ds, split: str):
     return ds.X_val, ds.y_val, ds.class_names
 
 
-def class_scores(net: Network, X: np.ndarray, flip_average: bool = False) -> np.ndarray:
+def class_scores(net: Network, X: np.ndarray, flip_average: bool = False, tta: bool = False
+                 ) -> np.ndarray:
     """Scores (N, C); with ``flip_average`` the mean of the softmax probabilities of
-    each image and its left-right mirror (test-time augmentation)."""
+    each image and its left-right mirror; with ``tta`` airbench's weighted views."""
+    if tta:
+        return sum(weight * net.scores(view) for weight, view in tta_views(X))
     if not flip_average:
         return net.scores(X)
     return (softmax(net.scores(X)) + softmax(net.scores(X[..., ::-1]))) / 2
 
 
+def tta_views(X: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """airbench's test-time augmentation (its level 2) as (weight, view) pairs whose
+    weighted logits are summed: each image and its mirror (1/4 each), and both of
+    them moved one pixel up-left and one pixel down-right with the border reflected
+    (1/8 each). X: (N, C, H, W) -> six views of the same shape."""
+    h, w = X.shape[2:]
+    padded = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    views = [(0.25, X), (0.125, padded[:, :, :h, :w]), (0.125, padded[:, :, 2:, 2:])]
+    return [(weight, v) for weight, view in views for v in (view, view[..., ::-1])]
+
+
 def evaluate(net: Network, split: str = "test", data_dir: str | None = None,
-             flip_average: bool = False) -> Evaluation:
+             flip_average: bool = False, tta: bool = False) -> Evaluation:
     X, y, class_names = split_arrays(net, split, data_dir)
-    if flip_average and X.ndim != 4:
-        raise ValueError("flip averaging needs image data")
-    predictions = class_scores(net, X, flip_average).argmax(axis=1)
+    if net.input_shape is not None and tuple(X.shape[1:]) != tuple(net.input_shape):
+        raise DataError(f"the model takes inputs of shape {tuple(net.input_shape)}, but its data set "
+                        f"{net.metadata.get('data')!r} gives {tuple(X.shape[1:])}")
+    if (flip_average or tta) and X.ndim != 4:
+        raise ValueError("test-time augmentation needs image data")
+    predictions = class_scores(net, X, flip_average, tta).argmax(axis=1)
     confusion = confusion_matrix(y, predictions, len(class_names))
-    return Evaluation(split, float(np.mean(predictions == y)), confusion, class_names, flip_average)
+    views = "tta" if tta else "flip-averaged" if flip_average else ""
+    return Evaluation(split, float(np.mean(predictions == y)), confusion, class_names, views)

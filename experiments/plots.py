@@ -8,8 +8,12 @@ no global figure list to leak from a long-running process.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,19 +25,39 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import ListedColormap, to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import (  # noqa: E402
+    FormatStrFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+)
 
 from experiments.boundary import (  # noqa: E402
     DEFAULT_MARGIN,
     DEFAULT_RESOLUTION,
     NotDrawableError,
     Regions,
+    WrongKindError,
     check_2d,
     decision_regions,
 )
 from experiments.config import TrainConfig, parse_hidden  # noqa: E402
+from experiments.errors import ConfigError, NotWritableError  # noqa: E402
+from experiments.files import check_output_file  # noqa: E402
 from experiments.stats import over_seeds  # noqa: E402
-from experiments.store import GROUP_COLUMNS, OPTION_COLUMNS  # noqa: E402
-from mlp.network import ModelFileError, Network  # noqa: E402
+from experiments.store import (  # noqa: E402
+    BEST_COLUMNS,
+    FINAL_COLUMNS,
+    GROUP_COLUMNS,
+    METRIC_COLUMNS,
+    OPTION_COLUMNS,
+    SweepStore,
+    best_of_history,
+    cell,
+    summarize,
+)
+from mlp.network import FILE_MODE, ModelFileError, Network  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette (black left out: it marks edges and text).
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
@@ -46,14 +70,57 @@ def colour(i: int) -> str:
 
 
 def save(fig: Figure, path: str | Path) -> Figure:
-    """Write ``fig`` to ``path`` (format from the extension), creating its folder."""
+    """Write ``fig`` to ``path`` (format from the extension), creating its folder; the
+    file appears whole or not at all. NotWritableError when it cannot be written."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ValueError(f"{path}: choose a .png, .svg or .pdf file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight")
+        raise ConfigError("out", f"{path}: choose a .png, .svg or .pdf file name")
+    check_output_file(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=DPI, bbox_inches="tight")
+    write_output(path, buf.getvalue())
     return fig
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` (``output_file``); NotWritableError naming the file and the
+    reason when that fails."""
+    with output_file(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+@contextlib.contextmanager
+def output_file(path: Path):
+    """A temporary file in ``path``'s folder (created if need be) to write, renamed to
+    ``path`` when the block ends without error and removed otherwise: the output
+    appears whole or not at all, with the permissions the umask gives a new file.
+    OSError becomes NotWritableError naming the file and the reason."""
+    path = Path(path)
+    make_folder_for(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, FILE_MODE)            # mkstemp's file is private; a figure is not
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def make_folder_for(path: Path) -> None:
+    """Create the folder ``path`` goes in; NotWritableError when that cannot be done."""
+    blocking = next((p for p in Path(path).parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotWritableError(f"cannot write {path}: {blocking} is a file, not a folder")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # ---- reading runs and sweeps ------------------------------------------------------
@@ -71,25 +138,65 @@ def check_dir(path: str | Path, want: str = "run or sweep") -> Path:
     if not path.exists():
         raise NotDrawableError(f"{path}: no such directory")
     if not path.is_dir():
-        raise NotDrawableError(f"{path} is a file; give a {want} directory")
+        raise WrongKindError(f"{path} is a file; give a {want} directory")
     sweep, run = is_sweep_dir(path), is_run_dir(path)
-    if (want == "sweep" and not sweep) or not (sweep or run):
-        what = "results.csv (written by nnx sweep)" if want == "sweep" else \
-            "metrics.csv (nnx train) or results.csv (nnx sweep)"
-        raise NotDrawableError(f"{path} is not a {want} directory: it has no {what}")
+    if (want == "sweep" and not sweep) or (want == "run" and not run) or not (sweep or run):
+        what = {"sweep": "results.csv (written by nnx sweep)",
+                "run": "metrics.csv or model.npz (written by nnx train)"}.get(
+            want, "metrics.csv (nnx train) or results.csv (nnx sweep)")
+        raise WrongKindError(f"{path} is not a {want} directory: it has no {what}")
     return path
+
+
+def read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """A CSV file nnx wrote, as strings; NotDrawableError naming the file when it is not
+    one (empty, binary, torn, other columns)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise NotDrawableError(f"{path} is empty; it is not a {what}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise NotDrawableError(f"{path} is not a {what} ({reason})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise NotDrawableError(f"{path} is not a {what}: it has no {', '.join(missing)} column")
+    return frame
+
+
+# Columns of results.csv files written by nnx 0.1, read under today's names.
+OLD_RESULT_COLUMNS = {"trial": "trial_key", "model": "arch", "gamma": "lr_decay"}
 
 
 def read_results(sweep_dir: str | Path) -> pd.DataFrame:
     """results.csv with option columns as written (strings) and metrics as numbers."""
     path = check_dir(sweep_dir, "sweep")
-    frame = pd.read_csv(path / "results.csv", dtype=str, keep_default_na=False)
+    frame = read_table(path / "results.csv", (), "results table written by nnx sweep")
+    frame = frame.rename(columns={old: new for old, new in OLD_RESULT_COLUMNS.items()
+                                  if old in frame.columns and new not in frame.columns})
+    if "val_fraction" in frame.columns:         # nnx 0.1 kept both; 2D sweeps read the fraction
+        frame = frame.drop(columns="val_size").rename(columns={"val_fraction": "val_size"})
+    missing = [c for c in ("trial_key", "status", *FINAL_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise NotDrawableError(f"{path / 'results.csv'} is not a results table written by nnx sweep: "
+                               f"it has no {', '.join(missing)} column")
     if frame.empty:
         raise NotDrawableError(f"{path}: the sweep has no finished trials yet")
+    if not set(BEST_COLUMNS) <= set(frame.columns):
+        frame = with_best_columns(frame, SweepStore(path))
     for column in frame.columns:
-        if column.startswith("final_") or column in ("epochs_run", "seconds"):
+        if column in METRIC_COLUMNS or column.startswith(("final_", "best_")):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
+
+
+def with_best_columns(results: pd.DataFrame, store: SweepStore) -> pd.DataFrame:
+    """results.csv written before the best_* columns, with them computed from the curves
+    (as ``nnx sweep`` does when it upgrades the file; the file itself is left alone)."""
+    best = [best_of_history(store.read_history(key)) if status != "failed" else {}
+            for key, status in zip(results["trial_key"], results["status"], strict=True)]
+    return results.assign(**{name: [cell(name, b.get(name, math.nan)) for b in best]
+                             for name in BEST_COLUMNS})
 
 
 def varying_options(results: pd.DataFrame, include_seed: bool = False) -> list[str]:
@@ -116,9 +223,21 @@ def axis_values(results: pd.DataFrame, name: str) -> list[str]:
     return sorted(results[name].unique(), key=lambda v: sort_key(name, v))
 
 
-def check_axis(results: pd.DataFrame, name: str) -> None:
-    if name not in results.columns:
-        raise NotDrawableError(f"{name!r} is not an option column of this sweep")
+def check_axis(results: pd.DataFrame, name: str, option: str) -> None:
+    """A usage error (ConfigError naming ``option``) unless ``name`` is an option column."""
+    if name not in results.columns or name not in OPTION_COLUMNS:
+        raise ConfigError(option, f"{name!r} is not an option of this sweep; its varying options "
+                                  f"are {', '.join(varying_options(results, True)) or 'none'}")
+
+
+def check_metric(table: pd.DataFrame, name: str, option: str = "metric") -> None:
+    """A usage error unless ``name`` is a metric column of ``table``."""
+    metrics = [c for c in table.columns if c not in OPTION_COLUMNS and c not in
+               ("trial_key", "status", "error", "nnx_version", "finished")]
+    if name not in metrics:
+        means = [c for c in metrics if c.startswith("mean_")]
+        choices = f"{', '.join(means)} (or their std_, min_, max_)" if means else ", ".join(metrics)
+        raise ConfigError(option, f"{name!r} is not a metric column here; choose from {choices}")
 
 
 def settings_label(row, names: list[str]) -> str:
@@ -233,12 +352,57 @@ def sweep_panel(sweep_dir: Path, row, settings: str, resolution: int, margin: fl
                                                regions.complexity))
 
 
-def select_trials(results: pd.DataFrame, rows: str, cols: str, seed: str | None,
-                  where: dict[str, str] | None = None) -> pd.DataFrame:
-    """The ok trials of one seed (the first by default) that match ``where``; refuse a
-    selection that still has two trials in one (rows, cols) cell."""
-    for name in (rows, cols, *(where or {})):
-        check_axis(results, name)
+def layout_axes(results: pd.DataFrame, rows: str | None = None, cols: str | None = None,
+                spare: int = 0) -> tuple[str | None, str | None, list[str]]:
+    """The options a grid of panels is laid out by: ``rows`` and ``cols`` as given, else
+    the options ``results`` varies (seed aside), in column order (hidden before reg);
+    a sweep of one axis gets it as columns. Up to ``spare`` more options are returned
+    for the caller to show inside a panel (as colours); any further one is refused
+    with the --where that pins it. -> (rows or None, cols or None, spare options)."""
+    for name, option in ((rows, "rows"), (cols, "cols")):
+        if name is not None:
+            check_axis(results, name, option)
+    free = [n for n in varying_options(results) if n not in (rows, cols)]
+    if rows is None and cols is None and len(free) == 1:
+        cols = free.pop(0)
+    if rows is None and free:
+        rows = free.pop(0)
+    if cols is None and free:
+        cols = free.pop(0)
+    inside, free = free[:spare], free[spare:]
+    if free:
+        raise NotDrawableError(f"the sweep also varies {', '.join(free)}; pick one value with "
+                               f"--where {free[0]}=VALUE or make it an axis with --rows/--cols")
+    return rows, cols, inside
+
+
+def levels(results: pd.DataFrame, name: str | None) -> list[str | None]:
+    """The values of a grid axis in order; [None] for no axis (one row or column)."""
+    return [None] if name is None else axis_values(results, name)
+
+
+def matching(results: pd.DataFrame, pairs: list[tuple[str | None, str | None]]) -> pd.DataFrame:
+    """The rows whose option ``name`` is ``value`` for each (name, value); a name of
+    None (no such axis) matches every row."""
+    for name, value in pairs:
+        if name is not None:
+            results = results[results[name] == value]
+    return results
+
+
+def cell_label(pairs: list[tuple[str | None, str | None]], default: str = "") -> str:
+    """'hidden=3 reg=0.01' for the (name, value) pairs of a grid cell that have a name."""
+    return " ".join(f"{n}={v}" for n, v in pairs if n is not None) or default
+
+
+def select_trials(results: pd.DataFrame, rows: str | None, cols: str | None, seed: str | None,
+                  where: dict[str, str] | None = None) -> tuple[pd.DataFrame, str | None, str | None]:
+    """The ok trials of one seed (the first by default) that match ``where``, and the
+    rows and columns to lay them out by (``layout_axes``); refuse a selection that
+    still has two trials in one (rows, cols) cell."""
+    for name, option in ((rows, "rows"), (cols, "cols"), *((n, "where") for n in where or {})):
+        if name is not None:
+            check_axis(results, name, option)
     chosen = results[results["status"] == "ok"]
     if chosen.empty:
         raise NotDrawableError("the sweep has no trial that trained without diverging")
@@ -249,28 +413,34 @@ def select_trials(results: pd.DataFrame, rows: str, cols: str, seed: str | None,
         chosen = chosen[[sort_key(name, v) == sort_key(name, value) for v in chosen[name]]]
     if chosen.empty:
         raise NotDrawableError(f"no ok trial with seed {seed}" + (f" and {where}" if where else ""))
-    extra = [n for n in varying_options(chosen) if n not in (rows, cols)]
-    if extra:
-        raise NotDrawableError(f"the sweep also varies {', '.join(extra)}; pick one value with "
-                               f"--where {extra[0]}=VALUE or make it an axis with --rows/--cols")
-    return chosen
+    rows, cols, _ = layout_axes(chosen, rows, cols)
+    return chosen, rows, cols
 
 
-def plot_sweep_boundaries(sweep_dir, path, rows: str = "hidden", cols: str = "reg",
+def trial_grid(chosen: pd.DataFrame, rows: str | None, cols: str | None) -> list[list]:
+    """The trial (a results row) of each (row value, column value) cell, or None."""
+    grid = []
+    for r in levels(chosen, rows):
+        line = []
+        for c in levels(chosen, cols):
+            match = matching(chosen, [(rows, r), (cols, c)])
+            line.append(None if match.empty else match.iloc[0])
+        grid.append(line)
+    return grid
+
+
+def plot_sweep_boundaries(sweep_dir, path, rows: str | None = None, cols: str | None = None,
                           seed: str | None = None, where: dict[str, str] | None = None,
                           resolution: int = DEFAULT_RESOLUTION, margin: float = DEFAULT_MARGIN,
                           ) -> Figure:
-    """Panels of one seed's decision regions: rows by ``rows``, columns by ``cols``."""
+    """Panels of one seed's decision regions: rows by ``rows``, columns by ``cols``
+    (by default the options the sweep varies, ``layout_axes``)."""
     sweep_dir = check_dir(sweep_dir, "sweep")
-    chosen = select_trials(read_results(sweep_dir), rows, cols, seed, where)
-    grid = []
-    for r in axis_values(chosen, rows):
-        line = []
-        for c in axis_values(chosen, cols):
-            match = chosen[(chosen[rows] == r) & (chosen[cols] == c)]
-            line.append(None if match.empty else sweep_panel(
-                sweep_dir, match.iloc[0], f"{rows}={r} {cols}={c}", resolution, margin))
-        grid.append(line)
+    chosen, rows, cols = select_trials(read_results(sweep_dir), rows, cols, seed, where)
+    grid = [[None if trial is None else sweep_panel(
+                sweep_dir, trial, cell_label([(rows, trial.get(rows)), (cols, trial.get(cols))],
+                                             "every trial alike"), resolution, margin)
+             for trial in line] for line in trial_grid(chosen, rows, cols)]
     data = chosen["data"].iloc[0] if "data" in chosen else ""
     seeds = "" if "seed" in (rows, cols) else f", seed {chosen['seed'].iloc[0]}"
     return plot_panels(grid, path, suptitle=f"{data}: decision regions{seeds}")
@@ -289,8 +459,9 @@ def plot_variance(sweep_dir, path, x: str = "hidden", line: str = "reg",
     """Left: ``metric`` of every seed against ``x`` (points plus a box per size and line
     value), one line through the means per ``line`` value. Right: the std across seeds."""
     results = read_results(sweep_dir)
-    for name in (x, line):
-        check_axis(results, name)
+    check_axis(results, x, "x")
+    check_axis(results, line, "line")
+    check_metric(results, metric)
     xs, lines = axis_values(results, x), axis_values(results, line)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_points, ax_std = fig.subplots(1, 2)
@@ -335,8 +506,25 @@ def draw_strips(ax, results, x, xs, line, value, metric, offsets, width, color) 
 
 
 # ---- learning curves -------------------------------------------------------------
+# Loss is drawn on a log scale when its largest value is this many times its smallest:
+# a decade or more, where a linear axis flattens everything after the first epochs.
+LOG_SCALE_RATIO = 10.0
+SPLIT_STYLES = {"train": "-", "val": "--"}
+SPLIT_NAMES = {"train": "train", "val": "validation"}
+# Without a colour axis: train blue, validation vermilion (Okabe & Ito).
+SPLIT_COLOURS = {"train": OKABE_ITO[4], "val": OKABE_ITO[5]}
+METRICS = ("loss", "acc")
+METRIC_NAMES = {"loss": "loss", "acc": "accuracy"}
+
+
 def read_curve(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path).apply(pd.to_numeric, errors="coerce")
+    """A metrics.csv (or a sweep's curve): one row per epoch, numbers."""
+    frame = read_table(path, ("epoch", "train_loss"), "learning curve written by nnx")
+    frame = frame.apply(pd.to_numeric, errors="coerce")
+    if frame["epoch"].isna().any():
+        raise NotDrawableError(f"{path} is not a learning curve written by nnx (an epoch that is "
+                               "not a number)")
+    return frame
 
 
 def curve_band(curves: list[pd.DataFrame], column: str) -> pd.DataFrame:
@@ -350,79 +538,255 @@ def has_values(curves: list[pd.DataFrame], column: str) -> bool:
     return any(column in c and c[column].notna().any() for c in curves)
 
 
+def loss_scale(curves: list[pd.DataFrame]) -> str:
+    """"log" when the losses of ``curves`` span LOG_SCALE_RATIO or more, else "linear"."""
+    values = np.concatenate([c[col].to_numpy(dtype=float) for c in curves
+                             for col in ("train_loss", "val_loss") if col in c])
+    values = values[np.isfinite(values) & (values > 0)]
+    return "log" if values.size and values.max() >= LOG_SCALE_RATIO * values.min() else "linear"
+
+
+def set_loss_scale(axes, curves: list[pd.DataFrame]) -> None:
+    """Linear or log (``loss_scale``) on every loss plot of ``axes``; on a log scale the
+    limits follow the mean curves, not the bands (mean - std may reach zero)."""
+    scale = loss_scale(curves)
+    for ax in axes:
+        ax.set_yscale(scale)
+        if scale == "log":      # plain numbers at 1, 2 and 5 times powers of ten, in the tick size
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    if scale == "log":
+        values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for ax in axes
+                                 for line in ax.get_lines()] or [np.array([])])
+        values = values[np.isfinite(values) & (values > 0)]
+        if values.size:
+            for ax in axes:
+                ax.set_ylim(values.min() / 1.3, values.max() * 1.3)
+
+
+def best_point(band: pd.DataFrame) -> tuple[float, float] | None:
+    """(epoch, value) of the first highest mean of a validation accuracy band."""
+    mean = band["mean"]
+    if not mean.notna().any():
+        return None
+    epoch = mean.idxmax()         # the first on ties, as the trainer's best epoch
+    return float(epoch), float(mean[epoch])
+
+
+def draw_band(ax, curves: list[pd.DataFrame], column: str, color: str, style: str, label: str):
+    """The mean of ``column`` over ``curves`` per epoch, with a +-1 std band when there
+    are several; the line carries gid ``column`` and ``label``. -> the band's frame."""
+    band = curve_band(curves, column)
+    epochs, mean, std = band.index.to_numpy(), band["mean"].to_numpy(), band["std"].to_numpy()
+    ax.plot(epochs, mean, style, color=color, linewidth=1.2, label=label, gid=column)
+    if len(curves) > 1:
+        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    return band
+
+
+def mark_best(ax_loss, ax_acc, curves: list[pd.DataFrame], acc_band, color: str) -> None:
+    """A star at the epoch of highest (mean) validation accuracy, on the accuracy curve
+    and on the validation loss curve at that epoch; both carry gid "best"."""
+    best = best_point(acc_band)
+    if best is None:
+        return
+    epoch, acc = best
+    marker = dict(marker="*", markersize=9, color=color, markeredgecolor="black",
+                  markeredgewidth=0.5, linestyle="none", gid="best", zorder=4)
+    if ax_acc is not None:
+        ax_acc.plot([epoch], [acc], **marker)
+    if ax_loss is not None and has_values(curves, "val_loss"):
+        loss = curve_band(curves, "val_loss")["mean"]
+        if epoch in loss.index:
+            ax_loss.plot([epoch], [loss[epoch]], **marker)
+
+
+def draw_curves(axes: dict, curves: list[pd.DataFrame], color_of, label: str = "") -> None:
+    """Train (solid) and validation (dashed) mean curves of ``curves`` on the axes of
+    ``axes`` ({"loss": ax, "acc": ax}, either may be missing), a best-epoch star."""
+    acc_band = None
+    for metric, ax in axes.items():
+        for split, style in SPLIT_STYLES.items():
+            column = f"{split}_{metric}"
+            if has_values(curves, column):
+                band = draw_band(ax, curves, column, color_of(split), style,
+                                 f"{label} {split}".strip())
+                if column == "val_acc":
+                    acc_band = band
+    if acc_band is None and has_values(curves, "val_acc"):
+        acc_band = curve_band(curves, "val_acc")
+    if acc_band is not None:
+        mark_best(axes.get("loss"), axes.get("acc"), curves, acc_band, color_of("val"))
+
+
 def plot_curves_groups(groups: dict[str, list[pd.DataFrame]], path, title: str = "") -> Figure:
     """Loss (left) and accuracy (right) per epoch; one line per group, the mean over its
-    curves with a band of +-1 std when it has more than one. Train solid, validation dashed."""
+    curves with a band of +-1 std when it has more than one. Train solid, validation
+    dashed, a star at the best validation epoch; loss on a log scale when it spans a
+    decade or more."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     for k, (label, curves) in enumerate(groups.items()):
-        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-            for split, style in (("train", "-"), ("val", "--")):
-                column = f"{split}_{metric}"
-                if not has_values(curves, column):
-                    continue
-                band = curve_band(curves, column)
-                epochs, mean, std = band.index.to_numpy(), band["mean"].to_numpy(), band["std"].to_numpy()
-                ax.plot(epochs, mean, style, color=colour(k), label=f"{label} {split}", gid=column)
-                if len(curves) > 1:
-                    ax.fill_between(epochs, mean - std, mean + std, color=colour(k), alpha=0.2,
-                                    linewidth=0)
+        def color_of(split, k=k):
+            return SPLIT_COLOURS[split] if len(groups) == 1 else colour(k)
+        draw_curves({"loss": ax_loss, "acc": ax_acc}, curves, color_of,
+                    label if len(groups) > 1 else "")
+    set_loss_scale([ax_loss], [c for g in groups.values() for c in g])
     ax_loss.set_ylabel("loss")
     ax_acc.set_ylabel("accuracy")
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles + [best_handle()], labels + ["best validation epoch"], fontsize=7)
     if title:
         fig.suptitle(title)
     return save(fig, path)
 
 
-def sweep_curve_groups(sweep_dir: Path) -> dict[str, list[pd.DataFrame]]:
-    """Each configuration's label -> the curves of its seeds (ok trials only)."""
+def best_handle() -> Line2D:
+    return Line2D([], [], marker="*", markersize=9, color="grey", markeredgecolor="black",
+                  markeredgewidth=0.5, linestyle="none")
+
+
+def plot_sweep_curves(sweep_dir, path, rows: str | None = None, cols: str | None = None,
+                      where: dict[str, str] | None = None, metrics: tuple[str, ...] = METRICS
+                      ) -> Figure:
+    """Small multiples: one panel per configuration, rows by ``rows`` and columns by
+    ``cols`` (by default the options the sweep varies, ``layout_axes``), a third
+    varying option as the colour of the lines in each panel. Each panel has a loss and
+    an accuracy plot (``metrics``), with the mean over seeds and a band of +-1 std,
+    train solid and validation dashed, a star at the epoch of the highest mean
+    validation accuracy. Axes are shared: x everywhere, y per metric."""
+    sweep_dir = check_dir(sweep_dir, "sweep")
     results = read_results(sweep_dir)
     ok = results[results["status"] == "ok"]
+    for name, value in (where or {}).items():
+        check_axis(results, name, "where")
+        ok = ok[[sort_key(name, v) == sort_key(name, value) for v in ok[name]]]
     if ok.empty:
-        raise NotDrawableError(f"{sweep_dir}: no trial trained without diverging")
-    axes = varying_options(results)
-    groups: dict[str, list[pd.DataFrame]] = {}
-    for _, row in ok.iterrows():
-        curve = Path(sweep_dir) / "curves" / f"{row['trial_key']}.csv"
-        if curve.is_file():
-            label = settings_label(row, axes) or str(row.get("data", "all"))
-            groups.setdefault(label, []).append(read_curve(curve))
-    return groups
+        raise NotDrawableError(f"{sweep_dir}: no trial trained without diverging"
+                               + (f" with {where}" if where else ""))
+    rows, cols, inside = layout_axes(ok, rows, cols, spare=1)
+    hue = inside[0] if inside else None
+    hues = levels(ok, hue)
+    curves = {key: read_curve(sweep_dir / "curves" / f"{key}.csv") for key in ok["trial_key"]
+              if (sweep_dir / "curves" / f"{key}.csv").is_file()}
+    if not any(len(c) for c in curves.values()):
+        raise NotDrawableError(f"{sweep_dir}: no epochs recorded")
+    row_values, col_values = levels(ok, rows), levels(ok, cols)
+    n_rows, n_cols, n_metrics = len(row_values), len(col_values), len(metrics)
+    fig = Figure(figsize=(2.7 * n_cols + 1.2, 1.9 * n_metrics * n_rows + 1.3), layout="constrained")
+    fig.get_layout_engine().set(hspace=0.06)     # room between a loss plot's lowest tick and the next
+    axes = fig.subplots(n_rows * n_metrics, n_cols, squeeze=False, sharex=True)
+    for m in range(n_metrics):        # y shared by every plot of one metric
+        first = axes[m, 0]
+        for ax in axes[m::n_metrics].ravel():
+            if ax is not first:
+                ax.sharey(first)
+    for i, r in enumerate(row_values):
+        for j, c in enumerate(col_values):
+            panel = {metric: axes[i * n_metrics + m, j] for m, metric in enumerate(metrics)}
+            cell = matching(ok, [(rows, r), (cols, c)])
+            settings = cell_label([(rows, r), (cols, c)], "every trial")
+            for metric, ax in panel.items():
+                ax.set_label(f"{settings} {metric}")
+            if cell.empty:
+                for ax in panel.values():
+                    ax.text(0.5, 0.5, "no trial", ha="center", va="center", transform=ax.transAxes,
+                            color="grey")
+                continue
+            for k, h in enumerate(hues):
+                seeds = [curves[t] for t in matching(cell, [(hue, h)])["trial_key"] if t in curves]
+                if seeds:
+                    def color_of(split, k=k):
+                        return colour(k) if hue else SPLIT_COLOURS[split]
+                    draw_curves(panel, seeds, color_of, cell_label([(hue, h)]))
+    if "loss" in metrics:
+        set_loss_scale(axes[metrics.index("loss")::n_metrics].ravel(), list(curves.values()))
+    label_grid(fig, axes, metrics, rows, row_values, cols, col_values)
+    legend_for(fig, hue, hues, ok)
+    by = [n for n in (rows, cols, hue) if n is not None]
+    n_seeds = ok.groupby(by).size() if by else pd.Series([len(ok)])
+    seeds = f"{n_seeds.min()}" if n_seeds.min() == n_seeds.max() else f"{n_seeds.min()}-{n_seeds.max()}"
+    pinned = "".join(f", {n}={v}" for n, v in (where or {}).items())
+    fig.suptitle(f"{sweep_dir.name}: mean over {seeds} seed(s), band +-1 std{pinned}")
+    return save(fig, path)
 
 
-def plot_curves(run_or_sweep_dir, path) -> Figure:
-    """Learning curves of a run (metrics.csv) or of every configuration of a sweep."""
+def label_grid(fig, axes, metrics, rows, row_values, cols, col_values) -> None:
+    """Column values above the top row, row value and metric left of the first column,
+    epoch under the bottom row; inner tick labels hidden (the axes are shared). The
+    legend goes under the grid (``legend_for``): constrained layout keeps a figure
+    legend clear of the axes but not of a suptitle or supxlabel on the same side."""
+    n_metrics = len(metrics)
+    for j, c in enumerate(col_values):
+        if cols is not None:
+            axes[0, j].set_title(f"{cols}={c}", fontsize=9)
+    for i, r in enumerate(row_values):
+        for m, metric in enumerate(metrics):
+            name = METRIC_NAMES[metric]
+            axes[i * n_metrics + m, 0].set_ylabel(f"{rows}={r}\n{name}" if rows is not None and m == 0
+                                                  else name, fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch", fontsize=8)
+    for ax in axes.ravel():
+        ax.tick_params(which="both", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
+        ax.grid(True, linewidth=0.3, alpha=0.5)
+        ax.label_outer()
+
+
+def legend_for(fig, hue: str | None, hues: list, ok: pd.DataFrame) -> None:
+    """One legend under the grid: the split line styles (and colours without a colour
+    axis), the colour of each value of ``hue``, the best-epoch star."""
+    handles, labels = [], []
+    for split, style in SPLIT_STYLES.items():
+        handles.append(Line2D([], [], linestyle=style, color="black" if hue else SPLIT_COLOURS[split]))
+        labels.append(SPLIT_NAMES[split])
+    for k, h in enumerate(hues if hue else []):
+        handles.append(Line2D([], [], linewidth=6, color=colour(k)))
+        labels.append(f"{hue}={h}")
+    handles.append(best_handle())
+    labels.append("highest mean validation accuracy")
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8,
+               frameon=False)
+
+
+def plot_curves(run_or_sweep_dir, path, rows: str | None = None, cols: str | None = None,
+                where: dict[str, str] | None = None) -> Figure:
+    """Learning curves of a run (metrics.csv: loss and accuracy side by side) or of a
+    sweep (``plot_sweep_curves``: small multiples, one panel per configuration)."""
     path_in = check_dir(run_or_sweep_dir)
     if is_sweep_dir(path_in):
-        groups = sweep_curve_groups(path_in)
-        title = f"{path_in.name}: mean over seeds, band +-1 std"
-    else:
-        if not (path_in / "metrics.csv").is_file():
-            raise NotDrawableError(f"{path_in}: no metrics.csv to draw")
-        groups = {"run": [read_curve(path_in / "metrics.csv")]}
-        title = path_in.name
-    if not groups or all(c.empty for g in groups.values() for c in g):
+        return plot_sweep_curves(path_in, path, rows=rows, cols=cols, where=where)
+    if not (path_in / "metrics.csv").is_file():
+        raise NotDrawableError(f"{path_in}: no metrics.csv to draw")
+    curve = read_curve(path_in / "metrics.csv")
+    if curve.empty:
         raise NotDrawableError(f"{path_in}: no epochs recorded")
-    return plot_curves_groups(groups, path, title)
+    return plot_curves_groups({"run": [curve]}, path, path_in.name)
 
 
 # ---- sweep heatmap ---------------------------------------------------------------
 def read_summary(sweep_dir) -> pd.DataFrame:
+    read_results(sweep_dir)                 # summary.csv is only as good as results.csv
     path = check_dir(sweep_dir, "sweep") / "summary.csv"
     if not path.is_file():
         raise NotDrawableError(f"{path.parent}: no summary.csv yet (written when the sweep finishes)")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    summary = read_table(path, ("mean_final_train_loss",), "summary table written by nnx sweep")
+    if f"mean_{BEST_COLUMNS[0]}" not in summary:     # written before the best_* columns
+        results = read_results(sweep_dir)
+        older = [c for c in GROUP_COLUMNS if c not in results]      # options added since
+        summary = summarize(results.assign(**dict.fromkeys(older, ""))).drop(columns=older).astype(str)
+    return summary
 
 
 def heatmap_table(summary: pd.DataFrame, x: str, y: str, metric: str) -> pd.DataFrame:
     """``metric`` (numbers) indexed by y values (rows) and x values (columns), in axis order."""
-    for name in (x, y):
-        check_axis(summary, name)
-    if metric not in summary:
-        raise NotDrawableError(f"summary.csv has no column {metric!r}")
+    check_axis(summary, x, "x")
+    check_axis(summary, y, "y")
+    check_metric(summary, metric)
     extra = [n for n in varying_options(summary) if n not in (x, y)]
     if extra:
         raise NotDrawableError(f"the sweep also varies {', '.join(extra)}; the heatmap shows two axes")
@@ -439,6 +803,9 @@ def plot_sweep(sweep_dir, path, x: str = "reg", y: str = "hidden",
     if metric == "mean_final_val_acc" and pd.to_numeric(summary.get(metric), errors="coerce").isna().all():
         metric = "mean_final_train_acc"     # a sweep without validation data
     table = heatmap_table(summary, x, y, metric)
+    if table.isna().all().all():
+        raise NotDrawableError(f"{metric} is empty in every configuration" + (
+            " (the sweep had no validation data: --val-size)" if "val" in metric else ""))
     fig = Figure(figsize=(1.3 * len(table.columns) + 2.5, 0.8 * len(table.index) + 1.8),
                  layout="constrained")
     ax = fig.subplots()
@@ -469,7 +836,7 @@ def first_conv_weights(net: Network) -> np.ndarray:
     for layer in net.layers:
         if layer.kind == "conv2d":
             return np.asarray(layer.params["W"], dtype=float)
-    raise NotDrawableError("the model has no conv layer, so it has no filters to draw "
+    raise WrongKindError("the model has no conv layer, so it has no filters to draw "
                            "(train one with --data cifar10)")
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from experiments import plots
 from experiments.boundary import decision_regions
+from experiments.files import make_dir
 from experiments.stats import over_seeds
 from experiments.sweep import Sweep, run_sweep
 
@@ -253,7 +254,8 @@ def reproduce_cs231n(out: str | Path = "docs/cs231n", runs: str | Path | None = 
     s = settings or (Settings.quick() if quick else Settings())
     out = Path(out)
     runs = Path(runs) if runs is not None else (out / "runs" if quick else Path("runs/cs231n"))
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
+    make_dir(runs, "out")
     folders = run_sweeps(s, runs, workers, log)
     claims, tables = [], {}
     for name, axis, increasing, label in (("capacity", "hidden", True, "1. Capacity"),

@@ -47,7 +47,8 @@ BALANCE = 1
 
 def stack_key(config: TrainConfig) -> tuple | None:
     """What a resolved config shares with the trials of its stack; None when it trains alone."""
-    if config.is_image or config.arch is not None or config.time_budget is not None:
+    if config.is_image or config.arch is not None or config.time_budget is not None \
+            or config.ema_decay:
         return None
     return (*(getattr(config, name) for name in SHARED_OPTIONS), len(config.hidden))
 

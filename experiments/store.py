@@ -8,6 +8,7 @@ Layout of a sweep directory::
     curves/<trial>.csv  per-epoch history (epoch, train_loss, ..., lr, seconds)
     models/<trial>.npz  the trained network (``Network.load``), for ok trials
     snapshots/<trial>.npz  the network every snapshot_every epochs, when asked for
+    environment.json    the machine of each run of the sweep command (nnx, NumPy, BLAS, CPU)
 
 Crash safety: a trial's curve and model are written atomically first, then
 its row is appended as one line, flushed and fsynced. A row therefore always
@@ -31,29 +32,29 @@ from pathlib import Path
 import mlp
 from experiments.config import OPTIONS, format_option
 from experiments.errors import ConfigError
-from experiments.files import history_csv
+from experiments.files import history_csv, make_dir, read_history_csv
+from experiments.locks import directory_lock
 from mlp.network import atomic_write_bytes
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock, one driver per directory by convention
-    fcntl = None
 
 # Every TrainConfig field is a column (the resolved value), seed last: the table
 # describes each run on its own and its columns never depend on the sweep.
 OPTION_COLUMNS = (*(name for name in OPTIONS if name != "seed"), "seed")
 FINAL_COLUMNS = ("final_train_loss", "final_train_acc", "final_val_loss", "final_val_acc")
-METRIC_COLUMNS = (*FINAL_COLUMNS, "epochs_run", "seconds")
+# The epoch of highest validation accuracy (the first on ties) and its numbers: what
+# early stopping would have kept, next to where the run ended.
+BEST_COLUMNS = ("best_val_acc", "best_val_loss", "best_epoch")
+METRIC_COLUMNS = (*FINAL_COLUMNS, *BEST_COLUMNS, "epochs_run", "seconds")
 RESULT_COLUMNS = ("trial_key", "status", *OPTION_COLUMNS, *METRIC_COLUMNS, "error", "nnx_version",
                   "finished")
 GROUP_COLUMNS = tuple(c for c in OPTION_COLUMNS if c != "seed")
 STATUSES = ("ok", "diverged", "failed")
 HEADER = ",".join(RESULT_COLUMNS) + "\n"
+ENVIRONMENT = "environment.json"
 
 # Part of every trial key: bump it when a result row would mean something else
 # for the same config (new columns, different metrics), so old rows re-run
-# unless ``upgrade_row`` can carry them over.
-RESULT_SCHEMA_VERSION = 2
+# unless ``upgrade_row`` can carry them over. 3: the best_* columns.
+RESULT_SCHEMA_VERSION = 3
 KEY_LENGTH = 16
 
 
@@ -80,12 +81,11 @@ class SweepStore:
     @classmethod
     @contextlib.contextmanager
     def open(cls, path: str | Path) -> Iterator[SweepStore]:
-        """Create the directory and hold its lock while the block runs: one driver at a time."""
+        """Create the directory and hold its lock while the block runs: one driver at a
+        time (BusyError for a second one)."""
         store = cls(path)
-        if store.path.exists() and not store.path.is_dir():
-            raise ConfigError("out", f"{store.path} is a file, not a directory")
-        store.path.mkdir(parents=True, exist_ok=True)
-        with _locked(store.path):
+        make_dir(store.path)
+        with directory_lock(store.path):
             yield store
 
     # ---- sweep ------------------------------------------------------------------
@@ -97,8 +97,19 @@ class SweepStore:
 
     def has_foreign_files(self) -> bool:
         """Whether the directory holds anything but a sweep's own files."""
-        ours = {"results.csv", "summary.csv", "sweep.toml", "curves", "models", "snapshots"}
+        ours = {"results.csv", "summary.csv", "sweep.toml", ENVIRONMENT, "curves", "models", "snapshots"}
         return any(p.name not in ours and not p.name.startswith(".tmp-") for p in self.path.iterdir())
+
+    def record_environment(self, env: dict) -> None:
+        """Append ``env`` (``experiments.environment``) to environment.json, a list: one
+        entry per run of the sweep command that trained trials, the machine it ran on."""
+        path = self.path / ENVIRONMENT
+        try:
+            sessions = json.loads(path.read_text())
+        except (OSError, ValueError):
+            sessions = []
+        sessions = sessions if isinstance(sessions, list) else []
+        atomic_write_bytes(path, (json.dumps([*sessions, env], indent=2) + "\n").encode())
 
     # ---- results.csv -----------------------------------------------------------
     def repair(self, force: bool = False) -> int:
@@ -128,9 +139,10 @@ class SweepStore:
         return len(data) - keep
 
     def upgrade(self) -> bool:
-        """Rewrite a results.csv of an older nnx in today's columns; False when the file
-        is not one. Each kept row gets its new trial key and its curve and model are
-        renamed to match (files first: a kill in between leaves the old results.csv,
+        """Rewrite a results.csv of an older nnx (0.1, or schema 2 without the best_*
+        columns) in today's columns; False when the file is not one. Each kept row gets
+        its new trial key, its best_* from its curve, and its curve, model and snapshots
+        are renamed to match (files first: a kill in between leaves the old results.csv,
         which is upgraded again, finding the files already renamed)."""
         try:
             text = self.results_path.read_text(encoding="utf-8")
@@ -139,21 +151,36 @@ class SweepStore:
             columns = set(reader.fieldnames or ())
         except (OSError, UnicodeDecodeError, csv.Error):
             return False
-        if not {"trial", "status", *FINAL_COLUMNS} <= columns:
+        key_column = "trial" if "trial" in columns else "trial_key"
+        if not {key_column, "status", *FINAL_COLUMNS} <= columns or set(BEST_COLUMNS) <= columns:
             return False
         try:
-            pairs = [(row["trial"], upgrade_row(row)) for row in old
+            pairs = [(row[key_column], upgrade_row(row)) for row in old
                      if None not in row.values() and row["status"] in STATUSES]
         except (ConfigError, KeyError, TypeError, ValueError):
             return False
         pairs = [(key, row) for key, row in pairs if row is not None]
-        for folder, suffix in ((self.curves_dir, ".csv"), (self.models_dir, ".npz")):
+        for key, row in pairs:
+            if row["status"] != "failed":     # a failed trial has no numbers, as when it fails today
+                history = self.read_history(key) or self.read_history(row["trial_key"])
+                row.update({name: cell(name, value) for name, value in best_of_history(history).items()})
+        for folder, suffix in ((self.curves_dir, ".csv"), (self.models_dir, ".npz"),
+                               (self.snapshots_dir, ".npz")):
             for key, row in pairs:
                 source = folder / f"{key}{suffix}"
                 if source.exists():
                     os.replace(source, folder / f"{row['trial_key']}{suffix}")
         atomic_write_bytes(self.results_path, (HEADER + "".join(format_line(r) for _, r in pairs)).encode())
         return True
+
+    def read_history(self, key: str) -> list[dict]:
+        """The per-epoch history in curves/<key>.csv; [] when there is none or it is not
+        one (damaged): its trial then has no best epoch, rather than stopping the reader."""
+        path = self.curves_dir / f"{key}.csv"
+        try:
+            return read_history_csv(path.read_text(encoding="utf-8")) if path.is_file() else []
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return []
 
     def read_rows(self) -> dict[str, dict]:
         """trial key -> row (strings) for every complete row; a later row for a key wins."""
@@ -233,24 +260,39 @@ def summarize(results):
 
 # ---- rows ----------------------------------------------------------------------
 def upgrade_row(old: dict) -> dict | None:
-    """A results.csv row written by nnx 0.1 (old option names, the key in column
-    "trial") in today's columns with its new key; None when today's nnx would
-    measure it differently, so that the trial runs again: 2D trials with a
-    validation split (the split is now drawn by the one stratified split all
-    data sets use)."""
+    """A results.csv row of an older nnx in today's columns with its new key, best_*
+    as NaN (``SweepStore.upgrade`` computes them from the trial's curve); None when
+    today's nnx would measure the trial differently, so that it runs again. Rows of
+    nnx 0.1 (old option names, the key in column "trial"): 2D trials with a
+    validation split run again (the split is now drawn by the one stratified split
+    all data sets use). Rows of schema 2 (key in "trial_key") all carry over."""
     from experiments.config import TrainConfig, resolve
-    not_options = ("trial", "status", *METRIC_COLUMNS, "error", "nnx_version", "finished")
+    nnx_0_1 = "trial" in old
+    not_options = ("trial", "trial_key", "status", *METRIC_COLUMNS, "error", "nnx_version", "finished")
     config = resolve(TrainConfig.from_dict({name: text for name, text in old.items()
                                             if name not in not_options and text != ""}))
-    if not config.is_image and config.val_size:
+    if nnx_0_1 and not config.is_image and config.val_size:
         return None
     row = {"trial_key": trial_key(config), "status": old["status"]}
     row.update({name: cell(name, getattr(config, name)) for name in OPTION_COLUMNS})
-    row.update({name: old.get(name, "") for name in METRIC_COLUMNS})
+    row.update({name: old.get(name, cell(name, math.nan)) for name in METRIC_COLUMNS})
     row.update(error=old.get("error", ""), nnx_version=old.get("nnx_version", ""),
                finished=old.get("finished", ""))
     return row
 
+
+def best_of_history(history: list[dict]) -> dict:
+    """best_epoch, best_val_acc and best_val_loss of a finished trial, from its
+    per-epoch history, as the trainer tracks them while it runs
+    (``TrainResult.note_validation``, which never sees an epoch whose validation
+    loss is not finite)."""
+    from experiments.runner import best_metrics
+    from mlp.train import TrainResult
+    result = TrainResult()
+    for record in history:
+        if math.isfinite(record["val_loss"]):
+            result.note_validation(record)
+    return best_metrics(result)
 
 
 def make_row(trial, record: dict) -> dict:
@@ -279,23 +321,6 @@ def format_line(row: dict) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([row[c] for c in RESULT_COLUMNS])
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """An exclusive lock on the directory itself (so no lock file), released on exit or kill."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError("out", f"another nnx sweep is writing to {folder}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.config import OPTIONS, TrainConfig, format_option, parse_option, resolve
+from experiments.config import OPTIONS, TrainConfig, apply_recipe, format_option, parse_option, resolve
 from experiments.config import check_option as config_check_option
-from experiments.errors import ConfigError
+from experiments.environment import environment
+from experiments.errors import ClusterLostError, ConfigError
+from experiments.resources import check_memory
 from experiments.stacks import Stack, pack
 from experiments.store import SweepStore, trial_key
 
@@ -321,8 +323,11 @@ def expand(sweep: Sweep) -> list[Trial]:
 
 def _resolve_trial(sweep: Sweep, params: dict) -> TrainConfig:
     try:
-        values = {name: coerce_value(name, v) for name, v in {**sweep.fixed, **params}.items()}
-        return resolve(TrainConfig(**values))
+        values = {name: coerce_value(name, v)
+                  for name, v in apply_recipe({**sweep.fixed, **params}).items()}
+        config = resolve(TrainConfig(**values))
+        check_memory(config)
+        return config
     except ConfigError as exc:
         if exc.option in params:
             raise SweepError(exc.option, f"{exc} (trial {describe(params)})",
@@ -383,12 +388,13 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
     Compatible trials train together, up to ``stack_size`` in a stack
     (``experiments.stacks``; None: the default, 1: each trial alone); the rows
     of a stack are appended when it finishes, one per trial."""
-    from experiments.executors import default_workers, execute, run_stack_trials
+    from experiments.executors import connect, default_workers, execute, run_stack_trials
 
     started = time.perf_counter()
     callback = callback or SweepCallback()
     trials, out = plan(sweep, out)
-    with SweepStore.open(out) as store:
+    # The cluster first: an unreachable one must leave no directory behind.
+    with connect(scheduler) as cluster, SweepStore.open(out) as store:
         _adopt_sweep(store, sweep, trials, force)
         store.repair(force)
         rows = store.read_rows()
@@ -399,15 +405,18 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         todo = sorted((t for t in trials if t.key not in rows), key=lambda t: -_cost(t.config))
         callback.on_sweep_begin(len(trials), len(trials) - len(todo), len(todo), list(rows.values()))
         workers = default_workers() if workers is None else workers
+        if todo:
+            store.record_environment({**environment(), "workers": workers, "scheduler": scheduler,
+                                      "stack_size": stack_size})
         if stack_size == 1:
             stacks = [Stack([t], None) for t in todo]
-            results = execute([t.config.to_dict() for t in todo], workers, scheduler)
+            results = execute([t.config.to_dict() for t in todo], workers, cluster)
         else:
             stacks = pack(trials, todo, stack_size, max(1, workers))
             tasks = [{"configs": [t.config.to_dict() for t in s.trials], "widths": s.widths}
                      for s in stacks]
-            results = execute(tasks, workers, scheduler, function=run_stack_trials)
-        with contextlib.closing(results):      # an error here stops the workers too
+            results = execute(tasks, workers, cluster, function=run_stack_trials)
+        with contextlib.closing(results), _saying_what_is_saved(out, trials, rows):
             for index, result in results:
                 stack = stacks[index]
                 records = result if isinstance(result, list) else [result] * len(stack.trials)
@@ -418,6 +427,17 @@ def run_sweep(sweep: Sweep, out: str | Path | None = None, *, workers: int | Non
         store.write_summary([t.key for t in trials])
     return SweepOutcome(out, trials, {t.key: rows[t.key] for t in trials}, len(todo),
                         len(trials) - len(todo), time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _saying_what_is_saved(out: Path, trials: list[Trial], rows: dict):
+    """A lost cluster's error, completed with what the sweep has (``rows`` as it grows)."""
+    try:
+        yield
+    except ClusterLostError as exc:
+        raise ClusterLostError(f"{exc}: {len(trials) - len(rows)} trial(s) unfinished; the "
+                               f"{len(rows)} finished are saved in {out}: run the same command "
+                               "again to finish the sweep") from None
 
 
 def _cost(config) -> float:

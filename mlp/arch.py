@@ -7,7 +7,7 @@ Tokens, left to right (input is (C, H, W) images):
   poolK          max-pool KxK, stride K (poolKsS for another stride)
   bn             batch normalization of the previous layer's features/channels
   fcN            fully-connected layer with N outputs (flattens its input)
-  relu, tanh     an explicit activation
+  relu, gelu, tanh  an explicit activation
   dropoutP       dropout with drop probability P, e.g. dropout0.5
   flatten        flatten (N, C, H, W) to (N, C*H*W); optional, fc flattens anyway
 
@@ -16,7 +16,7 @@ scores). If ``bn`` directly follows a conv/fc, the ReLU goes after the bn
 (conv-bn-relu). A pool right after a conv (or its bn) comes before that ReLU:
 max-pooling commutes with ReLU, and the ReLU then touches a quarter of the
 numbers; so ``conv32x3-pool2-bn`` is conv, pool, bn, relu. An explicit
-``relu``/``tanh`` right after a conv/fc (or its bn)
+``relu``/``gelu``/``tanh`` right after a conv/fc (or its bn, or its pool)
 replaces the automatic ReLU. The spec's last fc must have num_classes outputs;
 a spec that does not end in fc gets ``fc{num_classes}`` appended.
 
@@ -34,7 +34,7 @@ import re
 import numpy as np
 
 from mlp.conv import BatchNorm, Conv2D, MaxPool2D
-from mlp.layers import Dropout, Flatten, Layer, Linear, ReLU, Tanh
+from mlp.layers import GELU, Dropout, Flatten, Layer, Linear, ReLU, Tanh
 from mlp.network import Network
 
 PRESETS = {
@@ -46,6 +46,8 @@ PRESETS = {
                "conv128x3-pool2-bn-conv128x3-bn-pool4-fc10",
 }
 
+EXPLICIT_ACTIVATIONS = {"relu": ReLU, "gelu": GELU, "tanh": Tanh}
+
 _TOKENS = [
     ("conv", re.compile(r"conv(\d+)x(\d+)(?:s(\d+))?(?:p(\d+))?")),
     ("pool", re.compile(r"pool(\d+)(?:s(\d+))?")),
@@ -54,6 +56,7 @@ _TOKENS = [
     ("bn", re.compile(r"bn")),
     ("relu", re.compile(r"relu")),
     ("tanh", re.compile(r"tanh")),
+    ("gelu", re.compile(r"gelu")),
     ("flatten", re.compile(r"flatten")),
 ]
 
@@ -78,7 +81,7 @@ def parse_arch(spec: str) -> list[tuple[str, tuple]]:
                 break
         else:
             raise ValueError(f"bad architecture token {raw!r} in {spec!r}; expected convFxK[sS][pP], "
-                             f"poolK[sS], fcN, bn, relu, tanh, dropoutP or flatten")
+                             f"poolK[sS], fcN, bn, relu, gelu, tanh, dropoutP or flatten")
         if kind == "conv":
             f, k = int(m[1]), int(m[2])
             args = (f, k, int(m[3] or 1), int(m[4]) if m[4] is not None else (k - 1) // 2)
@@ -144,9 +147,9 @@ def build_network(arch: str, input_shape: tuple, num_classes: int, *, seed: int 
                 raise ValueError(f"bn in {spec!r} needs (D,) or (C, H, W) features, got {shape}")
             add(BatchNorm(shape[0], dtype=dtype), name)  # a pending ReLU stays pending: conv-bn-relu
             continue
-        if kind in ("relu", "tanh"):
+        if kind in EXPLICIT_ACTIVATIONS:
             pending_relu = False  # the explicit activation replaces the automatic one
-            layers.append(ReLU() if kind == "relu" else Tanh())
+            layers.append(EXPLICIT_ACTIVATIONS[kind]())
             continue
         if pending_relu and kind != "pool":  # any other token ends the conv/fc (+ bn) block
             layers.append(ReLU())

@@ -20,6 +20,8 @@ def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray,
     overflowing without changing the softmax. With ``label_smoothing`` e the
     target is (1 - e) * onehot + e / C.
     """
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     n, c = scores.shape
     shifted = scores - scores.max(axis=1, keepdims=True)
     probs = np.exp(shifted)

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -21,6 +22,31 @@ _META_KEY = "__nnx__"
 
 class ModelFileError(ValueError):
     """A file that is not a readable nnx model."""
+
+
+class NamedArrays(Mapping):
+    """A read-only view of a network's arrays by name (``Network.params``, ``grads``,
+    ``buffers``). Each access builds it afresh from the layers, so assigning an entry
+    could never reach the network: it raises, pointing at the in-place form."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self._arrays = arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __setitem__(self, name, value):
+        raise TypeError(f"cannot replace {name!r}: the view is rebuilt from the layers at every "
+                        f"access; write into the array instead: net.params[{name!r}][...] = value")
+
+    def __repr__(self):
+        return f"NamedArrays({list(self._arrays)})"
 
 
 class Network:
@@ -115,13 +141,14 @@ class Network:
         return loss + self.reg_loss(), float(np.mean(np.argmax(scores, axis=1) == y))
 
     # ---- parameters ------------------------------------------------------------
-    def _named(self, attr: str) -> dict[str, np.ndarray]:
-        return {f"{i}.{layer.kind}.{name}": arr for i, layer in enumerate(self.layers)
-                for name, arr in getattr(layer, attr).items()}
+    def _named(self, attr: str) -> NamedArrays:
+        return NamedArrays({f"{i}.{layer.kind}.{name}": arr for i, layer in enumerate(self.layers)
+                            for name, arr in getattr(layer, attr).items()})
 
     @property
-    def params(self) -> dict[str, np.ndarray]:
-        """Every trainable array by name; the arrays themselves, so updates land."""
+    def params(self) -> NamedArrays:
+        """Every trainable array by name: the layers' arrays themselves, so in-place updates
+        (``net.params[k][...] = v``, ``+=``) land; replacing an entry is refused."""
         return self._named("params")
 
     @property
@@ -151,13 +178,21 @@ class Network:
             shape = layer.output_shape(shape)
         return shape
 
+    def conv_algorithms(self) -> dict[str, str]:
+        """{layer index: algorithm} of every conv layer that has run (or was loaded with
+        its algorithm recorded): im2col, winograd2 or winograd4. Saved in model files
+        and checkpoints, so a loaded network computes with the same rounding."""
+        return {str(i): layer.algorithm for i, layer in enumerate(self.layers)
+                if getattr(layer, "algorithm", None) is not None}
+
     # ---- save / load -----------------------------------------------------------
     def spec(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION,
                 "layers": [layer.spec() for layer in self.layers],
                 "loss": self.loss_name, "reg": self.reg, "label_smoothing": self.label_smoothing,
                 "input_shape": list(self.input_shape) if self.input_shape else None,
-                "dtype": self.dtype.name, "metadata": self.metadata}
+                "dtype": self.dtype.name, "metadata": self.metadata,
+                "conv_algorithms": self.conv_algorithms()}
 
     def to_bytes(self, extra: dict[str, np.ndarray] | None = None) -> bytes:
         """The ``.npz`` bytes ``save`` writes: the spec (JSON), every parameter and
@@ -215,6 +250,8 @@ class Network:
         dtype = np.dtype(spec.get("dtype", "float64"))
         layers = [layer_from_spec(s, dtype) for s in spec["layers"]]
         shape = spec.get("input_shape")
+        for index, algorithm in (spec.get("conv_algorithms") or {}).items():
+            layers[int(index)].algorithm = algorithm   # ValueError when it does not apply
         return cls(layers, loss=spec["loss"], reg=spec["reg"],
                    label_smoothing=spec.get("label_smoothing", 0.0),
                    input_shape=tuple(shape) if shape else None, dtype=dtype,
@@ -225,12 +262,37 @@ class Network:
         return f"Network(\n  {layers},\n  loss={self.loss_name}, reg={self.reg})"
 
 
+def _process_umask() -> int:
+    """The umask, read without changing it where the system reports it (Linux, in
+    /proc since 4.7); elsewhere only by setting it and back, done once, at import."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+# The mode of every file nnx writes: what open() gives under the umask (0644 under 022,
+# 0664 under 002), so results can be shared on a multi-user machine; mkstemp alone makes
+# them 0600. The umask belongs to the whole process, so it is read once, not set and
+# restored around each write while other threads may be creating files.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` (mode FILE_MODE) via a temporary file in the same
+    folder and a rename: readers see the old file or the new one, never a part."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -12,22 +12,46 @@ import numpy as np
 
 
 class Optimizer:
+    """Updates parameters in place from their gradients.
+
+    ``lr`` is the current learning rate (the trainer sets it from the schedule
+    before every step); ``base_lr`` is the one it was made with. Per parameter
+    name, ``lr_scales`` multiplies the learning rate (BatchNorm biases learning
+    faster, say) and a scale of 0 freezes the parameter: it is not updated and
+    keeps no state. ``weight_decay`` shrinks every updated parameter by that
+    fraction per step at the base learning rate (``weight_decay * lr / base_lr``
+    as the schedule moves, whatever the parameter's scale): it is added to the
+    gradient as ``weight_decay / (base_lr * scale) * w``, so it flows through
+    momentum like an L2 term, but its strength does not change with the choice
+    of ``lr`` (airbench's decoupled parametrisation). It applies to every
+    parameter, biases included, unlike the network's ``reg``.
+    """
+
     default_lr = 1e-2
 
-    def __init__(self, lr: float | None = None):
+    def __init__(self, lr: float | None = None, weight_decay: float = 0.0):
         self.lr = self.default_lr if lr is None else float(lr)
+        self.base_lr = self.lr
+        self.weight_decay = float(weight_decay)
+        self.lr_scales: dict[str, float] = {}
         self.state: dict[str, dict[str, np.ndarray]] = {}
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         for name, w in params.items():
+            scale = self.lr_scales.get(name, 1.0)
+            if scale == 0:
+                continue
             if name not in self.state:
                 self.state[name] = self.init_state(w)
-            self.update(w, grads[name], self.state[name])
+            dw = grads[name]
+            if self.weight_decay:
+                dw = dw + (self.weight_decay / (self.base_lr * scale)) * w
+            self.update(w, dw, self.state[name], self.lr * scale)
 
     def init_state(self, w: np.ndarray) -> dict[str, np.ndarray]:
         return {}
 
-    def update(self, w: np.ndarray, dw: np.ndarray, state: dict) -> None:
+    def update(self, w: np.ndarray, dw: np.ndarray, state: dict, lr: float) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -46,39 +70,48 @@ class SGD(Optimizer):
 
     default_lr = 1e-1
 
-    def update(self, w, dw, state):
-        w -= self.lr * dw
+    def update(self, w, dw, state, lr):
+        w -= lr * dw
 
 
 class Momentum(Optimizer):
-    """v = mu * v - lr * dw;  w += v."""
+    """v = mu * v + dw;  w -= lr * v.
+
+    With a constant lr this is the cs231n form (v = mu * v - lr * dw; w += v)
+    with v scaled by -lr; keeping the learning rate out of the velocity makes a
+    scheduled lr act on the step it is set for, as PyTorch's SGD does.
+    """
 
     default_lr = 1e-2
 
-    def __init__(self, lr=None, mu: float = 0.9):
-        super().__init__(lr)
+    def __init__(self, lr=None, mu: float = 0.9, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
         self.mu = float(mu)
 
     def init_state(self, w):
         return {"v": np.zeros_like(w)}
 
-    def update(self, w, dw, state):
+    def update(self, w, dw, state, lr):
         v = state["v"]
         v *= self.mu
-        v -= self.lr * dw
-        w += v
+        v += dw
+        w -= lr * v
 
 
 class Nesterov(Momentum):
-    """Nesterov momentum in the cs231n form:
-    v_prev = v;  v = mu * v - lr * dw;  w += -mu * v_prev + (1 + mu) * v."""
+    """Nesterov momentum: v = mu * v + dw;  w -= lr * (dw + mu * v).
 
-    def update(self, w, dw, state):
+    With a constant lr this is the cs231n form (v_prev = v; v = mu * v - lr * dw;
+    w += -mu * v_prev + (1 + mu) * v), as PyTorch's nesterov=True is."""
+
+    def update(self, w, dw, state, lr):
         v = state["v"]
-        v_prev = v.copy()
         v *= self.mu
-        v -= self.lr * dw
-        w += (1 + self.mu) * v - self.mu * v_prev
+        v += dw
+        step = self.mu * v
+        step += dw
+        step *= lr
+        w -= step
 
 
 class Adagrad(Optimizer):
@@ -86,17 +119,17 @@ class Adagrad(Optimizer):
 
     default_lr = 1e-2
 
-    def __init__(self, lr=None, eps: float = 1e-8):
-        super().__init__(lr)
+    def __init__(self, lr=None, eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
         self.eps = float(eps)
 
     def init_state(self, w):
         return {"cache": np.zeros_like(w)}
 
-    def update(self, w, dw, state):
+    def update(self, w, dw, state, lr):
         cache = state["cache"]
         cache += dw * dw
-        w -= self.lr * dw / (np.sqrt(cache) + self.eps)
+        w -= lr * dw / (np.sqrt(cache) + self.eps)
 
 
 class RMSprop(Optimizer):
@@ -104,18 +137,18 @@ class RMSprop(Optimizer):
 
     default_lr = 1e-3
 
-    def __init__(self, lr=None, decay: float = 0.99, eps: float = 1e-8):
-        super().__init__(lr)
+    def __init__(self, lr=None, decay: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
         self.decay, self.eps = float(decay), float(eps)
 
     def init_state(self, w):
         return {"cache": np.zeros_like(w)}
 
-    def update(self, w, dw, state):
+    def update(self, w, dw, state, lr):
         cache = state["cache"]
         cache *= self.decay
         cache += (1 - self.decay) * dw * dw
-        w -= self.lr * dw / (np.sqrt(cache) + self.eps)
+        w -= lr * dw / (np.sqrt(cache) + self.eps)
 
 
 class Adam(Optimizer):
@@ -125,14 +158,15 @@ class Adam(Optimizer):
 
     default_lr = 1e-3
 
-    def __init__(self, lr=None, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
-        super().__init__(lr)
+    def __init__(self, lr=None, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
 
     def init_state(self, w):
         return {"m": np.zeros_like(w), "v": np.zeros_like(w), "t": np.zeros(())}
 
-    def update(self, w, dw, state):
+    def update(self, w, dw, state, lr):
         state["t"] += 1
         t = float(state["t"])
         m, v = state["m"], state["v"]
@@ -142,7 +176,7 @@ class Adam(Optimizer):
         v += (1 - self.beta2) * dw * dw
         m_hat = m / (1 - self.beta1 ** t)
         v_hat = v / (1 - self.beta2 ** t)
-        w -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        w -= lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
 class Adadelta(Optimizer):
@@ -152,21 +186,21 @@ class Adadelta(Optimizer):
 
     default_lr = 1.0
 
-    def __init__(self, lr=None, rho: float = 0.95, eps: float = 1e-6):
-        super().__init__(lr)
+    def __init__(self, lr=None, rho: float = 0.95, eps: float = 1e-6, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
         self.rho, self.eps = float(rho), float(eps)
 
     def init_state(self, w):
         return {"g2": np.zeros_like(w), "x2": np.zeros_like(w)}
 
-    def update(self, w, dw, state):
+    def update(self, w, dw, state, lr):
         g2, x2 = state["g2"], state["x2"]
         g2 *= self.rho
         g2 += (1 - self.rho) * dw * dw
         dx = -np.sqrt(x2 + self.eps) / np.sqrt(g2 + self.eps) * dw
         x2 *= self.rho
         x2 += (1 - self.rho) * dx * dx
-        w += self.lr * dx
+        w += lr * dx
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {
@@ -175,41 +209,51 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
 }
 
 
-def make_optimizer(name: str, lr: float | None = None, momentum: float = 0.9) -> Optimizer:
+def make_optimizer(name: str, lr: float | None = None, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     cls = OPTIMIZERS[name]
-    return cls(lr, mu=momentum) if issubclass(cls, Momentum) else cls(lr)
+    if issubclass(cls, Momentum):
+        return cls(lr, mu=momentum, weight_decay=weight_decay)
+    return cls(lr, weight_decay=weight_decay)
 
 
 # ---- learning-rate schedules -----------------------------------------------------
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
 
 
 class Schedule:
     """Learning rate as a function of training progress in epochs (fractional).
 
     constant: base_lr.
-    step:     base_lr * gamma ** floor(epoch / step_size)  (decays once per step_size epochs).
-    cosine:   linear warm-up over ``warmup`` epochs, then half a cosine from
-              base_lr down to min_lr at ``total`` epochs.
+    step:     base_lr * lr_decay ** floor(epoch / step_size)  (a decay every step_size epochs).
+    cosine:   a linear warm-up over ``warmup`` epochs from ``warmup_from`` * base_lr,
+              then half a cosine from base_lr down to min_lr at ``total`` epochs.
+    linear:   the same warm-up, then a straight line down to min_lr at ``total``
+              (airbench's triangle).
+    ``total`` may move while training runs (a time budget re-plans it).
     """
 
     def __init__(self, kind: str, base_lr: float, total: float = 1.0, step_size: int = 1,
-                 gamma: float = 0.1, warmup: float = 0.0, min_lr: float = 0.0):
+                 lr_decay: float = 0.1, warmup: float = 0.0, min_lr: float = 0.0,
+                 warmup_from: float = 0.0):
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
         self.kind, self.base_lr, self.total = kind, float(base_lr), float(total)
-        self.step_size, self.gamma = int(step_size), float(gamma)
-        self.warmup, self.min_lr = float(warmup), float(min_lr)
+        self.step_size, self.lr_decay = int(step_size), float(lr_decay)
+        self.warmup, self.min_lr, self.warmup_from = float(warmup), float(min_lr), float(warmup_from)
 
     def __call__(self, epoch: float) -> float:
         if self.kind == "constant":
             return self.base_lr
         if self.kind == "step":
-            return self.base_lr * self.gamma ** math.floor(epoch / self.step_size)
+            return self.base_lr * self.lr_decay ** math.floor(epoch / self.step_size)
         if self.warmup and epoch < self.warmup:
-            return self.base_lr * (epoch + 1e-12) / self.warmup
+            start = self.warmup_from * self.base_lr
+            return start + (self.base_lr - start) * (epoch + 1e-12) / self.warmup
         span = max(self.total - self.warmup, 1e-12)
         progress = min(max((epoch - self.warmup) / span, 0.0), 1.0)
+        if self.kind == "linear":
+            return self.base_lr + (self.min_lr - self.base_lr) * progress
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np  # noqa: F401  BLAS must be loaded before threadpoolctl looks for it
+import numpy as np  # BLAS must be loaded before threadpoolctl looks for it
 from threadpoolctl import ThreadpoolController
 
 # Below this many numbers a layer's work is too small to be worth a thread hand-off.
@@ -64,9 +64,10 @@ def _executor() -> ThreadPoolExecutor:
 BLOCK_BYTES = 3 << 20
 
 
-def block_size(bytes_per_image: int) -> int:
-    """Images per block so that a block's scratch is about ``BLOCK_BYTES``."""
-    return max(1, BLOCK_BYTES // max(1, bytes_per_image))
+def block_size(bytes_per_image: int, budget: int | None = None) -> int:
+    """Images per block so that a block's scratch is about ``budget`` bytes (default
+    ``BLOCK_BYTES``)."""
+    return max(1, (BLOCK_BYTES if budget is None else budget) // max(1, bytes_per_image))
 
 
 def over_blocks(fn: Callable[[int, int], object], n: int, block: int) -> list:
@@ -163,3 +164,12 @@ class single_blas_thread(contextlib.ContextDecorator):
             if _held == 0 and _BLAS_THREADS > 1:
                 for lib, n in zip(_blas, _held_before, strict=True):
                     lib.set_num_threads(n)
+
+
+def sum_in_order(parts: list) -> np.ndarray:
+    """Arrays (the blocks' fresh results) summed in list order, into the first of them:
+    a fixed order, so the same numbers every run and whatever the thread count."""
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total

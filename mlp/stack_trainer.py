@@ -111,35 +111,51 @@ class StackTrainer:
         self._group_schedules()
 
     # ---- the optimizer -------------------------------------------------------------------
+    # What each trial's optimizer holds for itself; everything else must be equal.
+    _OWN = ("lr", "base_lr", "mu", "weight_decay", "state")
+
     def _stacked_optimizer(self) -> Optimizer:
         """One optimizer of the trials' kind over the whole stack: its lr and momentum are
         arrays over every parameter, each its trial's (``_spread``), its state the trials'
-        states laid out as ``MLPStack.flat`` (continued where given)."""
+        states laid out as ``MLPStack.flat`` (continued where given). Weight decay is
+        each trial's ``weight_decay / base_lr`` on every parameter (``_decay``)."""
         first = self.optimizers[0]
-        shared = {k: v for k, v in vars(first).items() if k not in ("lr", "mu", "state")}
+        shared = {k: v for k, v in vars(first).items() if k not in self._OWN}
         for other in self.optimizers[1:]:
             if type(other) is not type(first) or \
-                    {k: v for k, v in vars(other).items() if k not in ("lr", "mu", "state")} != shared:
-                raise ValueError("the trials of a stack need one kind of optimizer (lr and momentum "
-                                 "may differ)")
+                    {k: v for k, v in vars(other).items() if k not in self._OWN} != shared:
+                raise ValueError("the trials of a stack need one kind of optimizer (lr, momentum "
+                                 "and weight decay may differ)")
+        if any(o.lr_scales for o in self.optimizers):
+            raise ValueError("an optimizer with per-parameter lr scales cannot train in a stack")
         stacked = copy.copy(first)
         stacked.state = {}
         self.mu = None
         if hasattr(first, "mu"):
             self.mu = np.array([o.mu for o in self.optimizers], dtype=np.float64)
+        # the solo step's factor, weight_decay / (base_lr * 1.0), per trial
+        self.decay = np.array([o.weight_decay / (o.base_lr * 1.0) if o.weight_decay else 0.0
+                               for o in self.optimizers], dtype=np.float64)
+        slots = stacked.init_state(self.stack.flat)
         if any(o.state for o in self.optimizers):
-            slots = {}
             for i, o in enumerate(self.optimizers):
                 for name, state in o.state.items():
                     for slot, value in state.items():
                         if np.ndim(value) == 0:            # Adam's step count: one for the stack
                             slots[slot] = np.array(value)
                             continue
-                        if slot not in slots:
-                            slots[slot] = np.zeros_like(self.stack.flat)
                         self.stack.param_views(slots[slot], i)[name][...] = value
-            stacked.state[_STATE] = slots
+        stacked.state[_STATE] = slots
         return stacked
+
+    def _step(self) -> None:
+        """One update of every trial, as its own optimizer's ``step`` makes it."""
+        stack, optimizer = self.stack, self.optimizer
+        dw = stack.flat_grad
+        if self._decay_flat is not None:
+            # dw + (weight_decay / base_lr) * w, the solo step's own sum
+            dw = dw + np.multiply(self._decay_flat, stack.flat, out=stack._scratch)
+        optimizer.update(stack.flat, dw, optimizer.state[_STATE], optimizer.lr)
 
     def _bind_optimizer(self, i: int) -> None:
         """Trial i's own optimizer shows its lr and its rows of the stacked state (for
@@ -188,10 +204,13 @@ class StackTrainer:
         return self.lr
 
     def _spread(self) -> None:
-        """The stacked optimizer's lr (and momentum) on every parameter, each its trial's."""
+        """The stacked optimizer's lr (momentum, weight decay) on every parameter, each its
+        trial's."""
         self.optimizer.lr = self.lr.astype(self.stack.dtype)[self.stack.trial_of]
         if self.mu is not None:
             self.optimizer.mu = self.mu.astype(self.stack.dtype)[self.stack.trial_of]
+        self._decay_flat = self.decay.astype(self.stack.dtype)[self.stack.trial_of] \
+            if self.decay.any() else None
 
     # ---- one epoch -----------------------------------------------------------------------
     def _orders(self, epoch: int) -> np.ndarray:
@@ -242,7 +261,7 @@ class StackTrainer:
                     loss_sum, correct = loss_sum[keep], correct[keep]
                 if order is not None:
                     order, yb = order[keep], yb[keep]
-            self.optimizer.step({_STATE: stack.flat}, {_STATE: stack.flat_grad})
+            self._step()
             self.iterations += 1
             samples = yb.shape[-1]
             # 0.0 + loss * samples, then sums of products, as the solo loop adds them
@@ -253,6 +272,8 @@ class StackTrainer:
                 self.callbacks[self.ids[i]].on_batch_end(epoch, b, batches, samples, float(loss[i]))
         if seen == 0:
             return None
+        for i in self._watching:
+            self.callbacks[self.ids[i]].on_updates_end(epoch)
         record = {"train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_loss": math.nan, "val_acc": math.nan, "lr": self.lr}
         if self.validate:
@@ -438,7 +459,7 @@ class StackTrainer:
             self.best_flat = self.stack.take(self.best_flat, keep)
         self.stack.keep(keep)
         for name in ("ids", "seeds", "snapshot_every", "patience", "first_loss", "has_first",
-                     "best_epoch", "best_val_acc", "best_val_loss", "lr"):
+                     "best_epoch", "best_val_acc", "best_val_loss", "lr", "decay"):
             setattr(self, name, getattr(self, name)[keep])
         if hasattr(self, "plan"):
             self.plan = self.plan[keep]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlp._allocator import keep_freed_arrays_in_the_heap
 from mlp.history import HISTORY_COLUMNS  # noqa: F401  the record's fields, named here as ever
 from mlp.network import Network
 from mlp.optim import Optimizer, Schedule
@@ -46,6 +47,9 @@ class Callback:
 
     def on_batch_end(self, epoch: int, batch: int, batches: int, samples: int, loss: float) -> None:
         pass
+
+    def on_updates_end(self, epoch: int) -> None:
+        """The epoch's last update is done; the epoch is evaluated next."""
 
     def on_epoch_end(self, record: dict) -> Decision | bool | None:
         pass
@@ -77,6 +81,7 @@ class TrainResult:
     iterations: int = 0
     first_loss: float | None = None     # the first batch's, for ``is_runaway``
     snapshots: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
+    average: dict[str, np.ndarray] | None = None      # ``Lookahead``'s moving average
 
     @property
     def epochs_run(self) -> int:
@@ -123,13 +128,61 @@ class EarlyStopping(Callback):
         return STOP if record["epoch"] - self.result.best_epoch >= self.patience else None
 
 
+class Lookahead(Callback):
+    """airbench's lookahead (from hlb-CIFAR10): from epoch ``start`` on, every ``every``
+    updates the weights (and BatchNorm's running statistics) are pulled to an
+    exponential moving average of themselves and the average is copied back into the
+    network; at the end of every epoch the network takes the average again.
+
+    The average's decay rises through the run, ``decay ** every * (t / T) ** power``
+    at update t of T planned, so it moves fast early and averages strongly at the
+    end. ``arrays``: the network's params and buffers by name (updated in place);
+    the average lives in ``result.average`` so checkpoints keep it.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], result: TrainResult, batches_per_epoch: int,
+                 decay: float = 0.95, every: int = 5, start: float = 3.0, power: float = 3.0):
+        self.arrays, self.result, self.batches = arrays, result, batches_per_epoch
+        self.decay, self.every, self.start, self.power = decay, every, start, power
+
+    def on_train_begin(self, epochs, batches_per_epoch, start_epoch):
+        self.total = epochs * batches_per_epoch
+
+    def on_plan(self, epochs):
+        self.total = epochs * self.batches
+
+    def on_batch_end(self, epoch, batch, batches, samples, loss):
+        step = epoch * self.batches + batch + 1
+        if epoch < self.start or step % self.every:
+            return
+        if self.result.average is None:
+            self.result.average = {k: v.copy() for k, v in self.arrays.items()}
+            return
+        rho = self.decay ** self.every * min(step / max(self.total, 1), 1.0) ** self.power
+        self._pull(rho)
+
+    def on_updates_end(self, epoch):
+        if self.result.average is not None:
+            self._pull(1.0)
+
+    def _pull(self, rho: float) -> None:
+        """average = rho * average + (1 - rho) * weights; weights = average."""
+        for name, value in self.arrays.items():
+            average = self.result.average[name]
+            average *= rho
+            average += (1 - rho) * value
+            value[...] = average
+
+
 class Trainer:
     """Minibatch (or full-batch) descent of ``net`` on X: (N, ...), y: (N,).
 
-    batch_size 0 (or >= N) is full-batch gradient descent. ``augment(xb, rng)
-    -> xb`` transforms each training batch. ``state``, a TrainResult from an
-    interrupted run (with the network and optimizer restored alongside),
-    continues it with the numbers an uninterrupted run gives.
+    batch_size 0 (or >= N) is full-batch gradient descent. ``augment(xb, rng,
+    epoch=e, index=idx) -> xb`` transforms each training batch (``idx``: the
+    batch's rows in X, for augmentations that follow each example across epochs).
+    ``state``, a TrainResult from an interrupted run (with the network and
+    optimizer restored alongside), continues it with the numbers an
+    uninterrupted run gives.
     """
 
     def __init__(self, net: Network, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, *,
@@ -169,12 +222,12 @@ class Trainer:
             if result.iterations >= max_iterations:
                 break
             if order is None:
-                xb, yb = self.X, self.y
+                idx, xb, yb = np.arange(n), self.X, self.y
             else:
                 idx = order[b * bs:(b + 1) * bs]
                 xb, yb = self.X[idx], self.y[idx]
             if self.augment:
-                xb = self.augment(xb, aug_rng)
+                xb = self.augment(xb, aug_rng, epoch=epoch, index=idx)
             if self.schedule is not None:
                 self.optimizer.lr = self.schedule(epoch + b / self.batches_per_epoch)
             loss, scores, grads = self.net.loss_and_scores(xb, yb, train=True)
@@ -191,6 +244,7 @@ class Trainer:
             self.on_batch_end(epoch, b, self.batches_per_epoch, len(yb), loss)
         if seen == 0:
             return None
+        self.on_updates_end(epoch)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "val_loss": math.nan, "val_acc": math.nan, "lr": self.optimizer.lr,
                   "seconds": 0.0}
@@ -207,6 +261,9 @@ class Trainer:
     def on_batch_end(self, epoch, batch, batches, samples, loss):
         """Replaced by ``train`` with the callback's hook."""
 
+    def on_updates_end(self, epoch):
+        """Replaced by ``train`` with the callback's hook."""
+
     @np.errstate(over="ignore", invalid="ignore")   # a diverging loss is detected and reported
     @single_blas_thread()   # held once for the run, not toggled at every step
     def train(self, epochs: int, *, iterations: int | None = None, max_epochs: int | None = None,
@@ -215,8 +272,9 @@ class Trainer:
         epoch then partial), a callback returns STOP, or the run diverges. A callback
         may re-plan the run (``Decision(plan=...)``) up to ``max_epochs`` (default
         ``epochs``); the schedule's end moves with the plan."""
+        keep_freed_arrays_in_the_heap()   # once per process; NNX_MALLOC_TUNING=0 turns it off
         callback = callback or Callback()
-        self.on_batch_end = callback.on_batch_end
+        self.on_batch_end, self.on_updates_end = callback.on_batch_end, callback.on_updates_end
         result = self.result
         if iterations is not None:
             epochs = math.ceil(iterations / self.batches_per_epoch)
@@ -289,6 +347,10 @@ class Callbacks(Callback):
     def on_batch_end(self, epoch, batch, batches, samples, loss):
         for c in self.callbacks:
             c.on_batch_end(epoch, batch, batches, samples, loss)
+
+    def on_updates_end(self, epoch):
+        for c in self.callbacks:
+            c.on_updates_end(epoch)
 
     def on_epoch_end(self, record):
         decisions = [_decision(c.on_epoch_end(record)) for c in self.callbacks]

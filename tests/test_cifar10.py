@@ -28,8 +28,7 @@ from experiments.cifar10 import (
     CIFAR10,
     CLASSES,
     DataError,
-    augment_crop_flip,
-    augment_flip_shift,
+    FlipShift,
     channel_stats,
     default_data_dir,
     download_cifar10,
@@ -411,7 +410,7 @@ def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("augment, reach", [(augment_flip_shift, 2), (augment_crop_flip, 4)])
+@pytest.mark.parametrize("augment, reach", [(FlipShift(shift=2), 2), (FlipShift(shift=4), 4)])
 def test_augmentation_is_a_seeded_flip_and_zero_filled_shift(augment, reach):
     x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
     before = x.copy()
@@ -434,7 +433,7 @@ def test_augmentation_is_a_seeded_flip_and_zero_filled_shift(augment, reach):
 
 def test_flips_alone_are_exact_mirror_images():
     x = np.random.default_rng(1).standard_normal((32, 3, 5, 7)).astype(np.float32)
-    out = augment_flip_shift(x, np.random.default_rng(0), max_shift=0)
+    out = FlipShift(shift=0)(x, np.random.default_rng(0))
     mirrored = np.array([np.array_equal(o, i[..., ::-1]) for o, i in zip(out, x, strict=True)])
     kept = np.array([np.array_equal(o, i) for o, i in zip(out, x, strict=True)])
     assert np.all(mirrored ^ kept) and mirrored.any() and kept.any()
@@ -444,17 +443,47 @@ def test_flips_alone_are_exact_mirror_images():
 def test_shifts_move_content_and_fill_with_zeros_instead_of_wrapping():
     x = np.zeros((200, 1, 9, 9), np.float32)
     x[:, 0, 4, 2] = 1.0                     # a bright pixel that no shift of 2 can push out
-    out = augment_flip_shift(x, np.random.default_rng(0), max_shift=2)
+    out = FlipShift(shift=2)(x, np.random.default_rng(0))
     n, ys, xs = np.nonzero(out[:, 0])
     assert np.array_equal(n, np.arange(200))                 # exactly one pixel per image
     assert np.all(np.abs(ys - 4) <= 2)
     assert np.all(np.minimum(np.abs(xs - 2), np.abs(xs - 6)) <= 2)   # 6: its mirror image
     corner = np.zeros((100, 1, 4, 4), np.float32)
     corner[:, 0, 0, 0] = 1.0
-    out = augment_flip_shift(corner, np.random.default_rng(1), max_shift=2)
+    out = FlipShift(shift=2)(corner, np.random.default_rng(1))
     _, ys, _ = np.nonzero(out[:, 0])
     assert 0 < len(ys) < 100                                 # some pixels fell off the edge
     assert np.all(ys <= 2)                                   # none wrapped round to the bottom
+
+
+def test_alternating_flips_show_every_image_both_ways_every_two_epochs():
+    augment = FlipShift(flip="alternating", shift=0, seed=3)
+    x = np.random.default_rng(2).standard_normal((400, 1, 2, 3))
+    index = np.arange(400)
+
+    def mirrored(epoch, rows):
+        out = augment(x[rows], np.random.default_rng(epoch), epoch=epoch, index=rows)
+        return np.array([np.array_equal(o, i[..., ::-1]) for o, i in zip(out, x[rows], strict=True)])
+
+    even, odd = mirrored(0, index), mirrored(1, index)
+    assert np.all(even ^ odd) and 150 < even.sum() < 250        # each way once; about half
+    assert np.array_equal(mirrored(2, index), even)             # the same half again
+    rows = np.random.default_rng(0).permutation(400)[:50]       # any batch: the image decides
+    assert np.array_equal(mirrored(4, rows), even[rows])
+    assert not np.array_equal(FlipShift(flip="alternating", shift=0, seed=4)(
+        x, np.random.default_rng(0), epoch=0, index=index), augment(x, np.random.default_rng(0),
+                                                                    epoch=0, index=index))
+
+
+def test_reflect_padding_fills_with_the_mirrored_border():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4).repeat(300, axis=0)
+    out = FlipShift(flip="alternating", pad="reflect", shift=1, seed=0)(
+        x, np.random.default_rng(0), epoch=1, index=np.arange(300))
+    padded = np.pad(x[0, 0], 1, mode="reflect")
+    windows = {padded[a:a + 4, b:b + 4].tobytes() for a in range(3) for b in range(3)}
+    windows |= {padded[a:a + 4, b:b + 4][:, ::-1].tobytes() for a in range(3) for b in range(3)}
+    assert all(o[0].tobytes() in windows for o in out)
+    assert len({o[0].tobytes() for o in out}) > 9               # shifts and flips both vary
 
 
 # ---- the real data set -------------------------------------------------------------------

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import flat, make_batches, write_batches
+from helpers import KillAt, flat, make_batches, without_seconds, write_batches
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -30,6 +30,7 @@ def test_train_convnetjs_with_augmentation_then_evaluate(data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["optimizer"] == "nesterov" and record["config"]["dtype"] == "float32"
+    assert record["conv_algorithms"] == {"0": "im2col", "3": "im2col", "6": "im2col"}   # 5x5: no Winograd
     assert (out / "checkpoint.npz").exists()
     net = Network.load(out / "model.npz")
     assert net.metadata["arch"].startswith("conv16x5") and len(net.metadata["mean"]) == 3
@@ -50,11 +51,13 @@ def test_mlp_on_flattened_cifar(data_dir):
     assert outcome.config.arch is None and outcome.network.layers[0].in_features == 3072
 
 
+@pytest.mark.numerics
 def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
-    from test_resume import KillAt, without_seconds
     config = dict(data="cifar10", arch="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10", augment=True,
                   data_dir=str(data_dir), val_size=20, epochs=4, batch_size=25, optimizer="nesterov",
-                  lr=0.05, schedule="cosine", label_smoothing=0.1, seed=2)
+                  lr=0.05, schedule="linear", warmup=1, warmup_from=0.2, label_smoothing=0.1, seed=2,
+                  weight_decay=5e-4, ema_decay=0.9, ema_every=2, ema_start=1, flip="alternating",
+                  pad="reflect")
     whole = run(TrainConfig(**config))
     with pytest.raises(KeyboardInterrupt):
         run(TrainConfig(**config), callback=KillAt(2), checkpoint=tmp_path / "checkpoint.npz")
@@ -62,6 +65,31 @@ def test_a_killed_convnet_run_resumes_to_the_same_result(data_dir, tmp_path):
     assert without_seconds(resumed.result.history) == without_seconds(whole.result.history)
     for name, value in whole.network.buffers.items():       # BatchNorm running statistics too
         np.testing.assert_array_equal(resumed.network.buffers[name], value)
+
+
+def test_a_resumed_run_computes_with_the_recorded_conv_algorithm(data_dir, tmp_path, monkeypatch):
+    """The algorithm measured at the start of a run is recorded in its checkpoint; the
+    resumed run keeps it even where a fresh measurement would choose another (Winograd
+    and im2col round differently), so it ends with the uninterrupted run's numbers."""
+    from mlp.kernels import conv as conv_kernels
+    measured = {"choice": "winograd4"}
+    monkeypatch.setattr(conv_kernels, "choose", lambda *args, **kwargs: measured["choice"])
+    config = TrainConfig(data="cifar10", arch="conv8x3-bn-pool2-conv8x3-bn-pool2-fc10",
+                         data_dir=str(data_dir), val_size=20, epochs=3, batch_size=25,
+                         optimizer="nesterov", lr=0.05, seed=2)
+    whole = run(config)
+    assert whole.network.conv_algorithms() == {"0": "winograd4", "4": "winograd4"}
+    with pytest.raises(KeyboardInterrupt):
+        run(config, callback=KillAt(2), checkpoint=tmp_path / "checkpoint.npz")  # epoch 1 checkpointed
+    measured["choice"] = "im2col"          # what another process might measure
+    resumed = run(config, checkpoint=tmp_path / "checkpoint.npz")
+    assert resumed.network.conv_algorithms() == whole.network.conv_algorithms()
+    assert without_seconds(resumed.result.history) == without_seconds(whole.result.history)
+    for name, value in whole.network.params.items():
+        np.testing.assert_array_equal(resumed.network.params[name], value)
+    other = run(config)                    # im2col from the start: other numbers
+    assert other.network.conv_algorithms() == {"0": "im2col", "4": "im2col"}
+    assert not np.array_equal(other.network.params["0.conv2d.W"], whole.network.params["0.conv2d.W"])
 
 
 def test_a_bad_architecture_is_a_usage_error_before_any_data_is_read(tmp_path):

@@ -35,6 +35,7 @@ def test_train_writes_model_metrics_and_config(tmp_path):
     assert net.metadata["data"] == "spiral"
 
 
+@pytest.mark.numerics
 def test_rerun_command_in_config_json_reproduces_the_run_bit_for_bit(tmp_path):
     assert invoke("train", *QUICK, "--optimizer", "adam", "--batch-size", "32",
                   "--out", tmp_path / "a").exit_code == 0

@@ -5,14 +5,29 @@ import pytest
 from experiments.datasets import GENERATORS, make_2d, spiral, stratified_split
 
 
-def test_spiral_is_the_cs231n_construction():
-    X, y = spiral(points=100, classes=3, noise=0.2, seed=0)
-    rng = np.random.default_rng(0)
-    for j in range(3):
-        r = np.linspace(0.0, 1, 100)
-        t = np.linspace(j * 4, (j + 1) * 4, 100) + rng.standard_normal(100) * 0.2
-        np.testing.assert_allclose(X[100 * j:100 * (j + 1)], np.c_[r * np.sin(t), r * np.cos(t)])
-        assert np.all(y[100 * j:100 * (j + 1)] == j)
+def arm_angles(X: np.ndarray, arm: int, points: int) -> np.ndarray:
+    """How far each point of ``arm`` (its centre excluded) is turned from the notes'
+    angle linspace(4j, 4(j+1)), in radians wrapped to [-pi, pi)."""
+    ix = slice(points * arm + 1, points * (arm + 1))
+    angle = np.arctan2(X[ix, 0], X[ix, 1])                 # x = r sin t, y = r cos t
+    planned = np.linspace(4 * arm, 4 * (arm + 1), points)[1:]
+    return (angle - planned + np.pi) % (2 * np.pi) - np.pi
+
+
+def test_spiral_arms_have_the_notes_radii_and_angles_plus_noise():
+    """The cs231n spiral: arm j at radius linspace(0, 1) and angle linspace(4j, 4j + 4),
+    the angle jittered by Gaussian noise of std ``noise``; the radius never is."""
+    X, y = spiral(points=100, classes=3, noise=0.0)
+    for arm in range(3):
+        points = X[100 * arm:100 * (arm + 1)]
+        np.testing.assert_allclose(np.hypot(points[:, 0], points[:, 1]), np.linspace(0, 1, 100),
+                                   rtol=1e-15, atol=1e-15)
+        np.testing.assert_allclose(arm_angles(X, arm, 100), 0, atol=1e-12)
+        assert np.all(y[100 * arm:100 * (arm + 1)] == arm)
+    X, _ = spiral(points=1000, classes=3, noise=0.2, seed=0)
+    np.testing.assert_allclose(np.hypot(X[:1000, 0], X[:1000, 1]), np.linspace(0, 1, 1000), atol=1e-15)
+    turns = np.concatenate([arm_angles(X, arm, 1000) for arm in range(3)])
+    assert abs(turns.mean()) < 0.02 and 0.19 < turns.std() < 0.21     # 3000 draws of N(0, 0.2)
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))

@@ -5,6 +5,8 @@ import pytest
 from mlp.gradcheck import check_network, run_all_checks
 from mlp.network import ModelFileError, Network, build_mlp
 
+pytestmark = pytest.mark.numerics     # gradients checked in float64 round differently per BLAS kernel
+
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "leaky_relu"])
 @pytest.mark.parametrize("loss", ["softmax", "svm"])

@@ -90,7 +90,7 @@ def test_optimizer_trajectory_matches_torch(name, ours, theirs):
 
 def test_schedules():
     assert Schedule("constant", 0.1)(7.5) == 0.1
-    step = Schedule("step", 1.0, step_size=2, gamma=0.5)
+    step = Schedule("step", 1.0, step_size=2, lr_decay=0.5)
     assert [step(e) for e in (0, 1.9, 2, 4.5)] == [1.0, 1.0, 0.5, 0.25]
     cosine = Schedule("cosine", 1.0, total=10, min_lr=0.1)
     assert cosine(0) == pytest.approx(1.0)
@@ -99,3 +99,49 @@ def test_schedules():
     warm = Schedule("cosine", 1.0, total=10, warmup=2)
     assert warm(1) == pytest.approx(0.5)
     assert warm(2) == pytest.approx(1.0)
+
+
+def test_nesterov_with_a_schedule_decay_and_lr_groups_matches_torch():
+    """A moving lr, weight decay per step independent of lr (wd / lr added to the
+    gradient, PyTorch's weight_decay), and a group learning 64x faster: the same
+    iterates as torch.optim.SGD(nesterov=True) with two parameter groups."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    w = {"w": rng.standard_normal(6), "b": rng.standard_normal(3)}
+    lr, wd = 0.002, 5e-3           # small enough that rounding is not amplified chaotically
+    ours = Nesterov(lr, mu=0.85, weight_decay=wd)
+    ours.lr_scales["b"] = 64.0
+    tw = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in w.items()}
+    theirs = torch.optim.SGD([{"params": [tw["w"]], "lr": lr, "weight_decay": wd / lr},
+                              {"params": [tw["b"]], "lr": 64 * lr, "weight_decay": wd / (64 * lr)}],
+                             momentum=0.85, nesterov=True)
+    schedule = Schedule("linear", lr, total=30, warmup=7, warmup_from=0.2, min_lr=0.07 * lr)
+    for step in range(30):
+        ours.lr = schedule(step)
+        for group, base in zip(theirs.param_groups, (lr, 64 * lr), strict=True):
+            group["lr"] = base * schedule(step) / lr
+        grads = {k: np.cos(3 * v) + v for k, v in w.items()}
+        ours.step(w, grads)
+        for p in tw.values():
+            p.grad = torch.cos(3 * p.detach()) + p.detach()
+        theirs.step()
+    for k in w:
+        np.testing.assert_allclose(w[k], tw[k].detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_scale_of_zero_freezes_a_parameter():
+    opt = Nesterov(0.1, weight_decay=0.01)
+    opt.lr_scales["frozen"] = 0.0
+    w = {"frozen": np.ones(2), "free": np.ones(2)}
+    opt.step(w, {"frozen": np.ones(2), "free": np.ones(2)})
+    assert w["frozen"].tolist() == [1.0, 1.0] and "frozen" not in opt.state
+    assert w["free"][0] < 1.0
+
+
+def test_linear_schedule_is_airbenchs_triangle():
+    tri = Schedule("linear", 1.0, total=10, warmup=2.5, warmup_from=0.2, min_lr=0.07)
+    assert tri(0) == pytest.approx(0.2, abs=1e-9)
+    assert tri(1.25) == pytest.approx(0.6)
+    assert tri(2.5) == pytest.approx(1.0)
+    assert tri(6.25) == pytest.approx((1.0 + 0.07) / 2)
+    assert tri(10) == pytest.approx(0.07) and tri(12) == pytest.approx(0.07)

@@ -20,12 +20,16 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 
 # One value per field that differs from its default (and from None).
-SAMPLE = {"data": "moons", "points": 37, "classes": 2, "noise": 0.15, "val_size": 0.25,
+SAMPLE = {"recipe": None, "bn_decay": 0.5, "bn_eps": 1e-3, "bn_scale": False, "bn_bias_lr": 8.0,
+          "whiten_bias_epochs": 2, "data": "moons", "points": 37, "classes": 2, "noise": 0.15,
+          "val_size": 0.25,
           "data_seed": 4, "data_dir": "/tmp/nowhere", "limit": 300, "augment": True,
           "arch": None, "hidden": [16, 8], "activation": "tanh", "init": "xavier",
           "weight_scale": 0.02, "dropout": 0.1, "loss": "softmax", "reg": 0.003,
           "label_smoothing": 0.05, "dtype": "float32", "optimizer": "adam", "lr": 0.004,
-          "momentum": 0.8, "schedule": "step", "step_size": 3, "lr_decay": 0.5, "warmup": 1.5,
+          "momentum": 0.8, "weight_decay": 0.001, "schedule": "step", "warmup_from": 0.2,
+          "ema_decay": 0.9, "ema_every": 3, "ema_start": 1.0, "flip": "alternating", "pad": "reflect",
+          "shift": 1, "step_size": 3, "lr_decay": 0.5, "warmup": 1.5,
           "min_lr": 1e-4, "epochs": 7, "iterations": 90, "batch_size": 16, "patience": 4,
           "time_budget": 90.0, "seed": 11, "checkpoint_every": 2, "snapshot_every": 5}
 
@@ -36,7 +40,7 @@ def test_the_sample_covers_every_option():
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_every_value_is_written_as_text_its_parser_reads_back(name):
-    value = {**SAMPLE, "arch": "conv8x3-pool2-fc10"}[name]
+    value = {**SAMPLE, "arch": "conv8x3-pool2-fc10", "recipe": "airbench94"}[name]
     option = OPTIONS[name]
     assert option.parse(name, option.format(value)) == value
 
@@ -108,8 +112,8 @@ def test_old_option_names_still_read_where_users_files_hold_them(tmp_path):
 
 
 def test_every_train_option_is_also_a_fixed_option_of_sweep():
-    train_help = flat(runner.invoke(app, ["train", "--help"], terminal_width=200).output)
-    sweep_help = flat(runner.invoke(app, ["sweep", "--help"], terminal_width=200).output)
+    train_help = flat(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"}).output)
+    sweep_help = flat(runner.invoke(app, ["sweep", "--help"], env={"COLUMNS": "250"}).output)
     for name in OPTIONS:
         flag = "--" + name.replace("_", "-")
         assert flag in train_help and flag in sweep_help, flag

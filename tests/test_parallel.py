@@ -3,10 +3,28 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import assert_close, parallel_hand_offs
 
 from mlp import parallel
 from mlp.arch import build_network
+
+pytestmark = pytest.mark.numerics
+
+
+@pytest.fixture
+def three_blas_threads(monkeypatch):
+    """BLAS on three threads, whatever this machine or OPENBLAS_NUM_THREADS gave it, so
+    that holding it to one thread is a visible change even on a one-core machine."""
+    if not parallel._blas:
+        pytest.skip("threadpoolctl finds no BLAS library to control")
+    before = [lib.num_threads for lib in parallel._blas]
+    for lib in parallel._blas:
+        lib.set_num_threads(3)
+    monkeypatch.setattr(parallel, "_BLAS_THREADS", 3)
+    assert [lib.num_threads for lib in parallel._blas] == [3] * len(parallel._blas)
+    yield
+    for lib, n in zip(parallel._blas, before, strict=True):
+        lib.set_num_threads(n)
 
 
 def test_over_blocks_covers_the_batch_in_order(monkeypatch):
@@ -30,33 +48,43 @@ def test_over_batch_uses_several_threads_for_large_work_only(monkeypatch):
     assert seen == [threading.current_thread().name]
 
 
-def test_single_blas_thread_nests_and_restores_the_thread_count():
-    before = [lib.num_threads for lib in parallel._blas]
+def test_single_blas_thread_nests_and_restores_the_thread_count(three_blas_threads):
     with parallel.single_blas_thread():
         with parallel.single_blas_thread():
             assert all(lib.num_threads == 1 for lib in parallel._blas)
         assert all(lib.num_threads == 1 for lib in parallel._blas)   # the outer block still holds
-    assert [lib.num_threads for lib in parallel._blas] == before
+    assert all(lib.num_threads == 3 for lib in parallel._blas)
 
 
 def test_matmul_equals_numpy(monkeypatch):
     rng = np.random.default_rng(0)
     monkeypatch.setattr(parallel, "THREADS", 2)
+    handed_off = parallel_hand_offs(monkeypatch)
     a, b = rng.standard_normal((300, 400)), rng.standard_normal((400, 50))
     # Blocks of rows may take another BLAS kernel than the whole product: equal up to
     # float64 rounding, scaled to the product's magnitude.
     assert_close(parallel.matmul(a, b), a @ b, rtol=1e-13)
-    assert_close(parallel.matmul(a[:, :7].T, b[:300]), a[:, :7].T @ b[:300], rtol=1e-13)
+    c = rng.standard_normal((300, 200))
+    assert_close(parallel.matmul(a.T, c), a.T @ c, rtol=1e-13)      # a strided left operand
+    assert handed_off, "the products ran in one block: the blocked path was not tested"
 
 
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd2", "winograd4"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch, threads):
+def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch, threads, algorithm):
     """Blocks have fixed boundaries and sums over them a fixed order, so the
-    number of threads cannot change a single bit of the loss or the gradients."""
+    number of threads cannot change a single bit of the loss or the gradients,
+    whichever algorithm the 3x3 convs run."""
+    from mlp.kernels import winograd
     rng = np.random.default_rng(0)
     x = rng.standard_normal((37, 3, 16, 16)).astype(np.float32)  # odd batch: uneven blocks
     y = rng.integers(0, 10, 37)
-    spec = "conv8x3-pool2-bn-conv16x5-bn-pool2-fc32-bn-fc10"
+    spec = "conv8x3-pool2-bn-conv16x3-bn-conv16x5-pool2-fc32-bn-fc10"
+    monkeypatch.setenv("NNX_CONV_ALGORITHM", algorithm)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 20_000)
+    monkeypatch.setattr(winograd, "MIN_ROWS", 8)
+
+    handed_off = parallel_hand_offs(monkeypatch)
 
     def step(n):
         monkeypatch.setattr(parallel, "THREADS", n)
@@ -64,32 +92,36 @@ def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch,
         monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
         net = build_network(spec, (3, 16, 16), 10, seed=1)
         loss, grads = net.loss(x, y)
+        assert list(net.conv_algorithms().values()) == [algorithm, algorithm, "im2col"]
         return loss, {k: g.copy() for k, g in grads.items()}, net.scores(x)
 
     loss_1, grads_1, scores_1 = step(1)
+    assert not handed_off                                # one thread: all of it in this one
     loss_n, grads_n, scores_n = step(threads)
+    assert len(handed_off) >= threads - 1, "the parallel path did not run"
     assert loss_1 == loss_n
     for name in grads_1:
         assert np.array_equal(grads_1[name], grads_n[name]), name
     assert np.array_equal(scores_1, scores_n)
 
 
-@pytest.mark.parametrize("value, expected", [("3", 3), ("", parallel._BLAS_THREADS)])
-def test_nnx_threads_sets_the_thread_count(monkeypatch, value, expected):
+@pytest.mark.parametrize("value, expected", [("3", 3), ("", 7), (" ", 7)])
+def test_nnx_threads_sets_the_thread_count_else_blas_does(monkeypatch, value, expected):
+    monkeypatch.setattr(parallel, "_BLAS_THREADS", 7)       # as if BLAS had started 7 threads
     monkeypatch.setenv("NNX_THREADS", value)
     assert parallel._default_threads() == expected
 
 
 def test_a_bad_nnx_threads_is_named_and_ignored(monkeypatch):
+    monkeypatch.setattr(parallel, "_BLAS_THREADS", 7)
     monkeypatch.setenv("NNX_THREADS", "lots")
     with pytest.warns(UserWarning, match="NNX_THREADS='lots'"):
-        assert parallel._default_threads() == parallel._BLAS_THREADS
+        assert parallel._default_threads() == 7
 
 
-def test_single_blas_thread_from_several_threads_at_once():
+def test_single_blas_thread_from_several_threads_at_once(three_blas_threads):
     """A Dask worker trains several networks in threads of one process: blocks
     opened and closed in any interleaving leave BLAS as it was."""
-    before = [lib.num_threads for lib in parallel._blas]
     first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
     errors = []
 
@@ -117,4 +149,4 @@ def test_single_blas_thread_from_several_threads_at_once():
     for t in threads:
         t.join(10)
     assert not errors
-    assert [lib.num_threads for lib in parallel._blas] == before
+    assert all(lib.num_threads == 3 for lib in parallel._blas)

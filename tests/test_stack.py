@@ -25,17 +25,19 @@ RTOL = 1e-10
 
 
 def trial(hidden, reg=1e-3, lr=0.5, seed=0, dropout=0.0, optimizer="sgd", schedule="constant",
-          patience=None, snapshot_every=0, momentum=0.9, label_smoothing=0.0, activation="relu"):
+          patience=None, snapshot_every=0, momentum=0.9, label_smoothing=0.0, activation="relu",
+          weight_decay=0.0):
     return dict(hidden=hidden, reg=reg, lr=lr, seed=seed, dropout=dropout, optimizer=optimizer,
                 schedule=schedule, patience=patience, snapshot_every=snapshot_every,
-                momentum=momentum, label_smoothing=label_smoothing, activation=activation)
+                momentum=momentum, label_smoothing=label_smoothing, activation=activation,
+                weight_decay=weight_decay)
 
 
 def build(spec, epochs):
     net = build_mlp(2, spec["hidden"], 3, reg=spec["reg"], seed=spec["seed"], dropout=spec["dropout"],
                     activation=spec["activation"])
     net.label_smoothing = spec["label_smoothing"]
-    return (net, make_optimizer(spec["optimizer"], spec["lr"], spec["momentum"]),
+    return (net, make_optimizer(spec["optimizer"], spec["lr"], spec["momentum"], spec["weight_decay"]),
             Schedule(spec["schedule"], spec["lr"], total=epochs, step_size=4))
 
 
@@ -108,10 +110,13 @@ def test_each_trial_of_a_stack_trains_as_it_does_alone(batch_size):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_every_optimizer_stacks_with_per_trial_lr_and_momentum(name):
-    specs = [trial([9], lr=lr, seed=s, momentum=m, optimizer=name, schedule=schedule)
-             for lr, s, m, schedule in [(0.05, 0, 0.9, "cosine"), (0.02, 1, 0.5, "step"),
-                                        (0.05, 2, 0.8, "constant")]]
+def test_every_optimizer_stacks_with_per_trial_lr_momentum_and_weight_decay(name):
+    """Momentum in PyTorch's form differs from cs231n's only under a moving lr: the
+    cosine and step schedules check the lr reaches each trial's step as it does alone;
+    weight decay (weight_decay / base_lr * w added to the gradient) is each trial's."""
+    specs = [trial([9], lr=lr, seed=s, momentum=m, optimizer=name, schedule=schedule, weight_decay=wd)
+             for lr, s, m, schedule, wd in [(0.05, 0, 0.9, "cosine", 0.01), (0.02, 1, 0.5, "step", 0.0),
+                                            (0.05, 2, 0.8, "constant", 0.002)]]
     nets, results = stacked(specs, 12, 16)
     for spec, net, result in zip(specs, nets, results, strict=True):
         assert_same_run(net, result, *alone(spec, 12, 16), exact=True)
@@ -253,7 +258,8 @@ def test_a_stack_of_one_is_the_solo_trainer_bit_for_bit():
     """nnx train of a 2D MLP runs as a stack of one: the numbers nnx gave before stacks."""
     configs = [dict(), dict(hidden=[16, 8], dropout=0.2, optimizer="adam", lr=0.01, batch_size=32,
                             schedule="cosine", val_size=0.2, patience=5),
-               dict(loss="svm", optimizer="nesterov", lr=0.05, batch_size=50, activation="tanh"),
+               dict(loss="svm", optimizer="nesterov", lr=0.05, batch_size=50, activation="tanh",
+                    weight_decay=0.01, schedule="linear", warmup=3, warmup_from=0.1),
                dict(label_smoothing=0.1, reg=0.0, hidden=[], val_size=0.3),
                dict(optimizer="rmsprop", lr=0.01, iterations=25, batch_size=40, snapshot_every=2)]
     for overrides in configs:
@@ -262,7 +268,8 @@ def test_a_stack_of_one_is_the_solo_trainer_bit_for_bit():
         from experiments.runner import build_network, load_data, make_schedule
         resolved, data = outcome.config, outcome.dataset
         net = build_network(resolved, load_data(resolved))
-        optimizer = make_optimizer(resolved.optimizer, resolved.lr, resolved.momentum)
+        optimizer = make_optimizer(resolved.optimizer, resolved.lr, resolved.momentum,
+                                   resolved.weight_decay)
         n_batches = math.ceil(len(data.X_train) / (resolved.batch_size or len(data.X_train)))
         progress = resolved.epochs if resolved.iterations is None else resolved.iterations / n_batches
         trainer = Trainer(net, optimizer, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val,

@@ -1,20 +1,26 @@
 """`nnx sweep`: spec parsing, the results store, resume and crash safety, backends."""
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import flat, kill_when_ready
 from typer.testing import CliRunner
 
 import experiments.executors as executors
+import experiments.store as store_module
 from cli.app import app
-from experiments.errors import ConfigError
-from experiments.store import FINAL_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS, SweepStore
+from experiments.errors import BusyError, ConfigError
+from experiments.store import (
+    FINAL_COLUMNS,
+    METRIC_COLUMNS,
+    RESULT_COLUMNS,
+    RESULT_SCHEMA_VERSION,
+    SweepStore,
+    summarize,
+)
 from experiments.sweep import (
     Sweep,
     build_sweep,
@@ -38,10 +44,6 @@ QUICK_SPEC = Sweep(fixed={"epochs": 30, "points": 30, "val_size": 0.2},
 
 def invoke(*args):
     return runner.invoke(app, ["sweep", *map(str, args)])
-
-
-def flat(output: str) -> str:
-    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 def numbers(out: Path) -> dict:
@@ -132,13 +134,15 @@ def test_every_trial_is_resolved_and_validated_up_front():
         expand(spec)
 
 
-def test_trial_key_hashes_the_resolved_config():
+def test_trial_key_hashes_the_resolved_config(monkeypatch):
     implicit = expand(Sweep(fixed={"epochs": 30}, grid={"seed": [0]}))[0]
     explicit = expand(Sweep(fixed={"epochs": 30, "reg": 1e-3, "lr": 1, "hidden": [100]},
                                 grid={"seed": [0]}))[0]
     assert implicit.key == explicit.key and len(implicit.key) == 16
     other = expand(Sweep(fixed={"epochs": 30}, grid={"seed": [1]}))[0]
     assert other.key != implicit.key
+    monkeypatch.setattr(store_module, "RESULT_SCHEMA_VERSION", RESULT_SCHEMA_VERSION + 1)
+    assert expand(Sweep(fixed={"epochs": 30}, grid={"seed": [0]}))[0].key != implicit.key
 
 
 def test_toml_file_round_trips_and_matches_the_command_line(tmp_path):
@@ -198,17 +202,26 @@ def test_sweep_writes_results_summary_curves_models_and_spec(tmp_path):
     assert "[grid]" in (out / "sweep.toml").read_text()
 
 
-def test_summary_is_mean_std_min_max_over_seeds(tmp_path):
-    run_sweep(QUICK_SPEC, tmp_path, workers=0)
-    results = pd.read_csv(tmp_path / "results.csv")
-    summary = pd.read_csv(tmp_path / "summary.csv")
-    first = summary.iloc[0]
-    group = results[(results["hidden"] == first["hidden"]) & (results["reg"] == first["reg"])]
-    for metric in FINAL_COLUMNS:
-        values = group[metric].to_numpy()
-        assert first[f"mean_{metric}"] == pytest.approx(values.mean(), abs=1e-15)
-        assert first[f"std_{metric}"] == pytest.approx(values.std(), abs=1e-15)   # ddof 0
-        assert first[f"min_{metric}"] == values.min() and first[f"max_{metric}"] == values.max()
+def test_summary_is_mean_std_min_max_over_the_ok_seeds():
+    """Known values: losses 0.5 and 0.7 over two ok seeds of one configuration (mean 0.6,
+    std 0.1 with ddof 0), a diverged and a failed seed that count but do not average."""
+    rows = []
+    for hidden, seed, status, loss in [("3", 0, "ok", "0.5"), ("3", 1, "ok", "0.7"),
+                                       ("3", 2, "diverged", "9.0"), ("20", 0, "failed", ""),
+                                       ("20", 1, "ok", "0.25")]:
+        row = dict.fromkeys(RESULT_COLUMNS, "")
+        row.update(trial_key=f"{hidden}-{seed}", status=status, hidden=hidden, seed=str(seed),
+                   final_train_loss=loss, epochs_run="30", seconds="1.5")
+        rows.append(row)
+    summary = summarize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS))).set_index("hidden")
+    three, twenty = summary.loc["3"], summary.loc["20"]
+    assert three["mean_final_train_loss"] == pytest.approx(0.6, rel=1e-15)
+    assert three["std_final_train_loss"] == pytest.approx(0.1, rel=1e-14)
+    assert (three["min_final_train_loss"], three["max_final_train_loss"]) == (0.5, 0.7)
+    assert (three["n_ok"], three["n_diverged"], three["n_failed"]) == (2, 1, 0)
+    assert twenty["mean_final_train_loss"] == 0.25 and twenty["std_final_train_loss"] == 0.0
+    assert (twenty["n_ok"], twenty["n_diverged"], twenty["n_failed"]) == (1, 0, 1)
+    assert np.isnan(three["mean_final_val_acc"])            # no validation split: no number
 
 
 def test_dry_run_lists_trials_and_writes_nothing(tmp_path):
@@ -283,7 +296,7 @@ def test_a_directory_that_is_not_a_sweep_is_left_alone(tmp_path):
 
 
 def test_a_directory_in_use_is_locked(tmp_path):
-    with SweepStore.open(tmp_path), pytest.raises(ConfigError, match="another nnx sweep"):
+    with SweepStore.open(tmp_path), pytest.raises(BusyError, match="another nnx process"):
         with SweepStore.open(tmp_path):
             pass
 
@@ -345,35 +358,49 @@ def test_serial_process_and_dask_results_are_bit_identical(tmp_path):
         assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
 
 
-def test_an_unreachable_scheduler_is_a_usage_error(tmp_path, monkeypatch):
+def test_an_unreachable_scheduler_is_a_usage_error_that_creates_nothing(tmp_path, monkeypatch):
     pytest.importorskip("distributed")
     monkeypatch.setattr(executors, "CONNECT_TIMEOUT", "0.5s")
-    result = invoke(*QUICK, "--out", tmp_path, "--scheduler", "tcp://127.0.0.1:9")
+    result = invoke(*QUICK, "--out", tmp_path / "s", "--scheduler", "tcp://127.0.0.1:9")
     assert result.exit_code == 2 and "--scheduler" in flat(result.output)
+    assert not (tmp_path / "s").exists()
+
+
+# `nnx sweep` in a child that says so (through the file descriptor in argv[1]) once
+# KILL_AFTER rows are written, and waits to be killed with its workers.
+KILL_AFTER = 3
+CHILD = f"""
+import os, sys, threading
+from experiments.store import SweepStore
+from cli.app import app
+
+ready, append = int(sys.argv[1]), SweepStore.append
+
+def append_then_wait(self, trial, record):
+    row = append(self, trial, record)
+    if len(self.read_rows()) == {KILL_AFTER}:
+        os.write(ready, b"appended")
+        threading.Event().wait()
+    return row
+
+SweepStore.append = append_then_wait
+app(sys.argv[2:], prog_name="nnx")
+"""
 
 
 @pytest.mark.slow
 def test_kill_and_resume_finds_every_trial_exactly_once(tmp_path):
     """SIGKILL a running sweep, tear its last line, resume: same trials, same numbers."""
-    args = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3",
-            "--epochs", "600", "--points", "30", "--val-size", "0.2", "--workers", "1",
-            "--out", str(tmp_path / "killed")]
+    args = ["sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3", "--epochs", "600",
+            "--points", "30", "--val-size", "0.2", "--workers", "1", "--out", str(tmp_path / "killed")]
     results = tmp_path / "killed" / "results.csv"
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (results.exists() and results.read_bytes().count(b"\n") >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before the kill"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    assert kill_when_ready(CHILD, args, ROOT) == b"appended"
     done = results.read_bytes().count(b"\n") - 1
-    assert 2 <= done < 16
+    assert done == KILL_AFTER
     with open(results, "ab") as f:
         f.write(b"0123456789abcdef,ok,spiral,30,3,")                # a torn append
-    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping {done} finished trial(s) of 16" in resumed.stdout
     spec = build_sweep(["hidden=5,10,20,30"], "0-3",
@@ -481,9 +508,32 @@ def test_trials_that_cannot_share_a_stack_train_alone():
     assert [s.widths for s in pack(trials, trials)] == [None] * 4
     images = expand(build_sweep(["reg=0.1,0.2"], fixed={"data": "cifar10"}))
     assert [s.widths for s in pack(images, images)] == [None, None]
+    lookahead = expand(build_sweep(["ema_decay=0.9,0.95"], fixed={"epochs": 30}))
+    assert all(stack_key(t.config) is None for t in lookahead)      # Lookahead runs in Trainer
     mixed = expand(build_sweep(["optimizer=sgd,adam", "hidden=8,8x8"], "0-1", fixed={"epochs": 30}))
     assert all(len({(t.config.optimizer, len(t.config.hidden)) for t in s.trials}) == 1
                for s in pack(mixed, mixed))
+
+
+def test_the_stack_key_holds_what_a_2d_trial_shares_with_its_stack():
+    """Per-trial options (weight decay among them) and options of image data or
+    BatchNorm, which a 2D MLP does not use, leave the key alone; what every trial of a
+    stack must share changes it."""
+    from dataclasses import replace
+
+    from experiments.config import TrainConfig, resolve
+    from experiments.stacks import stack_key
+    base = TrainConfig(data="spiral", epochs=30, optimizer="momentum")
+    key = stack_key(resolve(base))
+    for change in ({"weight_decay": 0.01}, {"seed": 3}, {"lr": 0.1}, {"momentum": 0.5}, {"reg": 0.1},
+                   {"hidden": [7]}, {"schedule": "linear", "warmup": 2, "warmup_from": 0.1},
+                   {"flip": "alternating"}, {"pad": "reflect"}, {"shift": 4}, {"bn_decay": 0.5},
+                   {"bn_eps": 1e-3}, {"bn_scale": False}, {"bn_bias_lr": 2.0},
+                   {"whiten_bias_epochs": 3}):
+        assert stack_key(resolve(replace(base, **change))) == key, change
+    for change in ({"optimizer": "adam"}, {"batch_size": 16}, {"points": 50}, {"hidden": [7, 7]},
+                   {"epochs": 31}, {"activation": "tanh"}, {"data_seed": 1}):
+        assert stack_key(resolve(replace(base, **change))) != key, change
 
 
 def test_stack_size_is_a_sweep_option(tmp_path):

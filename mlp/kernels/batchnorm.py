@@ -1,0 +1,112 @@
+"""Batch normalization in blocks of images, the sums by BLAS, in a fixed order.
+
+Works on x: (N, D), or (N, C, H, W) through its channels-last memory, seen two
+ways without copying: as an (M, C) matrix, one channel per column, whose
+column sums are matrix-vector products (BLAS reads the rows once, where a
+NumPy reduction over axis 0 of a narrow matrix crawls); and as an (N, H*W*C)
+matrix, one image per row, against which a per-channel vector repeated H*W
+times broadcasts with long inner loops (broadcast along the rows of the
+narrow (M, C) view, NumPy's loops run C numbers at a time, several times
+slower: measured here 0.085 ms against 0.023 ms for a copy of 1 MB). Every
+sum goes block by block (whole images, fixed boundaries) and the blocks'
+sums are added in block order, so no number depends on the thread count.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mlp.kernels.conv import nchw, nhwc
+from mlp.parallel import block_size, over_blocks, sum_in_order
+
+
+def _views(x):
+    """x: (N, D) or (N, C, H, W) -> (columns: (M, C), images: (N, P*C), P, back): the
+    two views of x's channels-last memory (a copy first if x is not such memory),
+    P = H*W positions per image, and the function mapping an images-shaped result
+    back to x's shape."""
+    if x.ndim == 2:
+        return x, x, 1, lambda m: m
+    N, C, H, W = x.shape
+    t = nhwc(x)
+    if not t.flags.c_contiguous:
+        t = np.ascontiguousarray(t)
+    return t.reshape(-1, C), t.reshape(N, -1), H * W, lambda m: nchw(m.reshape(N, H, W, C))
+
+
+# Bytes of input per block: the passes over a block meet in cache.
+BLOCK_BYTES = 1 << 20
+
+
+def _blocks(n, images):
+    """``blocks(fn)``: ``fn(lo, hi)`` over blocks of whole images, in parallel; the results
+    in block order."""
+    block = block_size(images.shape[1] * images.itemsize, BLOCK_BYTES)
+    return lambda fn: over_blocks(fn, n, block)
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, train):
+    """As mlp.reference.batchnorm_forward: (out, cache), the running statistics updated
+    in place in training."""
+    columns, images, P, back = _views(x)
+    C = columns.shape[1]
+    if not train:
+        scale = gamma / np.sqrt(running_var + eps)
+        return back(images * np.tile(scale, P) + np.tile(beta - running_mean * scale, P)), None
+    n, m = len(images), len(columns)
+    blocks = _blocks(n, images)
+    mean = sum_in_order(blocks(lambda lo, hi: np.ones((hi - lo) * P, x.dtype) @ columns[lo * P:hi * P])) / m
+    centred = np.empty_like(images)     # x - mean, kept for the backward
+    mean_t = np.tile(mean, P)
+
+    def centre(lo, hi):
+        np.subtract(images[lo:hi], mean_t, out=centred[lo:hi])
+        squares = np.square(centred[lo:hi])
+        return np.ones((hi - lo) * P, x.dtype) @ squares.reshape(-1, C)
+
+    var = sum_in_order(blocks(centre)) / m
+    inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+    scale_t, beta_t = np.tile(gamma * inv_std, P), np.tile(beta, P)
+    out = np.empty_like(images)
+
+    def normalise(lo, hi):
+        np.multiply(centred[lo:hi], scale_t, out=out[lo:hi])
+        out[lo:hi] += beta_t
+
+    blocks(normalise)
+    running_mean *= momentum
+    running_mean += (1 - momentum) * mean
+    running_var *= momentum
+    running_var += (1 - momentum) * var * (m / max(m - 1, 1))
+    return back(out), (centred, gamma, inv_std, P)
+
+
+def batchnorm_backward(dout, cache):
+    """As mlp.reference.batchnorm_backward: (dx, dgamma, dbeta). With c = x - mean,
+    xhat = c * inv_std and k = gamma * inv_std:
+        dbeta = sum(dout),  dgamma = inv_std * sum(dout * c),
+        dx = k * dout - k * dbeta / M - c * k * inv_std * dgamma / M."""
+    centred, gamma, inv_std, P = cache
+    columns, images, _, back = _views(dout)
+    C = columns.shape[1]
+    n, m = len(images), len(columns)
+    blocks = _blocks(n, images)
+
+    def sums(lo, hi):
+        ones = np.ones((hi - lo) * P, dout.dtype)
+        products = images[lo:hi] * centred[lo:hi]
+        return ones @ columns[lo * P:hi * P], ones @ products.reshape(-1, C)
+
+    parts = blocks(sums)
+    dbeta = sum_in_order([p[0] for p in parts])
+    dgamma = sum_in_order([p[1] for p in parts]) * inv_std
+    k = gamma * inv_std
+    k_t, shift_t, slope_t = np.tile(k, P), np.tile(k * dbeta / m, P), np.tile(k * inv_std * dgamma / m, P)
+    dx = np.empty_like(images)
+
+    def rows_of_dx(lo, hi):
+        np.multiply(images[lo:hi], k_t, out=dx[lo:hi])
+        dx[lo:hi] -= shift_t
+        dx[lo:hi] -= centred[lo:hi] * slope_t
+
+    blocks(rows_of_dx)
+    return back(dx), dgamma, dbeta

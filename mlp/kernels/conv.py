@@ -1,0 +1,143 @@
+"""Which algorithm a convolution runs, and the channels-last layout around it.
+
+Layers take and return NCHW-shaped arrays. Inside, convolutions work
+channels-last: a conv's output is an NCHW-shaped *view* of NHWC memory, and
+the elementwise layers and the max-pool keep that memory order, so the next
+conv gets its NHWC input without a transposing copy.
+
+Algorithms:
+  im2col      any kernel, stride and padding (mlp/kernels/im2col.py)
+  winograd2   Winograd F(2x2, 3x3): 3x3, stride 1, padding <= 2 (mlp/kernels/winograd.py)
+  winograd4   Winograd F(4x4, 3x3): the same layers, fewer multiplications, more rounding
+
+A layer's algorithm is chosen the first time it runs, by timing the
+candidates on its real input (forward and backward, in turns, the best of
+two after a warm-up); the choice is kept per layer shape for the process and
+recorded with the layer (``Conv2D.algorithm``, saved in model files and
+checkpoints, listed in a run's config.json), so a resumed run or a loaded
+model computes with the same rounding. ``NNX_CONV_ALGORITHM`` = auto (the
+default), im2col, winograd2 or winograd4 forces one for every layer it
+applies to (others run im2col), overriding a recorded choice.
+
+Small layers (under ``MIN_MEASURED_FLOPS``) and layers with few channels run
+im2col unmeasured: timing them measures noise, and their Winograd transforms
+cost more than the multiplications they save.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import numpy as np
+
+from mlp import parallel
+from mlp.kernels import im2col, winograd
+
+ALGORITHMS = ("im2col", "winograd2", "winograd4")
+ALGORITHM_ENV = "NNX_CONV_ALGORITHM"
+MIN_MEASURED_FLOPS = 100e6     # direct-conv multiply-adds x 2 of the batch, forward
+MIN_WINOGRAD_CHANNELS = 16     # input and output channels both
+_TILE = {"winograd2": 2, "winograd4": 4}
+_chosen: dict[tuple, str] = {}
+_warned: set[str] = set()
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+    """x: (N, C, H, W) -> the (N, H, W, C) view of the same memory."""
+    return x.transpose(0, 2, 3, 1)
+
+
+def nchw(x: np.ndarray) -> np.ndarray:
+    """x: (N, H, W, C) -> the (N, C, H, W) view of the same memory."""
+    return x.transpose(0, 3, 1, 2)
+
+
+def applies(algorithm: str, kernel_size: int, stride: int, padding: int) -> bool:
+    return algorithm == "im2col" or winograd.supports(kernel_size, stride, padding)
+
+
+def forced_algorithm() -> str | None:
+    """The algorithm ``NNX_CONV_ALGORITHM`` forces, or None for auto (unset, empty or
+    "auto"). Any other value is named in a warning (once) and ignored."""
+    value = os.environ.get(ALGORITHM_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ALGORITHMS:
+        return value
+    if value not in _warned:
+        _warned.add(value)
+        warnings.warn(f"{ALGORITHM_ENV}={value!r} is not one of auto, {', '.join(ALGORITHMS)}; "
+                      "choosing by measurement", stacklevel=2)
+    return None
+
+
+def algorithm_for(recorded: str | None, x, w, stride: int, padding: int, input_grad: bool) -> str:
+    """The algorithm a layer runs: the forced one where it applies (else im2col), else
+    the layer's recorded one, else the measured choice for this shape."""
+    K = w.shape[2]
+    forced = forced_algorithm()
+    if forced is not None:
+        return forced if applies(forced, K, stride, padding) else "im2col"
+    if recorded is not None:
+        return recorded
+    return choose(x, w, stride, padding, input_grad)
+
+
+def choose(x, w, stride: int, padding: int, input_grad: bool = True) -> str:
+    """The fastest algorithm for a conv on inputs like x: (N, C, H, W), measured once per
+    shape (and thread count) in this process."""
+    F, C, K, _ = w.shape
+    N, _, H, W = x.shape
+    if not winograd.supports(K, stride, padding) or min(C, F) < MIN_WINOGRAD_CHANNELS:
+        return "im2col"
+    Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
+    if 2 * N * Ho * Wo * F * C * K * K < MIN_MEASURED_FLOPS:
+        return "im2col"
+    key = (x.shape, w.shape, stride, padding, x.dtype.str, input_grad, parallel.THREADS)
+    if key not in _chosen:
+        _chosen[key] = fastest(x, w, stride, padding, input_grad)
+    return _chosen[key]
+
+
+def fastest(x, w, stride, padding, input_grad, candidates=ALGORITHMS, rounds: int = 3) -> str:
+    """The candidate with the shortest forward + backward on x, timed in turns (so a
+    noisy neighbour slows all alike); the first round warms up, the best of the rest counts."""
+    F, _, K, _ = w.shape
+    N, _, H, W = x.shape
+    Ho, Wo = (H + 2 * padding - K) // stride + 1, (W + 2 * padding - K) // stride + 1
+    b = np.zeros(F, w.dtype)
+    dout = nchw(np.random.default_rng(0).standard_normal((N, Ho, Wo, F)).astype(w.dtype))
+    workspaces = {name: {} for name in candidates}
+    seconds = {name: [] for name in candidates}
+    with parallel.single_blas_thread():
+        for _ in range(rounds):
+            for name in candidates:
+                started = time.perf_counter()
+                _, cache = forward(name, x, w, b, stride, padding, workspaces[name])
+                backward(dout, cache, input_grad)
+                seconds[name].append(time.perf_counter() - started)
+    return min(candidates, key=lambda name: min(seconds[name][1:]))
+
+
+def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict, train: bool = True):
+    """x: (N, C, H, W) in any memory order -> (out: (N, F, Ho, Wo) as a view of NHWC
+    memory, cache for ``backward``)."""
+    xt, kept = nhwc(x), None
+    if algorithm == "im2col":
+        out = im2col.forward(xt, w, b, stride, padding, workspace)
+    else:
+        out, kept = winograd.forward(xt, w, b, padding, _TILE[algorithm], keep=train, workspace=workspace)
+    return nchw(out), (algorithm, xt, w, stride, padding, workspace, kept)
+
+
+def backward(dout, cache, input_grad: bool = True):
+    """dout: (N, F, Ho, Wo) -> (dx: (N, C, H, W) or None without ``input_grad``,
+    dw: (F, C, K, K), db: (F,))."""
+    algorithm, xt, w, stride, padding, workspace, kept = cache
+    dt = nhwc(dout)
+    if algorithm == "im2col":
+        dx, dw, db = im2col.backward(dt, xt.shape, w, stride, padding, workspace, input_grad)
+    else:
+        dx, dw, db = winograd.backward(dt, xt, w, padding, _TILE[algorithm], input_grad, kept)
+    return (None if dx is None else nchw(dx)), dw, db

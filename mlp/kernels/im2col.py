@@ -1,0 +1,140 @@
+"""Convolution as im2col + one matrix product, in cache-sized blocks of images.
+
+Arrays are channels-last, ``x: (N, H, W, C)``. A convolution is one matrix
+multiply ``cols @ W`` where ``cols`` holds one receptive field per row. In
+NHWC each kernel row of a receptive field (``K * C`` numbers) is contiguous in
+the padded input, so im2col is a copy of contiguous chunks from a strided view
+(no Python loops), and the product ``(n*Ho*Wo, K*K*C) @ (K*K*C, F)`` is already
+the NHWC output. The batch goes a block of images at a time (about
+``parallel.BLOCK_BYTES`` of im2col rows, so the copy and the product that
+reads it meet in cache), blocks shared out among the threads.
+
+``workspace`` is a dict the layer keeps between calls: the zero-bordered
+padded input ``xp`` (the forward writes it, the backward reads it) and the
+padded upstream gradient ``dp``, reused because a fresh large array costs a
+page fault per 4 KiB on first touch.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from mlp.parallel import block_size, over_blocks, sum_in_order
+
+
+def zero_bordered(workspace: dict, name: str, shape, dtype) -> np.ndarray:
+    """``workspace[name]``, a zeroed array of this shape and dtype kept between calls.
+    Callers write only inside its borders, so the zero borders survive reuse."""
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = workspace[name] = np.zeros(shape, dtype)
+    return buf
+
+
+def im2col(xp, cols, K, S, Ho, Wo):
+    """Receptive fields of xp: (n, Hp, Wp, C) into cols: (n*Ho*Wo, K*K*C), one row per
+    output position, columns in (kh, kw, c) order. Kernel row kh of output (i, j)'s
+    field is the K*C contiguous numbers xp[n, i*S + kh, j*S : j*S + K, :]."""
+    n, _, _, C = xp.shape
+    sN, sH, sW, sC = xp.strides
+    windows = as_strided(xp, (n, Ho, Wo, K, K * C), (sN, S * sH, S * sW, sH, sC), writeable=False)
+    cols.reshape(n, Ho, Wo, K, K * C)[...] = windows
+
+
+def _images_per_block(numbers_per_image, dtype):
+    return block_size(numbers_per_image * np.dtype(dtype).itemsize)
+
+
+def forward(x, w, b, stride: int, padding: int, workspace: dict) -> np.ndarray:
+    """x: (N, H, W, C) -> (N, Ho, Wo, F); w: (F, C, K, K), b: (F,)."""
+    N, H, W, C = x.shape
+    F, _, K, _ = w.shape
+    S, P = stride, padding
+    Ho, Wo = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    xp = zero_bordered(workspace, "xp", (N, H + 2 * P, W + 2 * P, C), w.dtype)
+    out = np.empty((N * Ho * Wo, F), w.dtype)
+    # W as a (kh, kw, c) x F matrix, matching the column order of the im2col rows.
+    w_mat = w.transpose(2, 3, 1, 0).reshape(K * K * C, F)
+    rows = Ho * Wo
+    # b repeated for every position of an image: added to whole images, the loop runs
+    # long (added to each (F,) row, NumPy's loop runs F numbers at a time).
+    b_image = np.tile(b, rows)
+
+    def block(lo, hi):
+        xp[lo:hi, P:P + H, P:P + W, :] = x[lo:hi]
+        cols = np.empty(((hi - lo) * rows, K * K * C), w.dtype)
+        im2col(xp[lo:hi], cols, K, S, Ho, Wo)
+        np.matmul(cols, w_mat, out=out[lo * rows:hi * rows])
+        out[lo * rows:hi * rows].reshape(hi - lo, rows * F)[...] += b_image
+
+    over_blocks(block, N, _images_per_block(rows * K * K * C, w.dtype))
+    return out.reshape(N, Ho, Wo, F)
+
+
+def backward(dout, x_shape, w, stride: int, padding: int, workspace: dict, input_grad: bool = True):
+    """dout: (N, Ho, Wo, F) -> (dx: (N, H, W, C) or None without ``input_grad``,
+    dw: (F, C, K, K), db: (F,)), reading the padded input the forward left in the
+    workspace. Block by block: the im2col rows again (cheaper than keeping them:
+    they stay in cache), their share of dW and db, and the block's input gradient."""
+    N, H, W, C = x_shape
+    _, Ho, Wo, F = dout.shape
+    K = w.shape[2]
+    S, P = stride, padding
+    dtype = dout.dtype
+    xp = workspace["xp"]
+    dflat = dout.reshape(N * Ho * Wo, F)  # a view when dout is NHWC memory
+    rows = Ho * Wo
+    by_convolution = input_grad and S == 1 and P <= K - 1
+    if by_convolution:
+        Q = K - 1 - P
+        dx = np.empty((N, H, W, C), dtype)
+        dp = zero_bordered(workspace, "dp", (N, Ho + 2 * Q, Wo + 2 * Q, F), dtype)
+        w_flipped = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(K * K * F, C)
+
+    def block(lo, hi):
+        d = dflat[lo * rows:hi * rows]
+        cols = np.empty(((hi - lo) * rows, K * K * C), dtype)
+        im2col(xp[lo:hi], cols, K, S, Ho, Wo)
+        if by_convolution:
+            _input_grad_by_convolution(d.reshape(hi - lo, Ho, Wo, F), dp[lo:hi], w_flipped, dx[lo:hi], K, P)
+        return cols.T @ d, np.ones(len(d), dtype) @ d
+
+    per_image = rows * K * K * max(C, F if by_convolution else 0)
+    parts = over_blocks(block, N, _images_per_block(per_image, dtype))
+    dw, db = sum_in_order([p[0] for p in parts]), sum_in_order([p[1] for p in parts])
+    dw = np.ascontiguousarray(dw.reshape(K, K, C, F).transpose(3, 2, 0, 1))
+    if not input_grad:
+        return None, dw, db
+    if by_convolution:
+        return dx, dw, db
+    return _input_grad_by_col2im(dflat, w, N, H, W, Ho, Wo, S, P), dw, db
+
+
+def _input_grad_by_col2im(dflat, w, N, H, W, Ho, Wo, S, P):
+    """dx for any stride: dcols = dout @ W^T, then col2im. Each kernel offset (kh, kw)
+    adds one strided slab; K*K vectorised adds, no np.add.at."""
+    F, C, K, _ = w.shape
+    w_mat = w.transpose(2, 3, 1, 0).reshape(K * K * C, F)
+    dcols = dflat @ w_mat.T
+    dxp = np.zeros((N, H + 2 * P, W + 2 * P, C), dflat.dtype)
+    dc = dcols.reshape(N, Ho, Wo, K, K, C)
+    for kh in range(K):
+        for kw in range(K):
+            dxp[:, kh:kh + S * (Ho - 1) + 1:S, kw:kw + S * (Wo - 1) + 1:S, :] += dc[:, :, :, kh, kw, :]
+    return dxp[:, P:P + H, P:P + W, :]
+
+
+def _input_grad_by_convolution(dout, dp, w_flipped, dx, K, P):
+    """dx: (n, H, W, C) for stride 1, written in place: the upstream gradient
+    dout: (n, Ho, Wo, F), zero-padded by K-1-P into ``dp`` (its borders zero),
+    correlated with the kernel flipped in space and transposed in channels
+    (``w_flipped``: (K*K*F, C)) -- one im2col and one matrix product, like the
+    forward. (A col2im instead scatters K*K strided slabs of a 6-D array into
+    dx, which is memory-bound and several times slower.)"""
+    n, Ho, Wo, F = dout.shape
+    _, H, W, C = dx.shape
+    Q = K - 1 - P
+    dp[:, Q:Q + Ho, Q:Q + Wo, :] = dout
+    cols = np.empty((n * H * W, K * K * F), dout.dtype)
+    im2col(dp, cols, K, 1, H, W)
+    np.matmul(cols, w_flipped, out=dx.reshape(n * H * W, C))

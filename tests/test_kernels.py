@@ -1,0 +1,288 @@
+"""The fast kernels against the plain-NumPy reference layers, on random shapes; the
+conv algorithm choice (forced, measured, recorded); the kernel switch."""
+import numpy as np
+import pytest
+from helpers import assert_close
+
+from mlp import parallel, reference
+from mlp.conv import BatchNorm, Conv2D, MaxPool2D
+from mlp.kernels import batchnorm as batchnorm_kernels
+from mlp.kernels import conv as conv_kernels
+from mlp.kernels import elementwise, winograd
+from mlp.kernels import pool as pool_kernels
+from mlp.layers import GELU, Linear, ReLU
+from mlp.network import ModelFileError, Network
+
+# Different summation orders: tolerances scaled to each array's largest entry.
+# Winograd F(4x4) rounds more than im2col (its transforms hold 1/24 and 8).
+# Measured worst errors against float64 on these shapes: im2col 7e-7, F(2x2) 6e-7,
+# F(4x4) 3e-6 in float32; 7e-16, 1e-15, 6e-15 in float64.
+RTOL = {("im2col", np.float32): 4e-6, ("winograd2", np.float32): 4e-6, ("winograd4", np.float32): 2e-5,
+        ("im2col", np.float64): 1e-14, ("winograd2", np.float64): 1e-14, ("winograd4", np.float64): 5e-14}
+
+
+def nhwc_memory(x):
+    """x: (N, C, H, W) as an NCHW-shaped view of NHWC memory, as a conv's output is."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Several blocks and two threads even on these small shapes."""
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 40_000)
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 40_000)
+    monkeypatch.setattr(winograd, "MIN_ROWS", 4)
+    monkeypatch.delenv("NNX_CONV_ALGORITHM", raising=False)
+    monkeypatch.delenv("NNX_KERNELS", raising=False)
+
+
+CONV_SHAPES = [  # (N, C, H, W), F, K, stride, padding
+    ((1, 3, 7, 5), 4, 3, 1, 1), ((5, 8, 9, 9), 16, 3, 1, 1), ((3, 16, 6, 11), 8, 3, 1, 0),
+    ((2, 5, 8, 8), 3, 3, 1, 2), ((4, 7, 13, 12), 9, 3, 1, 1), ((2, 3, 9, 7), 4, 5, 2, 2),
+    ((3, 2, 8, 8), 5, 2, 1, 0), ((2, 4, 3, 3), 5, 3, 1, 0), ((1, 2, 2, 4), 3, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, F, K, S, P, algorithm", [
+    (*case, algorithm) for case in CONV_SHAPES for algorithm in conv_kernels.ALGORITHMS
+    if conv_kernels.applies(algorithm, *case[2:])])
+def test_conv_kernels_match_the_reference(shape, F, K, S, P, algorithm, dtype):
+    rng = np.random.default_rng(sum(shape) + F)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((F, shape[1], K, K)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    out, cache = conv_kernels.forward(algorithm, nhwc_memory(x), w, b, S, P, {})
+    expected, ref_cache = reference.conv_forward(x, w, b, S, P)
+    dout = rng.standard_normal(expected.shape).astype(dtype)
+    dx, dw, db = conv_kernels.backward(nhwc_memory(dout), cache, input_grad=True)
+    ref_dx, ref_dw, ref_db = reference.conv_backward(dout, ref_cache)
+    rtol = RTOL[algorithm, dtype]
+    for name, ours, theirs in (("out", out, expected), ("dx", dx, ref_dx), ("dw", dw, ref_dw),
+                               ("db", db, ref_db)):
+        assert ours.dtype == dtype, name
+        assert_close(ours, theirs, rtol, err_msg=f"{algorithm} {name}")
+    assert conv_kernels.backward(nhwc_memory(dout), cache, input_grad=False)[0] is None
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_on_cifar_sized_layers_within_a_float32_tolerance(tile):
+    """A realistic layer (64 -> 64 channels on 16x16, as in conv6bn) against the
+    direct conv computed in float64: the worst error relative to the largest entry."""
+    rng = np.random.default_rng(tile)
+    x = rng.standard_normal((2, 64, 16, 16)).astype(np.float32)
+    w = (rng.standard_normal((64, 64, 3, 3)) * np.sqrt(2 / 576)).astype(np.float32)
+    b = np.zeros(64, np.float32)
+    out, cache = conv_kernels.forward(f"winograd{tile}", nhwc_memory(x), w, b, 1, 1, {})
+    exact, exact_cache = reference.conv_forward(x.astype(np.float64), w.astype(np.float64), b, 1, 1)
+    dout = rng.standard_normal(exact.shape)
+    dx, dw, _ = conv_kernels.backward(nhwc_memory(dout.astype(np.float32)), cache)
+    exact_dx, exact_dw, _ = reference.conv_backward(dout, exact_cache)
+    bound = {2: 2e-6, 4: 2e-5}[tile]   # measured here: at most 7e-7 and 5e-6
+    assert_close(out, exact, bound)
+    assert_close(dx, exact_dx, bound)
+    assert_close(dw, exact_dw, bound)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, size, stride", [
+    ((2, 3, 8, 8), 2, 2), ((1, 4, 7, 9), 2, 2), ((3, 5, 31, 31), 2, 2), ((2, 2, 7, 5), 3, 2),
+    ((4, 3, 3, 3), 3, 3), ((2, 6, 4, 4), 4, 4), ((1, 2, 6, 5), 2, 1),
+])
+def test_maxpool_kernels_match_the_reference(shape, size, stride, dtype):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(dtype)
+    x[0, 0, 0, :2] = x[0, 0, 1, :2] = 7  # a tie: the first maximum wins in both
+    out, cache = pool_kernels.maxpool_forward(nhwc_memory(x), size, stride)
+    expected, ref_cache = reference.maxpool_forward(x, size, stride)
+    np.testing.assert_array_equal(out, expected)
+    dout = rng.standard_normal(expected.shape).astype(dtype)
+    for layout in (nhwc_memory, np.ascontiguousarray):   # after a conv, or after a Linear
+        np.testing.assert_array_equal(pool_kernels.maxpool_backward(layout(dout), cache)[0],
+                                      reference.maxpool_backward(dout, ref_cache)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 5), (1, 3), (4, 3, 5, 6), (1, 8, 3, 3), (7, 16, 4, 5)])
+def test_batchnorm_kernels_match_the_reference(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    c = shape[1]
+    x = (3 * rng.standard_normal(shape) + 1).astype(dtype)
+    x = nhwc_memory(x) if x.ndim == 4 else x
+    gamma, beta = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    rtol = 2e-6 if dtype == np.float32 else 1e-12
+    fast_running = [np.zeros(c, dtype), np.ones(c, dtype)]
+    ref_running = [np.zeros(c, dtype), np.ones(c, dtype)]
+    out, cache = batchnorm_kernels.batchnorm_forward(x, gamma, beta, *fast_running, 0.9, 1e-5, True)
+    expected, ref_cache = reference.batchnorm_forward(x, gamma, beta, *ref_running, 0.9, 1e-5, True)
+    assert_close(out, expected, rtol)
+    for ours, theirs in zip(fast_running, ref_running, strict=True):
+        assert_close(ours, theirs, rtol)
+    dout = rng.standard_normal(shape).astype(dtype)
+    for ours, theirs in zip(batchnorm_kernels.batchnorm_backward(dout, cache),
+                            reference.batchnorm_backward(dout, ref_cache), strict=True):
+        assert_close(ours, theirs, 10 * rtol)
+    eval_out, _ = batchnorm_kernels.batchnorm_forward(x, gamma, beta, *fast_running, 0.9, 1e-5, False)
+    assert_close(eval_out, reference.batchnorm_forward(x, gamma, beta, *ref_running, 0.9, 1e-5, False)[0],
+                 rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 4), (1, 5, 3, 3), (6, 8, 7, 5)])
+def test_elementwise_kernels_match_the_reference(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    x = nhwc_memory(3 * rng.standard_normal(shape).astype(dtype)) if len(shape) == 4 else \
+        3 * rng.standard_normal(shape).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    out, mask = elementwise.relu_forward(x)
+    ref_out, ref_mask = reference.relu_forward(x)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(elementwise.relu_backward(dout, mask),
+                                  reference.relu_backward(dout, ref_mask))
+    out, slope = elementwise.gelu_forward(x, train=True)
+    ref_out, ref_cache = reference.gelu_forward(x)
+    rtol = 1e-6 if dtype == np.float32 else 1e-14
+    assert out.dtype == dtype and slope.dtype == dtype
+    assert_close(out, ref_out, rtol)
+    assert_close(elementwise.gelu_backward(dout, slope), reference.gelu_backward(dout, ref_cache), rtol)
+
+
+def test_linear_kernel_matches_the_reference(monkeypatch):
+    rng = np.random.default_rng(0)
+    layer = Linear(300, 70, rng=rng)
+    x, dout = rng.standard_normal((260, 3, 10, 10)), rng.standard_normal((260, 70))
+    out, dx = layer.forward(x), None
+    dx = layer.backward(dout)
+    grads = {name: g.copy() for name, g in layer.grads.items()}
+    monkeypatch.setenv("NNX_KERNELS", "reference")
+    assert_close(layer.forward(x), out, 1e-13)
+    assert_close(layer.backward(dout), dx, 1e-13)
+    for name, g in grads.items():
+        assert_close(layer.grads[name], g, 1e-13, err_msg=name)
+
+
+# ---- the switches ----------------------------------------------------------------------
+
+def test_nnx_kernels_reference_runs_the_reference_layers(monkeypatch):
+    """With NNX_KERNELS=reference every layer computes exactly what mlp/reference.py does
+    (the same operations: the same bits); any other value but fast is named and ignored."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 6, 6))
+    conv = Conv2D(4, 5, 3, padding=1, rng=rng, dtype=np.float64)
+    gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+    bn = BatchNorm(4, dtype=np.float64)
+    bn.params["gamma"][...], bn.params["beta"][...] = gamma, beta
+    monkeypatch.setenv("NNX_KERNELS", "reference")
+    cases = [
+        (conv, lambda: reference.conv_forward(x, conv.params["W"], conv.params["b"], 1, 1),
+         reference.conv_backward),
+        (MaxPool2D(2), lambda: reference.maxpool_forward(x, 2, 2),
+         lambda d, c: reference.maxpool_backward(d, c)[0]),
+        (bn, lambda: reference.batchnorm_forward(x, gamma, beta, np.zeros(4), np.ones(4), 0.9, 1e-5, True),
+         reference.batchnorm_backward),
+        (ReLU(), lambda: reference.relu_forward(x), reference.relu_backward),
+        (GELU(), lambda: reference.gelu_forward(x), reference.gelu_backward),
+    ]
+    for layer, forward, backward in cases:
+        out = layer.forward(x, train=True)
+        expected, cache = forward()
+        np.testing.assert_array_equal(out, expected, err_msg=layer.kind)
+        dout = rng.standard_normal(out.shape)
+        expected_dx = backward(dout, cache)
+        expected_dx = expected_dx[0] if isinstance(expected_dx, tuple) else expected_dx
+        np.testing.assert_array_equal(layer.backward(dout), expected_dx, err_msg=layer.kind)
+    assert conv.algorithm is None                     # the reference chose no fast algorithm
+    monkeypatch.setenv("NNX_KERNELS", "fastest-please")
+    with pytest.warns(UserWarning, match="NNX_KERNELS='fastest-please'"):
+        conv.forward(x, train=True)
+    assert conv.algorithm == "im2col"                 # back on the fast kernels
+
+
+@pytest.mark.parametrize("forced", conv_kernels.ALGORITHMS)
+def test_nnx_conv_algorithm_forces_the_algorithm_where_it_applies(monkeypatch, forced):
+    monkeypatch.setenv("NNX_CONV_ALGORITHM", forced)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    three, five = Conv2D(3, 4, 3, padding=1, rng=rng), Conv2D(3, 4, 5, padding=2, rng=rng)
+    three.algorithm = "im2col"       # a recorded choice: forcing overrides it
+    out = three.forward(x, train=True)
+    five.forward(x, train=True)
+    assert three.algorithm == forced and five.algorithm == "im2col"
+    expected, _ = conv_kernels.forward(forced, x, three.params["W"], three.params["b"], 1, 1, {})
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_a_bad_nnx_conv_algorithm_is_named_and_ignored(monkeypatch):
+    monkeypatch.setenv("NNX_CONV_ALGORITHM", "fft")
+    with pytest.warns(UserWarning, match="NNX_CONV_ALGORITHM='fft'"):
+        assert conv_kernels.forced_algorithm() is None
+    monkeypatch.setenv("NNX_CONV_ALGORITHM", "AUTO")
+    assert conv_kernels.forced_algorithm() is None
+
+
+def test_the_fastest_candidate_is_chosen_by_timing(monkeypatch):
+    """A candidate made slow loses; the choice is kept per shape and measured once."""
+    import time
+    real_forward = conv_kernels.forward
+    calls = []
+
+    def slowed(algorithm, *args):
+        calls.append(algorithm)
+        if algorithm != "winograd2":
+            time.sleep(0.01)
+        return real_forward(algorithm, *args)
+
+    monkeypatch.setattr(conv_kernels, "forward", slowed)
+    monkeypatch.setattr(conv_kernels, "MIN_MEASURED_FLOPS", 0)
+    monkeypatch.setattr(conv_kernels, "MIN_WINOGRAD_CHANNELS", 1)
+    monkeypatch.setattr(conv_kernels, "_chosen", {})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    layer = Conv2D(3, 4, 3, padding=1, rng=rng)
+    layer.forward(x, train=True)
+    assert layer.algorithm == "winograd2"
+    measured = len(calls)
+    assert measured == 3 * len(conv_kernels.ALGORITHMS) + 1     # three rounds, then the real forward
+    twin = Conv2D(3, 4, 3, padding=1, rng=rng)
+    twin.forward(x, train=True)
+    assert twin.algorithm == "winograd2" and len(calls) == measured + 1   # the kept choice
+
+
+def test_small_layers_and_few_channels_run_im2col_unmeasured(monkeypatch):
+    monkeypatch.setattr(conv_kernels, "fastest", lambda *a, **k: pytest.fail("measured a small layer"))
+    rng = np.random.default_rng(0)
+    small = Conv2D(16, 16, 3, padding=1, rng=rng)
+    small.forward(rng.standard_normal((2, 16, 8, 8)).astype(np.float32))
+    few = Conv2D(3, 64, 3, padding=1, rng=rng)
+    few.forward(rng.standard_normal((64, 3, 32, 32)).astype(np.float32))
+    assert small.algorithm == few.algorithm == "im2col"
+
+
+def test_the_algorithm_is_saved_with_the_model_and_honoured_on_load(tmp_path):
+    from mlp.arch import build_network
+    net = build_network("conv8x3-conv8x3-pool2-fc10", (3, 8, 8), 10, seed=0)
+    net.layers[2].algorithm = "winograd4"
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    scores = net.scores(x)
+    assert net.conv_algorithms() == {"0": "im2col", "2": "winograd4"}
+    net.save(tmp_path / "model.npz")
+    loaded = Network.load(tmp_path / "model.npz")
+    assert loaded.conv_algorithms() == {"0": "im2col", "2": "winograd4"}
+    np.testing.assert_array_equal(loaded.scores(x), scores)
+    spec = net.spec()
+    spec["conv_algorithms"] = {"2": "winograd9"}
+    with pytest.raises(ValueError, match="winograd9"):
+        Network.from_spec(spec)
+    spec["conv_algorithms"] = {}                      # files from before the record load as before
+    assert Network.from_spec(spec).conv_algorithms() == {}
+
+
+def test_a_model_file_with_a_bad_algorithm_is_refused(tmp_path):
+    from mlp.arch import build_network
+    net = build_network("conv4x5-fc10", (3, 8, 8), 10)
+    net.layers[0]._algorithm = "winograd4"            # past the setter: a 5x5 conv has no Winograd form
+    net.save(tmp_path / "bad.npz")
+    with pytest.raises(ModelFileError, match="corrupt nnx model spec .*winograd4"):
+        Network.load(tmp_path / "bad.npz")
