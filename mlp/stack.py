@@ -25,14 +25,12 @@ they always show the stacked parameters, for saving, evaluating and snapshots.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from mlp.layers import Dropout, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
-from mlp.losses import LOSSES
 from mlp.network import Network
 
 ACTIVATION_KINDS = {ReLU: "relu", LeakyReLU: "leaky_relu", Tanh: "tanh", Sigmoid: "sigmoid"}
@@ -95,33 +93,6 @@ def stack_signature(net: Network) -> tuple:
     layout = mlp_layout(net)
     return (len(layout.sizes), layout.sizes[0], layout.sizes[-1], layout.activation, layout.alpha,
             net.loss_name, net.dtype.name)
-
-
-@functools.cache
-def bias_in_product(n: int, fan_in: int, fan_out: int, dtype: str) -> tuple[bool, bool]:
-    """Whether this machine's BLAS may carry a layer's bias as one more row of its weights,
-    for a batch of n rows: (forward) [x, 1] @ [W; b] with exactly the bits of x @ W + b;
-    (backward) [x, 1]^T @ d with exactly those of x^T @ d and, in its last row, of
-    np.sum(d, axis=0). True when the kernels for these sizes add along the inner
-    dimension in order, one multiply-add at a time. Measured here: OpenBLAS's SkylakeX
-    kernels do for the gradients (but with one column) and for short products; its
-    Haswell and Zen kernels sum the gradients in another order. Checked once per size."""
-    rng = np.random.default_rng([n, fan_in, fan_out])
-
-    def numbers(*shape):
-        # magnitudes from 1e-6 to 1e6: any other order of a sum changes its rounding
-        return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6, shape)).astype(dtype)
-
-    forward, backward = True, True
-    for _ in range(3):
-        x, w, b, d = numbers(n, fan_in), numbers(fan_in, fan_out), numbers(fan_out), numbers(n, fan_out)
-        x1, wb = np.c_[x, np.ones(n, dtype)], np.r_[w, b[None]]
-        expected = x @ w
-        expected += b
-        grad = x1.T @ d
-        forward &= bool(np.array_equal(x1 @ wb, expected))
-        backward &= bool(np.array_equal(grad[:-1], x.T @ d) and np.array_equal(grad[-1], np.sum(d, axis=0)))
-    return forward, backward
 
 
 class MLPStack:
@@ -193,8 +164,7 @@ class MLPStack:
         self.flat_grad = np.zeros_like(flat)
         self._scratch = np.empty_like(flat)
         self._buffers: dict[tuple, np.ndarray] = {}
-        self._fold_cache: dict[tuple, tuple[bool, bool]] = {}
-        self._picks: tuple = (None, None, None)       # (shape, y, picks) of the last shared y
+        self._picks: dict[int, tuple] = {}              # id(y) -> (y, picks) of a shared y
         self.reg, self.label_smoothing, self.dropout = reg, label_smoothing, dropout
         self.any_reg, self.all_reg = bool(reg.any()), bool(reg.all())
         self.any_smoothing = bool(label_smoothing.any())
@@ -272,80 +242,85 @@ class MLPStack:
                     self.rngs[t][k] = make_rng(t, index)
 
     # ---- forward / backward ---------------------------------------------------------
-    # Every layer's input carries one more column: ones going forward, [x, 1], so that a
-    # layer is one product [x, 1] @ [W; b] (its block) wherever the BLAS gives that the
-    # bits of x @ W + b (``bias_in_product``); zeros coming back, so that the elementwise
-    # passes of the backward run over whole buffers, and [x, 1]^T @ d is [dW; db] at once.
+    # A hidden layer's output lives in a buffer (T, n, w + 1) whose last column is 1, so
+    # that the next layer is one product [x, 1] @ [W; b] (its block), its bias carried in
+    # the product. The output layer is computed transposed, scores^T = [W; b]^T [x, 1]^T:
+    # (T, C, n), so that the loss's passes along a few classes are passes over C rows of
+    # n contiguous numbers (numpy loops in C once per row along a short last axis).
+    # Products sum in BLAS's order, not the solo layers': a trial's numbers equal its solo
+    # run's to rounding (1e-10 of each array's magnitude over hundreds of steps, tested).
     def forward(self, X: np.ndarray, train: bool = False) -> np.ndarray:
-        """X: (N, D) shared by every trial, or (T, N, D) one batch per trial -> scores (T, N, C)."""
+        """X: (n, D) shared by every trial, or (T, n, D) one batch per trial, with or
+        without the ones column ``input`` adds -> scores transposed, (T, C, n). With
+        ``train``, dropout is drawn and each hidden layer keeps the factor its backward
+        multiplies by (the activation's derivative times the dropout mask)."""
         x = self.input(X)
-        self._inputs, self._outputs, self._drop_masks, self._act_masks = [x], [], [], {}
+        n = x.shape[-2]
+        self._inputs, self._factors = [x], []
         for k in range(self.depth):
-            shape = (self.size, x.shape[-2])
-            h1 = self._buffer("forward", k, shape, 1.0)             # [h, 1]
-            h = h1[..., :-1]
-            self._affine(x, k, out=h)
-            dropout = self._dropout_mask(k, shape[1]) if train and self.has_dropout[k] else None
-            if self.activation == "relu":
-                np.maximum(h1, 0, out=h1)                     # in place; the ones stay ones
-                out = h1
-                if dropout is not None:
-                    h1 *= dropout                             # the backward needs only h > 0
-            elif dropout is None:
-                out = self._activate(h, k, out=h)
-            else:
-                out = self._activate(h, k, out=np.empty(h.shape, self.dtype))   # kept for the backward
-                np.multiply(out, dropout[..., :-1], out=h)
-            self._outputs.append(out)
-            self._drop_masks.append(dropout)
-            self._inputs.append(h1)
-            x = h1
-        return self._affine(x, self.depth)
+            z = self._buffer("z", k, n, 1.0)                         # [z, 1]
+            np.matmul(x, self.param_blocks[k], out=z[..., :-1])
+            self._factors.append(self._activate(z, k, train))
+            self._inputs.append(z)
+            x = z
+        out = self._buffer("scores", self.depth, n)
+        xT = x.T if x.ndim == 2 else x.transpose(0, 2, 1)
+        return np.matmul(self.param_blocks[-1].transpose(0, 2, 1), xT, out=out)
 
-    def _folds(self, x: np.ndarray, k: int) -> tuple[bool, bool]:
-        """Whether layer k's product carries its bias, forward and backward, for input x."""
-        key = (k, x.shape[-2])
-        folds = self._fold_cache.get(key)
-        if folds is None:
-            folds = self._fold_cache[key] = bias_in_product(x.shape[-2], self.widths[k], self.widths[k + 1],
-                                                            self.dtype.str)
-        return folds
-
-    def _affine(self, x: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Layer k: x @ W + b: (T, N, w_{k+1}), for x = [x, 1]."""
-        if self._folds(x, k)[0]:
-            return np.matmul(x, self.param_blocks[k], out=out)
-        a = np.matmul(x[..., :-1], self.W[k], out=out)
-        if a.shape[-1] >= SEQUENTIAL_SUM or a.shape[0] * a.shape[1] < BY_ROWS:
-            a += self.b[k]
-        else:       # a few outputs (the classes): column by column, as in by_rows
-            for j in range(a.shape[-1]):
-                a[..., j] += self.b[k][..., j]
-        return a
-
-    def _buffer(self, kind: str, k: int, shape: tuple[int, int], last: float) -> np.ndarray:
-        """A (T, n, w_{k+1} + 1) buffer for hidden layer k, its last column ``last``, kept
-        from step to step: the column is written once, the memory reused."""
-        key = (kind, k, shape)
+    def _buffer(self, kind: str, k: int, n: int, last: float | None = None) -> np.ndarray:
+        """A buffer kept from step to step: (T, n, w_{k+1} + 1) for hidden layer k, its last
+        column ``last``; (T, C, n) for the scores (``last`` None)."""
+        key = (kind, k, n)
         buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = self._buffers[key] = np.empty((*shape, self.widths[k + 1] + 1), self.dtype)
-            buffer[..., -1] = last
+            if last is None:
+                buffer = np.empty((self.size, self.widths[k + 1], n), self.dtype)
+            else:
+                buffer = np.empty((self.size, n, self.widths[k + 1] + 1), self.dtype)
+                buffer[..., -1] = last
+            self._buffers[key] = buffer
         return buffer
 
-    def _activate(self, a: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
-        """The activation (but the ReLU) of hidden layer k into ``out``, as its layer computes it."""
+    def _activate(self, z1: np.ndarray, k: int, train: bool) -> np.ndarray | None:
+        """Hidden layer k's activation (and dropout), in place on z1 = [z, 1] (the ones
+        stay ones); in training, the factor (T, n, w + 1) its backward multiplies by."""
         kind = self.activation
+        drop = self._dropout_mask(k, z1.shape[1]) if train and self.has_dropout[k] else None
+        if kind in ("relu", "leaky_relu"):
+            if not train:
+                if kind == "relu":
+                    return np.maximum(z1, 0, out=z1)
+            factor = np.greater(z1, 0, out=self._buffer("factor", k, z1.shape[1], 1.0))
+            if kind == "leaky_relu":                     # 1 where z > 0, alpha elsewhere
+                factor *= 1 - self.alpha
+                factor += self.alpha
+            if drop is not None:
+                factor *= drop
+            z1 *= factor                                 # relu(z) * mask in one pass
+            return factor if train else None
+        z = z1[..., :-1]
         if kind == "tanh":
-            return np.tanh(a, out=out)
-        if kind == "leaky_relu":
-            self._act_masks[k] = mask = a > 0
-            out[...] = np.where(mask, a, self.alpha * a)
-            return out
-        out[...] = 0.5 * (1 + np.tanh(0.5 * a))
-        if self.unit_masks[k] is not None:
-            out *= self.unit_masks[k]
-        return out
+            np.tanh(z, out=z)
+        else:
+            np.tanh(np.multiply(z, 0.5, out=z), out=z)    # 0.5 (1 + tanh(z / 2))
+            z += 1
+            z *= 0.5
+            if self.unit_masks[k] is not None:            # a padded unit's 0.5 made 0
+                z *= self.unit_masks[k]
+        if not train:
+            return None
+        factor = self._buffer("factor", k, z1.shape[1], 1.0)
+        f = factor[..., :-1]
+        if kind == "tanh":                                # 1 - out^2
+            np.multiply(z, z, out=f)
+            np.subtract(1, f, out=f)
+        else:                                             # out (1 - out)
+            np.subtract(1, z, out=f)
+            f *= z
+        if drop is not None:
+            z1 *= drop
+            factor *= drop
+        return factor
 
     def _dropout_mask(self, k: int, n: int) -> np.ndarray:
         """Inverted dropout's mask for hidden layer k: (T, n, width + 1), each trial's drawn
@@ -358,208 +333,170 @@ class MLPStack:
             mask[t, :, :size] = keep.astype(self.dtype) / (1 - p)
         return mask
 
-    def backward(self, dscores: np.ndarray) -> None:
-        """dscores: (T, N, C); fills ``flat_grad`` (every dW[k], db[k]) and adds L2's reg * W."""
-        d = dscores
+    def backward(self, dscores_t: np.ndarray) -> None:
+        """dscores_t: (T, C, n), the scores' gradient transposed; fills ``flat_grad``
+        (every [dW; db]) and adds L2's reg * W."""
+        d = dscores_t.transpose(0, 2, 1)                  # (T, n, C)
         for k in range(self.depth, -1, -1):
             x = self._inputs[k]
             xT = x.T if x.ndim == 2 else x.transpose(0, 2, 1)
-            if self._folds(x, k)[1]:                      # [x, 1]^T @ d = [dW; db]
-                np.matmul(xT, d, out=self.grad_blocks[k])
-            else:
-                np.matmul(xT[..., :-1, :], d, out=self.dW[k])
-                np.sum(d, axis=1, keepdims=True, out=self.db[k])
+            np.matmul(xT, d, out=self.grad_blocks[k])     # [x, 1]^T d = [dW; db]
             if k == 0:
                 break
-            dx1 = self._buffer("backward", k - 1, x.shape[:2], 0.0)     # [dx, 0]
-            np.matmul(d, self.W[k].transpose(0, 2, 1), out=dx1[..., :-1])
-            if self._drop_masks[k - 1] is not None:
-                dx1 *= self._drop_masks[k - 1]
-            d = self._activation_backward(dx1, k - 1)
+            dz1 = self._buffer("dz", k - 1, x.shape[-2], 0.0)                # [dz, 0]
+            np.matmul(d, self.W[k].transpose(0, 2, 1), out=dz1[..., :-1])
+            dz1 *= self._factors[k - 1]
+            d = dz1[..., :-1]
         if self.any_reg:
             # reg * W on weights, reg * 0 on biases: one pass over every parameter
             self.flat_grad += np.multiply(self.reg_flat, self.flat, out=self._scratch)
 
-    def _activation_backward(self, dout1: np.ndarray, k: int) -> np.ndarray:
-        """dout1 = [dout, 0]: (T, n, w + 1) -> the gradient on hidden layer k's input
-        (a view (T, n, w))."""
-        kind = self.activation
-        if kind == "relu":
-            # dout * (x > 0), and x > 0 where the ReLU's output is (after dropout too, which
-            # zeroed dout where it zeroed the output); the extra column stays 0
-            mask = np.greater(self._inputs[k + 1], 0, out=self._buffer("mask", k, dout1.shape[:2], 1.0))
-            return np.multiply(dout1, mask, out=dout1)[..., :-1]     # 1.0 or 0.0, as True or False
-        dout = dout1[..., :-1]
-        if kind == "leaky_relu":
-            return np.where(self._act_masks[k], dout, self.alpha * dout)
-        out = self._outputs[k]
-        if kind == "tanh":
-            return dout * (1 - out ** 2)
-        return dout * out * (1 - out)
-
     # ---- losses ----------------------------------------------------------------------
-    def data_loss(self, scores: np.ndarray, y: np.ndarray, gradient: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per-trial mean loss (T,) and dscores (T, N, C) (None without ``gradient``);
-        y: (N,) or (T, N)."""
-        if self.size == 1 and y.ndim < 3:
-            # a stack of one: the solo loss itself, in fewer (if slower) numpy calls
-            solo = LOSSES[self.loss_name]
-            labels = y if y.ndim == 1 else y[0]
-            loss, dscores = solo(scores[0], labels, float(self.label_smoothing[0])) \
-                if self.loss_name == "softmax" else solo(scores[0], labels)
-            return np.array([loss]), dscores[None]
+    def _picks_of(self, y: np.ndarray, n: int) -> np.ndarray:
+        """Flat indices of the true classes in a (T, C, n) array: (T, n). y: (n,) or (T, n)."""
         if y.ndim == 1:             # one y for every trial (a full batch, the validation split)
-            if self._picks[1] is not y or self._picks[0] != scores.shape:
-                self._picks = (scores.shape, y, picks(scores, y))
-            pick = self._picks[2]
-        else:
-            pick = picks(scores, y)
+            known = self._picks.get(id(y))
+            if known is None or known[0] is not y:
+                known = self._picks[id(y)] = (y, picks(self.size, self.widths[-1], y))
+            return known[1]
+        return picks(self.size, self.widths[-1], y)
+
+    def data_loss(self, scores_t: np.ndarray, y: np.ndarray, gradient: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Per-trial mean loss (T,), right answers (T,) and, with ``gradient``, the scores'
+        gradient (T, C, n) (made in place of ``scores_t``). scores_t: (T, C, n); y: (n,)
+        or (T, n)."""
+        pick = self._picks_of(y, scores_t.shape[2])
         if self.loss_name == "softmax":
-            return softmax_cross_entropy(scores, y, self.label_smoothing if self.any_smoothing else None,
-                                         gradient, pick)
-        return svm_hinge(scores, y, gradient=gradient, pick=pick)
+            return softmax_cross_entropy(scores_t, y, pick, self.label_smoothing if self.any_smoothing
+                                         else None, gradient)
+        return svm_hinge(scores_t, y, pick, gradient=gradient)
 
     def reg_loss(self) -> np.ndarray:
-        """0.5 * reg * sum(W**2) over every weight, per trial: (T,). Each weight's sum of
-        squares is one BLAS dot over the trial's row, as ``np.vdot`` takes it alone."""
+        """0.5 * reg * sum(W**2) over every weight, per trial: (T,). Each layer's sum of
+        squares is one BLAS dot per trial (a stack of one: one np.dot a layer)."""
         if not self.any_reg:
             return np.zeros(self.size)
+        if self.size == 1:
+            return self.half_reg * sum(float(np.dot(row[0], row[0])) for row in self.weight_rows)
         total = 0
         for row, column in self.weight_pairs:
-            # float() of each dot in the solo sum: added in float64 whatever the dtype
-            total = total + np.matmul(row, column)[:, 0, 0].astype(np.float64, copy=False)
+            total = total + np.matmul(row, column)[:, 0, 0]
         loss = self.half_reg * total
         return loss if self.all_reg else np.where(self.reg == 0, 0.0, loss)
 
+    def train_step(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One forward and backward pass in training mode: per-trial loss (data + L2) (T,)
+        and right answers (T,); fills the gradients."""
+        scores_t = self.forward(X, train=True)
+        loss, correct, dscores_t = self.data_loss(scores_t, y)
+        self.backward(dscores_t)
+        return loss + self.reg_loss(), correct
+
     def loss_and_scores(self, X: np.ndarray, y: np.ndarray, train: bool = True
                         ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-trial loss (data + L2): (T,), and the scores (T, N, C) of this forward pass;
+        """Per-trial loss (data + L2): (T,), and the scores (T, n, C) of this forward pass;
         fills the gradients."""
-        scores = self.forward(X, train)
-        loss, dscores = self.data_loss(scores, y)
-        self.backward(dscores)
+        scores_t = self.forward(X, train)
+        scores = scores_t.transpose(0, 2, 1).copy()
+        loss, _, dscores_t = self.data_loss(scores_t, y)
+        self.backward(dscores_t)
         return loss + self.reg_loss(), scores
 
     # ---- inference ---------------------------------------------------------------------
     def scores(self, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Evaluation-mode class scores, in batches of rows. X: (N, D) -> (T, N, C)."""
-        if len(X) <= batch_size:
-            return self.forward(X, train=False)
-        return np.concatenate([self.forward(X[i:i + batch_size], train=False)
+        return np.concatenate([self.forward(X[i:i + batch_size], train=False).transpose(0, 2, 1)
                                for i in range(0, len(X), batch_size)], axis=1)
 
     def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int = 1024
                  ) -> tuple[np.ndarray, np.ndarray]:
         """(loss including L2, accuracy) per trial, in evaluation mode: two (T,) arrays."""
-        scores = self.scores(X, batch_size)
-        loss, _ = self.data_loss(scores, y, gradient=False)
-        return loss + self.reg_loss(), np.add.reduce(scores.argmax(axis=2) == y, axis=1) / len(y)
+        if len(X) <= batch_size:
+            loss, correct, _ = self.data_loss(self.forward(X, train=False), y, gradient=False)
+        else:
+            loss, correct = np.zeros(self.size), 0
+            for i in range(0, len(X), batch_size):
+                part, right, _ = self.data_loss(self.forward(X[i:i + batch_size], train=False),
+                                                y[i:i + batch_size], gradient=False)
+                loss, correct = loss + part * len(y[i:i + batch_size]), correct + right
+            loss = loss / len(X)
+        return loss + self.reg_loss(), correct / len(y)
 
 
-def picks(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The flat index of each row's true class: scores.reshape(-1)[picks(scores, y)] is
-    (T, N), C-ordered, so that its sum over N is numpy's pairwise sum of a contiguous row,
-    as the solo loss sums it. y: (N,) or (T, N)."""
-    t, n, c = scores.shape
-    return (np.arange(t)[:, None] * n + np.arange(n)) * c + y
+def picks(t: int, c: int, y: np.ndarray) -> np.ndarray:
+    """The flat index of each example's true class in a (t, c, n) array: (t, n); y: (n,)
+    or (t, n)."""
+    n = y.shape[-1]
+    return (np.arange(t)[:, None] * c + y) * n + np.arange(n)
 
 
-# numpy sums a row of fewer numbers than this left to right (longer rows pairwise)
-SEQUENTIAL_SUM = 8
-# rows (T * N) from which by_rows works column by column: below, the per-row loop is cheaper
-# than a call per class (measured: about even near 2,000 rows of 3 classes)
-BY_ROWS = 4096
+def right_answers(scores_t: np.ndarray, top: np.ndarray, true: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """How many examples each trial classifies right, as argmax (the first of equal
+    scores) decides: (T,). scores_t: (T, C, n); top: their max over C (T, n); true: the
+    true class's score (T, n). Unless some example has two top scores (or NaNs), right
+    is true == top."""
+    if np.count_nonzero(np.equal(scores_t, top[:, None, :])) == top.size:
+        return np.add.reduce(np.equal(true, top), axis=1)
+    return np.add.reduce(np.equal(scores_t.argmax(axis=1), y), axis=1)
 
 
-def row_max(a: np.ndarray) -> np.ndarray:
-    """a.max(axis=2, keepdims=True) for a: (T, N, C). A few classes go column by column: a
-    reduction along a short axis loops in C once per row."""
-    if a.shape[2] >= SEQUENTIAL_SUM:
-        return a.max(axis=2, keepdims=True)
-    out = a[:, :, :1].copy()
-    for j in range(1, a.shape[2]):
-        np.maximum(out, a[:, :, j:j + 1], out=out)
-    return out
-
-
-def row_sum(a: np.ndarray) -> np.ndarray:
-    """a.sum(axis=2, keepdims=True) for a: (T, N, C), in the order numpy sums each row
-    (left to right for a few classes, which go column by column)."""
-    if a.shape[2] >= SEQUENTIAL_SUM:
-        return a.sum(axis=2, keepdims=True)
-    out = a[:, :, :1].copy()
-    for j in range(1, a.shape[2]):
-        out += a[:, :, j:j + 1]
-    return out
-
-
-def by_rows(op, a: np.ndarray, column: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """op(a, column, out=out) for a: (T, N, C) and column: (T, N, 1); many rows of a few
-    classes go column by column (broadcast along a short axis, the ufunc loops once per row)."""
-    if a.shape[2] >= SEQUENTIAL_SUM or a.shape[0] * a.shape[1] < BY_ROWS:
-        return op(a, column, out=out)
-    for j in range(a.shape[2]):
-        op(a[:, :, j], column[:, :, 0], out=out[:, :, j])
-    return out
-
-
-def softmax_cross_entropy(scores: np.ndarray, y: np.ndarray, label_smoothing: np.ndarray | None = None,
-                          gradient: bool = True, pick: np.ndarray | None = None
-                          ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``mlp.losses.softmax_cross_entropy`` of every trial: scores (T, N, C), y (N,) or
-    (T, N), label_smoothing (T,) or None -> loss (T,), dscores (T, N, C) (or None
-    without ``gradient``: the same loss, fewer passes). ``pick``: picks(scores, y), if
-    already made."""
-    t, n, c = scores.shape
-    shifted = by_rows(np.subtract, scores, row_max(scores), np.empty_like(scores))
-    probs = np.exp(shifted)
-    sums = row_sum(probs)
-    if gradient:
-        by_rows(np.divide, probs, sums, probs)
-    log_probs = by_rows(np.subtract, shifted, np.log(sums), shifted)
-    pick = picks(scores, y) if pick is None else pick
-    flat_probs = probs.reshape(-1)
-    loss = -log_probs.reshape(-1).take(pick).sum(axis=1).astype(np.float64, copy=False) / n  # float(sum)/n
+def softmax_cross_entropy(scores_t: np.ndarray, y: np.ndarray, pick: np.ndarray,
+                          label_smoothing: np.ndarray | None = None, gradient: bool = True
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``mlp.losses.softmax_cross_entropy`` of every trial on transposed scores: scores_t
+    (T, C, n), y (n,) or (T, n), pick: ``picks`` of y, label_smoothing (T,) or None ->
+    loss (T,), right answers (T,), dscores_t (T, C, n) made in place of scores_t (None
+    without ``gradient``). Raw ufunc calls: at a few hundred examples numpy's per-call
+    overhead is most of the time."""
+    t, c, n = scores_t.shape
+    top = np.maximum.reduce(scores_t, axis=1)
+    true = scores_t.reshape(-1).take(pick)
+    correct = right_answers(scores_t, top, true, y)
+    shifted = np.subtract(scores_t, top[:, None, :], out=scores_t)
+    # -log p_true = log(sum_c exp(s_c - max)) - (s_true - max), summed over the examples
+    true_shifted = np.add.reduce(np.subtract(true, top, out=true), axis=1)
+    if label_smoothing is not None:
+        # the target (1 - e) onehot + e / C adds e (s_true - max) - e / C sum_c (s_c - max)
+        smoothing = label_smoothing * true_shifted - label_smoothing / c * np.add.reduce(
+            shifted.reshape(t, -1), axis=1)
+    probs = np.exp(shifted, out=shifted)
+    sums = np.add.reduce(probs, axis=1)
+    loss = np.add.reduce(np.log(sums), axis=1)
+    loss -= true_shifted
+    if label_smoothing is not None:
+        loss += smoothing
+    loss /= n
     if not gradient:
-        if label_smoothing is not None:
-            for i in np.flatnonzero(label_smoothing):
-                loss[i] = -float(np.vdot(_smoothed_target(label_smoothing[i], y if y.ndim == 1 else y[i],
-                                                          n, c, scores.dtype), log_probs[i])) / n
-        return loss, None
-    if label_smoothing is None or not label_smoothing.any():
-        np.put(flat_probs, pick, flat_probs.take(pick) - 1)
+        return loss, correct, None
+    probs /= sums[:, None, :]
+    flat = probs.reshape(-1)
+    if label_smoothing is None:
+        flat[pick] -= 1
     else:
-        # rare in a stack: the smoothed trials one by one, as the solo loss takes them
-        for i in np.flatnonzero(label_smoothing):
-            target = _smoothed_target(label_smoothing[i], y if y.ndim == 1 else y[i], n, c, scores.dtype)
-            loss[i] = -float(np.vdot(target, log_probs[i])) / n
-            probs[i] -= target
-        plain = pick[label_smoothing == 0]
-        np.put(flat_probs, plain, flat_probs.take(plain) - 1)
-    probs /= n
-    return loss, probs
+        flat[pick] -= (1 - label_smoothing)[:, None]
+        probs -= (label_smoothing / c)[:, None, None]
+    probs *= 1 / n
+    return loss, correct, probs
 
 
-def _smoothed_target(e: float, y: np.ndarray, n: int, c: int, dtype) -> np.ndarray:
-    """(1 - e) * onehot(y) + e / c, as the solo loss builds it: (n, c)."""
-    target = np.full((n, c), e / c, dtype=dtype)
-    target[np.arange(n), y] += 1.0 - e
-    return target
-
-
-def svm_hinge(scores: np.ndarray, y: np.ndarray, margin: float = 1.0, gradient: bool = True,
-              pick: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``mlp.losses.svm_hinge`` of every trial: scores (T, N, C), y (N,) or (T, N)."""
-    t, n, _ = scores.shape
-    pick = picks(scores, y) if pick is None else pick
-    true = scores.reshape(-1).take(pick)[:, :, None]
-    margins = np.maximum(0, by_rows(np.subtract, scores, true, np.empty_like(scores)) + margin)
-    np.put(margins.reshape(-1), pick, 0)
-    loss = margins.reshape(t, -1).sum(axis=1).astype(np.float64, copy=False) / n
+def svm_hinge(scores_t: np.ndarray, y: np.ndarray, pick: np.ndarray, margin: float = 1.0,
+              gradient: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``mlp.losses.svm_hinge`` of every trial on transposed scores: scores_t (T, C, n),
+    y (n,) or (T, n), pick: ``picks`` of y -> loss (T,), right answers (T,), dscores_t."""
+    t, c, n = scores_t.shape
+    top = scores_t.max(axis=1)
+    true = scores_t.reshape(-1).take(pick)
+    correct = right_answers(scores_t, top, true, y)
+    margins = np.subtract(scores_t, true[:, None, :], out=scores_t)
+    margins += margin
+    np.maximum(margins, 0, out=margins)
+    flat = margins.reshape(-1)
+    flat[pick] = 0
+    loss = margins.sum(axis=(1, 2)) / n
     if not gradient:
-        return loss, None
-    dscores = (margins > 0).astype(scores.dtype)
-    np.put(dscores.reshape(-1), pick, -row_sum(dscores)[:, :, 0])
-    dscores /= n
-    return loss, dscores
+        return loss, correct, None
+    dscores_t = np.greater(margins, 0, out=margins)      # 1.0 where a margin is violated
+    dscores_t.reshape(-1)[pick] = -dscores_t.sum(axis=1)
+    dscores_t *= 1 / n
+    return loss, correct, dscores_t

@@ -244,7 +244,7 @@ class StackTrainer:
                 xb, yb = self.X[rows], self.y[rows]
             if not self._constant_lr:
                 self._learning_rates(epoch + b / batches)
-            loss, scores = stack.loss_and_scores(xb, yb, train=True)
+            loss, right = stack.train_step(xb, yb)
             if self._runaway_loss is None:            # the first step: every trial's first loss
                 self._first_losses(loss)
             # is_runaway, per trial: NaN, infinite, or over RUNAWAY_FACTOR x the first loss
@@ -256,7 +256,7 @@ class StackTrainer:
                 self._finish(np.flatnonzero(runaway), status="diverged")
                 if not stack.size:
                     return None
-                loss, scores = loss[keep], scores[keep]
+                loss, right = loss[keep], right[keep]
                 if seen:
                     loss_sum, correct = loss_sum[keep], correct[keep]
                 if order is not None:
@@ -266,7 +266,7 @@ class StackTrainer:
             samples = yb.shape[-1]
             # 0.0 + loss * samples, then sums of products, as the solo loop adds them
             loss_sum = loss_sum + loss * samples
-            correct = correct + np.add.reduce(scores.argmax(axis=2) == yb, axis=1)   # right answers
+            correct = correct + right
             seen += samples
             for i in self._watching:
                 self.callbacks[self.ids[i]].on_batch_end(epoch, b, batches, samples, float(loss[i]))

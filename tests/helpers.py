@@ -159,3 +159,29 @@ def one_error_line(result, code=1):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:")
     return lines[0]
+
+
+def assert_same_numbers(out: Path, expected: Path, rtol: float = 1e-10) -> None:
+    """Two sweeps of the same trials agree: statuses and epoch counts exactly, every
+    metric and curve column to ``rtol`` of its magnitude over the sweep (``assert_close``)."""
+    import pandas as pd
+
+    from experiments.store import METRIC_COLUMNS, SweepStore
+    rows, other = SweepStore(out).read_rows(), SweepStore(expected).read_rows()
+    assert sorted(rows) == sorted(other)
+    for key, row in rows.items():
+        assert [row[c] for c in ("status", "epochs_run", "best_epoch")] == \
+            [other[key][c] for c in ("status", "epochs_run", "best_epoch")]
+        a = pd.read_csv(out / "curves" / f"{key}.csv").drop(columns="seconds")
+        b = pd.read_csv(expected / "curves" / f"{key}.csv").drop(columns="seconds")
+        assert list(a.columns) == list(b.columns) and len(a) == len(b)
+        for column in b.columns:
+            finite = np.isfinite(b[column].to_numpy(float))
+            assert_close(a[column].to_numpy(float)[finite], b[column].to_numpy(float)[finite], rtol,
+                         err_msg=f"{key} {column}")
+    for column in (c for c in METRIC_COLUMNS if c not in ("seconds", "epochs_run", "best_epoch")):
+        a = np.array([float(rows[k][column]) for k in sorted(rows)])
+        b = np.array([float(other[k][column]) for k in sorted(rows)])
+        finite = np.isfinite(b)
+        np.testing.assert_array_equal(np.isfinite(a), finite, err_msg=column)
+        assert_close(a[finite], b[finite], rtol, err_msg=column)

@@ -207,20 +207,26 @@ def sweep_rows(out: Path) -> list[list[str]]:
     return [line.split(",") for line in lines[1:]]
 
 
-# Loaded into the first cluster's worker: the trials of hidden=30 (the sweep runs the
-# longest first, one at a time on one thread) finish, every other one waits for ever, so
-# the sweep is known to be at 4 of 16 when the scheduler is killed.
+# Loaded into the first cluster's worker: the trials of hidden=60 (the sweep runs the
+# longest first, one task at a time on one thread; a stack of them holds no other size)
+# finish, every other one waits for ever, so the sweep is known to be at 4 of 16 when
+# the scheduler is killed.
 ONLY_THE_LARGEST_FINISH = """
 import threading
 import experiments.executors as executors
-from experiments.runner import run
+from experiments.runner import run, run_stack
 
 def run_or_wait(config, *args, **kwargs):
-    if config.hidden != [30]:
+    if config.hidden != [60]:
         threading.Event().wait()
     return run(config, *args, **kwargs)
 
-executors.run = run_or_wait
+def run_stack_or_wait(configs, *args, **kwargs):
+    if any(config.hidden != [60] for config in configs):
+        threading.Event().wait()
+    return run_stack(configs, *args, **kwargs)
+
+executors.run, executors.run_stack = run_or_wait, run_stack_or_wait
 """
 
 
@@ -228,7 +234,7 @@ executors.run = run_or_wait
 def test_a_lost_dask_cluster_fails_no_trial_and_the_same_command_finishes_the_sweep(tmp_path):
     pytest.importorskip("distributed")
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,30", "--seeds", "0-3",
+    command = [sys.executable, "-m", "cli", "sweep", "--grid", "hidden=5,10,20,60", "--seeds", "0-3",
                "--epochs", "300", "--points", "30", "--out", str(out)]
     preload = tmp_path / "only_the_largest_finish.py"
     preload.write_text(ONLY_THE_LARGEST_FINISH)

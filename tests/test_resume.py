@@ -112,13 +112,13 @@ def batches_take(monkeypatch, clock):
 
     def set_speed(seconds):
         # a network trains alone (Network) or as a stack of one (MLPStack, nnx train's MLPs)
-        for cls in (Network, MLPStack):
-            real = cls.loss_and_scores
+        for cls, step in ((Network, "loss_and_scores"), (MLPStack, "train_step")):
+            real = getattr(cls, step)
 
             def timed(self, *args, real=real, **kwargs):
                 clock.now += seconds
                 return real(self, *args, **kwargs)
-            monkeypatch.setattr(cls, "loss_and_scores", timed)
+            monkeypatch.setattr(cls, step, timed)
     return set_speed
 
 
