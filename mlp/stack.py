@@ -264,6 +264,14 @@ class MLPStack:
             self._inputs.append(z)
             x = z
         out = self._buffer("scores", self.depth, n)
+        if x.shape[-1] >= WIDE:     # measured: x @ [W; b], then a transposing copy, is faster
+            scores = self._buffers.get(("scores rows", n))
+            if scores is None:
+                scores = self._buffers["scores rows", n] = np.empty((self.size, n, self.widths[-1]),
+                                                                     self.dtype)
+            np.matmul(x, self.param_blocks[-1], out=scores)
+            np.copyto(out, scores.transpose(0, 2, 1))
+            return out
         xT = x.T if x.ndim == 2 else x.transpose(0, 2, 1)
         return np.matmul(self.param_blocks[-1].transpose(0, 2, 1), xT, out=out)
 
@@ -424,6 +432,12 @@ class MLPStack:
         return loss + self.reg_loss(), correct / len(y)
 
 
+# From this many inputs (units + 1) the output layer's product runs faster untransposed
+# (measured: 2-100-3, 300 examples: 7.7 + 0.5 us against 10.2 us; 2-3-3 nets, 64 to a
+# stack, slower: 42 against 29 us).
+WIDE = 16
+
+
 def picks(t: int, c: int, y: np.ndarray) -> np.ndarray:
     """The flat index of each example's true class in a (t, c, n) array: (t, n); y: (n,)
     or (t, n)."""
@@ -469,14 +483,14 @@ def softmax_cross_entropy(scores_t: np.ndarray, y: np.ndarray, pick: np.ndarray,
     loss /= n
     if not gradient:
         return loss, correct, None
+    sums *= n                                   # (probs - target) / n in one division
     probs /= sums[:, None, :]
     flat = probs.reshape(-1)
     if label_smoothing is None:
-        flat[pick] -= 1
+        flat[pick] -= 1 / n
     else:
-        flat[pick] -= (1 - label_smoothing)[:, None]
-        probs -= (label_smoothing / c)[:, None, None]
-    probs *= 1 / n
+        flat[pick] -= ((1 - label_smoothing) / n)[:, None]
+        probs -= (label_smoothing / (c * n))[:, None, None]
     return loss, correct, probs
 
 

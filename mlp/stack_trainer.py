@@ -264,18 +264,22 @@ class StackTrainer:
             self._step()
             self.iterations += 1
             samples = yb.shape[-1]
-            # 0.0 + loss * samples, then sums of products, as the solo loop adds them
-            loss_sum = loss_sum + loss * samples
-            correct = correct + right
-            seen += samples
+            if batches == 1:            # one batch: the epoch's loss is the step's
+                loss_sum, correct, seen = loss, right, samples
+            else:
+                # 0.0 + loss * samples, then sums of products, as the solo loop adds them
+                loss_sum = loss_sum + loss * samples
+                correct = correct + right
+                seen += samples
             for i in self._watching:
                 self.callbacks[self.ids[i]].on_batch_end(epoch, b, batches, samples, float(loss[i]))
         if seen == 0:
             return None
         for i in self._watching:
             self.callbacks[self.ids[i]].on_updates_end(epoch)
-        record = {"train_loss": loss_sum / seen, "train_acc": correct / seen,
-                  "val_loss": math.nan, "val_acc": math.nan, "lr": self.lr}
+        record = {"train_loss": loss_sum if batches == 1 else loss_sum / seen,
+                  "train_acc": correct / seen, "val_loss": math.nan, "val_acc": math.nan,
+                  "lr": self.lr}
         if self.validate:
             record["val_loss"], record["val_acc"] = stack.evaluate(self.X_val, self.y_val,
                                                                    self.eval_batch_size)

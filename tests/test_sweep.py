@@ -445,6 +445,7 @@ STACKED = ["--grid", "hidden=3,5,20", "--grid", "reg=0.001,0.1", "--seeds", "0-2
            "--dropout", "0.1", "--patience", "15"]
 
 
+@pytest.mark.numerics
 def test_a_stacked_sweep_gives_the_numbers_of_trials_run_one_by_one(tmp_path):
     """Every trial's row and curve from stacks equal those of --stack-size 1: bit for bit for
     trials as wide as their stack, to 1e-10 of the array's magnitude for padded ones."""
