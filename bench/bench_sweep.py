@@ -4,6 +4,11 @@
         the default sweep (`nnx sweep`: 80 trials, 4,000 full-batch epochs) with stacks
         and with --stack-size 1, from empty directories, in turns, same workers; checks
         that both give the same numbers
+    python bench/bench_sweep.py --in-process [--repeats 3]
+        the same three ways in this one process (no workers, one core): stacked,
+        --stack-size 1 (each trial a stack of one, as nnx train runs it) and each trial
+        through the layer-by-layer Trainer (nnx's loop before stacks); CPU time, which
+        other work on a shared machine moves least
     python bench/bench_sweep.py --study [--seeds 1000] [--out DIR]
         the seed-variance study: hidden 3 and 100 x reg 1e-3 and 1e-2 x 1,000 seeds, the
         default sweep's other options (4,000 trials); wall and CPU time, peak memory,
@@ -89,6 +94,32 @@ def default_sweep_bench(workers: int, repeats: int) -> None:
           f"{worst:.1e} of each metric's magnitude")
 
 
+def in_process_bench(repeats: int) -> None:
+    """The default sweep in this process, stacked, one stack of one per trial, and each
+    trial through ``Trainer`` (``runner.trains_stacked`` patched to say no), in turns."""
+    import experiments.runner as runner
+    stacked_path = runner.trains_stacked
+    ways = {"stacked": (None, stacked_path), "--stack-size 1": (1, stacked_path),
+            "Trainer": (1, lambda config: False)}
+    times = {name: [] for name in ways}
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            for r in range(repeats):
+                for name, (size, path) in ways.items():
+                    runner.trains_stacked = path
+                    cpu = time.process_time()
+                    run_sweep(default_sweep(), Path(folder) / f"{name}-{r}", workers=0, stack_size=size)
+                    times[name].append(time.process_time() - cpu)
+                    print(f"  {name:15s} run {r + 1}: {times[name][-1]:6.1f} s CPU", flush=True)
+        finally:
+            runner.trains_stacked = stacked_path
+    print(f"default sweep (80 trials, 4,000 epochs) in one process, median of {repeats}; {machine()}")
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, cpu in median.items():
+        ratio = "" if name == "stacked" else f"  (stacked {cpu / median['stacked']:.2f}x faster)"
+        print(f"  {name:15s} {cpu:7.1f} s CPU{ratio}")
+
+
 def variance_study(seeds: int, workers: int, out: Path | None) -> None:
     sweep = default_sweep()
     sweep.grid = {"hidden": [[3], [100]], "reg": [1e-3, 1e-2], "seed": list(range(seeds))}
@@ -163,6 +194,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--study", action="store_true", help="run the seed-variance study too")
+    parser.add_argument("--in-process", action="store_true", help="only compare stacked, stack size "
+                        "1 and Trainer in this process")
     parser.add_argument("--seeds", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="where the study's sweep goes (default: a temporary folder)")
     parser.add_argument("--stack-sizes", action="store_true", help="only time stacks of 4 to 64 trials")
@@ -174,6 +207,9 @@ def main() -> None:
         return
     if args.padding:
         padding_waste()
+        return
+    if args.in_process:
+        in_process_bench(args.repeats)
         return
     default_sweep_bench(args.workers, args.repeats)
     if args.study:
