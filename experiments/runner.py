@@ -64,9 +64,9 @@ def load_data(config: TrainConfig) -> Dataset:
 def build_network(config: TrainConfig, data: Dataset) -> Network:
     """The untrained network for a resolved config, initialised from ``config.seed``."""
     if config.arch is not None:
-        from mlp.arch import build_network as build_conv
+        from mlp.arch import build_convnet
         try:
-            net = build_conv(config.arch, data.input_shape, data.num_classes, seed=config.seed,
+            net = build_convnet(config.arch, data.input_shape, data.num_classes, seed=config.seed,
                              dtype=np.dtype(config.dtype), loss=config.loss, reg=config.reg,
                              init="he" if config.init == "auto" else config.init,
                              weight_scale=config.weight_scale)
@@ -156,9 +156,10 @@ def final_metrics(net: Network, data: Dataset, result: TrainResult) -> dict:
             final["final_train_loss"] = result.history[-1]["train_loss"]
         return final
     with np.errstate(all="ignore"):
-        final["final_train_loss"], final["final_train_acc"] = net.evaluate(data.X_train, data.y_train)
+        final["final_train_loss"], final["final_train_acc"] = net.loss_and_accuracy(data.X_train,
+                                                                                    data.y_train)
         if len(data.X_val):
-            final["final_val_loss"], final["final_val_acc"] = net.evaluate(data.X_val, data.y_val)
+            final["final_val_loss"], final["final_val_acc"] = net.loss_and_accuracy(data.X_val, data.y_val)
     return final
 
 

@@ -107,7 +107,7 @@ def parse_arch(spec: str) -> list[tuple[str, tuple]]:
     return tokens
 
 
-def build_network(arch: str, input_shape: tuple, num_classes: int, *, seed: int = 0,
+def build_convnet(arch: str, input_shape: tuple, num_classes: int, *, seed: int = 0,
                   dtype=np.float32, loss: str = "softmax", reg: float = 0.0, init: str = "he",
                   weight_scale: float = 1e-2) -> Network:
     """The network a spec (or preset name) describes, for inputs of ``input_shape`` (C, H, W).

@@ -71,7 +71,7 @@ class Conv2D(Layer):
         self._algorithm: str | None = None
         self.workspace: dict[str, np.ndarray] = {}   # the fast kernels' buffers, reused across batches
 
-    def config(self):
+    def arguments(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
                 "init": self.init, "weight_scale": self.weight_scale, "input_grad": self.input_grad}
@@ -139,7 +139,7 @@ class MaxPool2D(Layer):
         if self.pool_size < 1 or self.stride < 1:
             raise ValueError("pool size and stride must be >= 1")
 
-    def config(self):
+    def arguments(self):
         return {"pool_size": self.pool_size, "stride": self.stride}
 
     def output_shape(self, input_shape):
@@ -169,30 +169,34 @@ class BatchNorm(Layer):
     pooling N, H and W). Training uses the batch mean and (biased) variance and
     updates the running statistics; evaluation uses the running statistics.
 
-    Running statistics follow the cs231n convention, ``momentum`` being the
-    fraction *kept*:  running = momentum * running + (1 - momentum) * batch.
-    PyTorch's ``momentum`` is the fraction *replaced*, so ours 0.9 == torch's
-    0.1. As in PyTorch the running variance is the unbiased batch variance
-    (times M / (M - 1), M the number of values pooled per feature), starting
-    from mean 0 and variance 1.
+    ``decay`` is the fraction of the running statistics *kept* at each step:
+    running = decay * running + (1 - decay) * batch. (PyTorch calls the fraction
+    *replaced* ``momentum``: our decay 0.9 is its momentum 0.1; nnx 0.1 called
+    decay "momentum", a name the optimizer's momentum already had; its model files
+    still load: ``layer_from_spec`` reads the old name.) As in PyTorch the running
+    variance is the unbiased batch variance (times M / (M - 1), M the number of
+    values pooled per feature), starting from mean 0 and variance 1.
     """
 
     kind = "batchnorm"
 
-    def __init__(self, num_features: int, momentum: float = 0.9, eps: float = 1e-5,
+    def __init__(self, num_features: int, decay: float = 0.9, eps: float = 1e-5,
                  dtype=np.float32):
         super().__init__()
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"batchnorm momentum is the fraction kept, in [0, 1], got {momentum}")
-        self.num_features, self.momentum, self.eps = int(num_features), float(momentum), float(eps)
+        if not 0 <= decay <= 1:
+            raise ValueError(f"batchnorm decay is the fraction of the running statistics kept, in "
+                             f"[0, 1], got {decay}")
+        if not eps > 0:
+            raise ValueError(f"batchnorm eps must be > 0, got {eps}")
+        self.num_features, self.decay, self.eps = int(num_features), float(decay), float(eps)
         self.params["gamma"] = np.ones(self.num_features, dtype=dtype)
         self.params["beta"] = np.zeros(self.num_features, dtype=dtype)
         self.buffers["running_mean"] = np.zeros(self.num_features, dtype=dtype)
         self.buffers["running_var"] = np.ones(self.num_features, dtype=dtype)
         self._zero_grads()
 
-    def config(self):
-        return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
+    def arguments(self):
+        return {"num_features": self.num_features, "decay": self.decay, "eps": self.eps}
 
     def output_shape(self, input_shape):
         if input_shape[0] != self.num_features:
@@ -207,7 +211,7 @@ class BatchNorm(Layer):
         kernels = reference if reference_kernels() else batchnorm_kernels
         out, cache = kernels.batchnorm_forward(
             x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
-            self.buffers["running_var"], self.momentum, self.eps, train)
+            self.buffers["running_var"], self.decay, self.eps, train)
         self.cache = (kernels, cache)
         return out
 

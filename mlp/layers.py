@@ -46,12 +46,12 @@ class Layer:
     def backward(self, dout: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def config(self) -> dict:
+    def arguments(self) -> dict:
         """Constructor arguments (JSON values) that rebuild this layer's shape."""
         return {}
 
     def spec(self) -> dict:
-        return {"type": self.kind, **self.config()}
+        return {"type": self.kind, **self.arguments()}
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of one example's output, given one example's input shape."""
@@ -61,7 +61,7 @@ class Layer:
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v}" for k, v in self.config().items())
+        args = ", ".join(f"{k}={v}" for k, v in self.arguments().items())
         return f"{type(self).__name__}({args})"
 
 
@@ -106,7 +106,7 @@ class Linear(Layer):
         np.sum(dout, axis=0, out=self.grads["b"])
         return matmul(dout, w.T).reshape(x_shape)
 
-    def config(self):
+    def arguments(self):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "init": self.init, "weight_scale": self.weight_scale}
 
@@ -180,7 +180,7 @@ class LeakyReLU(Layer):
     def backward(self, dout):
         return np.where(self.mask, dout, self.alpha * dout)
 
-    def config(self):
+    def arguments(self):
         return {"alpha": self.alpha}
 
 
@@ -239,7 +239,7 @@ class Dropout(Layer):
     def backward(self, dout):
         return dout if self.mask is None else dout * self.mask
 
-    def config(self):
+    def arguments(self):
         return {"p": self.p}
 
 
@@ -263,12 +263,20 @@ class Flatten(Layer):
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "sigmoid": Sigmoid, "gelu": GELU}
 
 
+# Constructor arguments renamed since nnx 0.1, whose model files name them so.
+RENAMED_ARGUMENTS = {"batchnorm": {"momentum": "decay"}}
+
+
 def layer_from_spec(spec: dict, dtype=np.float64) -> Layer:
-    """Rebuild a layer (parameters zeroed) from ``Layer.spec()``; raises ValueError."""
+    """Rebuild a layer from ``Layer.spec()`` (its parameters as freshly initialised, for a
+    model file's arrays to fill); raises ValueError."""
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in LAYER_TYPES:
         raise ValueError(f"unknown layer type {kind!r}")
+    for old, new in RENAMED_ARGUMENTS.get(kind, {}).items():
+        if old in spec and new not in spec:
+            spec[new] = spec.pop(old)
     cls = LAYER_TYPES[kind]
     if "dtype" in inspect.signature(cls.__init__).parameters:
         spec["dtype"] = dtype

@@ -248,7 +248,7 @@ class Trainer:
                   "val_loss": math.nan, "val_acc": math.nan, "lr": self.optimizer.lr,
                   "seconds": 0.0}
         if self.validate and result.status == "ok":
-            record["val_loss"], record["val_acc"] = self.net.evaluate(self.X_val, self.y_val,
+            record["val_loss"], record["val_acc"] = self.net.loss_and_accuracy(self.X_val, self.y_val,
                                                                       self.eval_batch_size)
             if not math.isfinite(record["val_loss"]):
                 result.status = "diverged"
