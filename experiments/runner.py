@@ -30,9 +30,10 @@ from experiments.errors import ConfigError
 from experiments.files import history_csv, make_dir
 from experiments.locks import directory_lock
 from experiments.resources import check_memory
+from mlp.conv import BatchNorm, Whiten
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Schedule, make_optimizer
-from mlp.train import Callback, Callbacks, EarlyStopping, Lookahead, Trainer, TrainResult
+from mlp.train import Callback, Callbacks, EarlyStopping, FreezeAfter, Lookahead, Trainer, TrainResult
 
 SNAPSHOTS = "snapshots.npz"
 RUN_FILES = ("model.npz", "metrics.csv", "config.json", SNAPSHOTS)
@@ -67,11 +68,15 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
         from mlp.arch import build_convnet
         try:
             net = build_convnet(config.arch, data.input_shape, data.num_classes, seed=config.seed,
-                             dtype=np.dtype(config.dtype), loss=config.loss, reg=config.reg,
-                             init="he" if config.init == "auto" else config.init,
-                             weight_scale=config.weight_scale)
+                                dtype=np.dtype(config.dtype), loss=config.loss, reg=config.reg,
+                                init="he" if config.init == "auto" else config.init,
+                                weight_scale=config.weight_scale, activation=config.activation,
+                                bn_decay=config.bn_decay, bn_eps=config.bn_eps)
         except ValueError as exc:
             raise ConfigError("arch", str(exc)) from None
+        for layer in net.layers:
+            if isinstance(layer, Whiten):      # from training images only, never validation
+                layer.fit(data.X_train[:WHITEN_IMAGES])
     else:
         net = build_mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes,
                         activation=config.activation, init=config.init,
@@ -82,6 +87,29 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
     net.metadata.update({"data": config.data, "class_names": data.class_names,
                          "config": config.to_dict(), **data.metadata})
     return net
+
+
+# airbench fits its whitening layer to 5,000 training images: plenty for a 12x12 covariance.
+WHITEN_IMAGES = 5000
+
+
+def learning_rate_scales(net: Network, config: TrainConfig) -> dict[str, float]:
+    """Per parameter name, its learning-rate multiplier where it is not 1: BatchNorm
+    biases (--bn-bias-lr), BatchNorm scales kept at 1 (--no-bn-scale: 0) and the
+    whitening filters (always 0: they are computed, not trained)."""
+    scales = {}
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, BatchNorm):
+            scales[f"{i}.{layer.kind}.beta"] = config.bn_bias_lr
+            if not config.bn_scale:
+                scales[f"{i}.{layer.kind}.gamma"] = 0.0
+        elif isinstance(layer, Whiten):
+            scales[f"{i}.{layer.kind}.W"] = 0.0
+    return {name: scale for name, scale in scales.items() if scale != 1.0}
+
+
+def whitening_biases(net: Network) -> list[str]:
+    return [f"{i}.{layer.kind}.b" for i, layer in enumerate(net.layers) if isinstance(layer, Whiten)]
 
 
 def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
@@ -113,6 +141,7 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
             raise ConfigError("resume", f"{checkpoint} belongs to a run with another config")
     else:
         net, state = build_network(config, data), TrainResult()
+    optimizer.lr_scales.update(learning_rate_scales(net, config))
     augment = None
     if config.augment:
         from experiments.cifar10 import FlipShift
@@ -133,6 +162,9 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         callbacks.callbacks.append(TimeBudget(config.time_budget, epochs, limit=max_epochs))
     if config.patience is not None and trainer.validate:
         callbacks.callbacks.append(EarlyStopping(config.patience, state, trainer.params))
+    if config.whiten_bias_epochs is not None and whitening_biases(net):
+        callbacks.callbacks.append(FreezeAfter(optimizer, whitening_biases(net),
+                                               config.whiten_bias_epochs))
     if config.ema_decay:
         callbacks.callbacks.append(Lookahead({**net.params, **net.buffers}, state,
                                              trainer.batches_per_epoch, config.ema_decay,

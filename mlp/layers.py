@@ -60,6 +60,14 @@ class Layer:
     def _zero_grads(self):
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
 
+    def _check_dtype(self, x: np.ndarray) -> None:
+        """A layer computes in its parameters' dtype: refuse another input dtype rather
+        than cast it silently (a float64 input to a float32 conv came back float32)."""
+        dtype = next(iter(self.params.values())).dtype
+        if x.dtype != dtype:
+            raise TypeError(f"{type(self).__name__} holds {dtype} parameters but got a {x.dtype} "
+                            f"input: cast the input, or build the layer with dtype=np.{x.dtype}")
+
     def __repr__(self):
         args = ", ".join(f"{k}={v}" for k, v in self.arguments().items())
         return f"{type(self).__name__}({args})"
@@ -69,7 +77,9 @@ class Layer:
 class Linear(Layer):
     """Affine map. x: (N, d_1, ..., d_k) is flattened row-major to (N, D) -> (N, M).
 
-    W: (D, M), b: (M,). ``init`` is he, xavier or normal (std ``weight_scale``).
+    W: (D, M), b: (M,). ``init`` is he, xavier, normal (std ``weight_scale``) or
+    dirac (PyTorch's uniform default here); without ``rng`` the weights are drawn
+    from a generator seeded with 0 (``mlp.init.init_weight``).
     """
 
     kind = "linear"
@@ -87,6 +97,7 @@ class Linear(Layer):
         self._zero_grads()
 
     def forward(self, x, train=False):
+        self._check_dtype(x)
         if reference_kernels():
             out, self.cache = reference.linear_forward(x, self.params["W"], self.params["b"])
             return out
@@ -212,6 +223,13 @@ class Sigmoid(Layer):
         return dout * self.out * (1 - self.out)
 
 
+def check_drop_probability(p: float) -> float:
+    """``p`` as a drop probability, which must be in [0, 1) (1 would drop everything)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout p is the drop probability and must be in [0, 1), got {p}")
+    return float(p)
+
+
 @register
 class Dropout(Layer):
     """Inverted dropout: in training each unit is zeroed with probability ``p``
@@ -222,9 +240,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout p is the drop probability and must be in [0, 1), got {p}")
-        self.p = float(p)
+        self.p = check_drop_probability(p)
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.mask = None
 
@@ -241,6 +257,29 @@ class Dropout(Layer):
 
     def arguments(self):
         return {"p": self.p}
+
+
+@register
+class Scale(Layer):
+    """Multiply by a constant: out = factor * x, dx = factor * dout. airbench scales
+    its class scores by 1/9, which shrinks the head's effective learning rate."""
+
+    kind = "scale"
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+        if not np.isfinite(self.factor) or self.factor == 0:
+            raise ValueError(f"a scale factor must be finite and non-zero, got {factor}")
+
+    def forward(self, x, train=False):
+        return x * x.dtype.type(self.factor)
+
+    def backward(self, dout):
+        return dout * dout.dtype.type(self.factor)
+
+    def arguments(self):
+        return {"factor": self.factor}
 
 
 @register

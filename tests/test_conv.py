@@ -193,7 +193,7 @@ def test_pooling_before_the_relu_changes_nothing():
     ("conv4x3-blah-fc10", "bad architecture token 'blah'"),
     ("conv4x3-fc7", "fc7, but the data has 10 classes"),
     ("conv4x4s2p0-fc10", "does not tile"),
-    ("dropout1.5", "dropout probability"),
+    ("dropout1.5", "drop probability"),
     ("fc5-conv4x3", "needs \\(C, H, W\\) input"),
 ])
 def test_bad_specs_are_refused_with_a_clear_message(spec, message):
