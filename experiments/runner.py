@@ -115,7 +115,7 @@ def whitening_biases(net: Network) -> list[str]:
 def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
     return Schedule(config.schedule, config.lr, total=epochs, step_size=config.step_size,
                     lr_decay=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr,
-                    warmup_from=config.warmup_from)
+                    warmup_from=config.warmup_from, warmup_share=config.warmup_share)
 
 
 # A time budget may lengthen the probe's plan up to this factor (the probe is rarely
