@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mlp._allocator import keep_freed_arrays_in_the_heap  # noqa: E402
-from mlp.arch import PRESETS, build_network, resolve_arch  # noqa: E402
+from mlp.arch import PRESETS, build_convnet, resolve_arch  # noqa: E402
 from mlp.optim import Momentum  # noqa: E402
 
 BATCH, SHAPE, CLASSES = 128, (3, 32, 32), 10
@@ -94,7 +94,7 @@ def step_flops(net) -> float:
 
 
 def nnx_step(spec: str, X, y):
-    net = build_network(spec, SHAPE, CLASSES, seed=0, dtype=np.float32)
+    net = build_convnet(spec, SHAPE, CLASSES, seed=0, dtype=np.float32)
     opt = Momentum(lr=1e-3, mu=0.9)
 
     def step():

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_conv import BATCH, CLASSES, SHAPE, SPECS, torch_model  # noqa: E402
 
 from mlp._allocator import keep_freed_arrays_in_the_heap  # noqa: E402
-from mlp.arch import build_network, resolve_arch  # noqa: E402
+from mlp.arch import build_convnet, resolve_arch  # noqa: E402
 from mlp.optim import Momentum  # noqa: E402
 
 KIND_OF_TORCH_OP = {
@@ -62,7 +62,7 @@ def with_gelu(net):
 
 
 def nnx_profile(spec: str, X, y, steps: int, gelu: bool):
-    net = build_network(spec, SHAPE, CLASSES, seed=0, dtype=np.float32)
+    net = build_convnet(spec, SHAPE, CLASSES, seed=0, dtype=np.float32)
     if gelu:
         net = with_gelu(net)
     opt = Momentum(lr=1e-3, mu=0.9)

@@ -109,8 +109,9 @@ def parse_size(option: str, text: str) -> int | float:
 # Keller Jordan's airbench94 (arXiv 2404.00498) in nnx's terms: its lr 11.5 per 1024
 # examples with Nesterov 0.85 is 11.5 / (1 + 1 / 0.15) = 1.5 on a batch-mean loss, and
 # its weight decay 0.0153 per 1024 examples is 0.0153 * 1024 / (1024 * (1 + 1 / 0.15))
-# = 0.0020 per step; the lr rises from 0.2x to its peak at 23 % of the 9.9 epochs (2.28)
-# and falls to 0.07x at the end.
+# = 0.0020 per step; the lr rises from 0.2x to its peak at 23 % of the run
+# and falls to 0.07x at the end (the share holds whatever the number of epochs a time
+# budget plans).
 RECIPES = {
     "airbench94": {
         "data": "cifar10", "arch": "airbench94", "activation": "gelu", "init": "dirac",
@@ -118,7 +119,7 @@ RECIPES = {
         "bn_decay": 0.6, "bn_eps": 1e-12, "bn_scale": False, "bn_bias_lr": 64.0,
         "whiten_bias_epochs": 3, "label_smoothing": 0.2, "reg": 0.0,
         "optimizer": "nesterov", "lr": 1.5, "momentum": 0.85, "weight_decay": 0.0153 / (1 + 1 / 0.15),
-        "schedule": "linear", "warmup": 2.28, "warmup_from": 0.2, "min_lr": 0.07 * 1.5,
+        "schedule": "linear", "warmup_share": 0.23, "warmup_from": 0.2, "min_lr": 0.07 * 1.5,
         "epochs": 10, "batch_size": 1024, "ema_decay": 0.95, "ema_every": 5, "ema_start": 3.0,
         "dtype": "float32",
     },
@@ -322,6 +323,10 @@ class TrainConfig:
                              OPTIM, kind="float", low=0, open_low=True, high=1)
     warmup: float | None = option(None, "Cosine and linear schedules: warm-up epochs.", OPTIM,
                                   kind="float", low=0, high=MAX_COUNT, default_help="0; cifar10 0.5")
+    warmup_share: float | None = option(None, "Cosine and linear schedules: the warm-up as this "
+                                        "share of the planned epochs (moving with a time budget's "
+                                        "plan), instead of --warmup.", OPTIM, kind="float", low=0,
+                                        high=1, open_high=True)
     warmup_from: float = option(0.0, "The warm-up starts at this fraction of --lr.", OPTIM,
                                 kind="float", low=0, high=1)
     min_lr: float = option(0.0, "Cosine and linear schedules: final learning rate.", OPTIM,

@@ -201,7 +201,10 @@ def process_executor(workers: int) -> Iterator[Executor]:
             # wait (``_processes`` is private, but the pool's only handle on its workers).
             for process in dict(getattr(pool, "_processes", None) or {}).values():
                 process.terminate()
-            pool.shutdown(wait=False)
+            # Wait for the pool's manager thread to see them go: left running, it closes
+            # its wake-up pipe while the interpreter's exit hook writes to it (a traceback
+            # at exit, about 1 run in 15 here).
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
 

@@ -331,7 +331,7 @@ def run_panel(run_dir: Path, resolution: int, margin: float) -> Panel:
     regions = decision_regions(net, X, resolution, margin)
     record = read_run_record(run_dir)
     acc = record.get("final_train_acc")
-    acc = float(net.evaluate(X, y)[1]) if acc is None else float(acc)
+    acc = float(net.loss_and_accuracy(X, y)[1]) if acc is None else float(acc)
     config = record.get("config") or net.metadata.get("config", {})
     from experiments.config import format_hidden
     settings = f"{config.get('data')} hidden={format_hidden(config.get('hidden'))} reg={config.get('reg')}"

@@ -31,10 +31,11 @@ from experiments.files import history_csv, make_dir
 from experiments.locks import directory_lock
 from experiments.resources import check_memory
 from experiments.stacks import stack_key
+from mlp.conv import BatchNorm, Whiten
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Optimizer, Schedule, make_optimizer
 from mlp.stack_trainer import StackTrainer
-from mlp.train import Callback, Callbacks, EarlyStopping, Lookahead, Trainer, TrainResult
+from mlp.train import Callback, Callbacks, EarlyStopping, FreezeAfter, Lookahead, Trainer, TrainResult
 
 SNAPSHOTS = "snapshots.npz"
 RUN_FILES = ("model.npz", "metrics.csv", "config.json", SNAPSHOTS)
@@ -66,14 +67,18 @@ def load_data(config: TrainConfig) -> Dataset:
 def build_network(config: TrainConfig, data: Dataset) -> Network:
     """The untrained network for a resolved config, initialised from ``config.seed``."""
     if config.arch is not None:
-        from mlp.arch import build_network as build_conv
+        from mlp.arch import build_convnet
         try:
-            net = build_conv(config.arch, data.input_shape, data.num_classes, seed=config.seed,
-                             dtype=np.dtype(config.dtype), loss=config.loss, reg=config.reg,
-                             init="he" if config.init == "auto" else config.init,
-                             weight_scale=config.weight_scale)
+            net = build_convnet(config.arch, data.input_shape, data.num_classes, seed=config.seed,
+                                dtype=np.dtype(config.dtype), loss=config.loss, reg=config.reg,
+                                init="he" if config.init == "auto" else config.init,
+                                weight_scale=config.weight_scale, activation=config.activation,
+                                bn_decay=config.bn_decay, bn_eps=config.bn_eps)
         except ValueError as exc:
             raise ConfigError("arch", str(exc)) from None
+        for layer in net.layers:
+            if isinstance(layer, Whiten):      # from training images only, never validation
+                layer.fit(data.X_train[:WHITEN_IMAGES])
     else:
         net = build_mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes,
                         activation=config.activation, init=config.init,
@@ -86,10 +91,33 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
     return net
 
 
+# airbench fits its whitening layer to 5,000 training images: plenty for a 12x12 covariance.
+WHITEN_IMAGES = 5000
+
+
+def learning_rate_scales(net: Network, config: TrainConfig) -> dict[str, float]:
+    """Per parameter name, its learning-rate multiplier where it is not 1: BatchNorm
+    biases (--bn-bias-lr), BatchNorm scales kept at 1 (--no-bn-scale: 0) and the
+    whitening filters (always 0: they are computed, not trained)."""
+    scales = {}
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, BatchNorm):
+            scales[f"{i}.{layer.kind}.beta"] = config.bn_bias_lr
+            if not config.bn_scale:
+                scales[f"{i}.{layer.kind}.gamma"] = 0.0
+        elif isinstance(layer, Whiten):
+            scales[f"{i}.{layer.kind}.W"] = 0.0
+    return {name: scale for name, scale in scales.items() if scale != 1.0}
+
+
+def whitening_biases(net: Network) -> list[str]:
+    return [f"{i}.{layer.kind}.b" for i, layer in enumerate(net.layers) if isinstance(layer, Whiten)]
+
+
 def make_schedule(config: TrainConfig, epochs: float) -> Schedule:
     return Schedule(config.schedule, config.lr, total=epochs, step_size=config.step_size,
                     lr_decay=config.lr_decay, warmup=config.warmup, min_lr=config.min_lr,
-                    warmup_from=config.warmup_from)
+                    warmup_from=config.warmup_from, warmup_share=config.warmup_share)
 
 
 # A time budget may lengthen the probe's plan up to this factor (the probe is rarely
@@ -133,6 +161,9 @@ def run(config: TrainConfig, callback: Callback | None = None, data: Dataset | N
         callbacks.callbacks.append(TimeBudget(config.time_budget, epochs, limit=max_epochs))
     if config.patience is not None and trainer.validate:
         callbacks.callbacks.append(EarlyStopping(config.patience, state, trainer.params))
+    if config.whiten_bias_epochs is not None and whitening_biases(net):
+        callbacks.callbacks.append(FreezeAfter(optimizer, whitening_biases(net),
+                                               config.whiten_bias_epochs))
     if config.ema_decay:
         callbacks.callbacks.append(Lookahead({**net.params, **net.buffers}, state,
                                              trainer.batches_per_epoch, config.ema_decay,
@@ -157,6 +188,7 @@ def start(config: TrainConfig, data: Dataset, checkpoint: Path | None = None
             raise ConfigError("resume", f"{checkpoint} belongs to a run with another config")
     else:
         net, state = build_network(config, data), TrainResult()
+    optimizer.lr_scales.update(learning_rate_scales(net, config))
     return net, optimizer, state
 
 
@@ -235,9 +267,10 @@ def final_metrics(net: Network, data: Dataset, result: TrainResult) -> dict:
             final["final_train_loss"] = result.history[-1]["train_loss"]
         return final
     with np.errstate(all="ignore"):
-        final["final_train_loss"], final["final_train_acc"] = net.evaluate(data.X_train, data.y_train)
+        final["final_train_loss"], final["final_train_acc"] = net.loss_and_accuracy(data.X_train,
+                                                                                    data.y_train)
         if len(data.X_val):
-            final["final_val_loss"], final["final_val_acc"] = net.evaluate(data.X_val, data.y_val)
+            final["final_val_loss"], final["final_val_acc"] = net.loss_and_accuracy(data.X_val, data.y_val)
     return final
 
 

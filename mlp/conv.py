@@ -71,7 +71,7 @@ class Conv2D(Layer):
         self._algorithm: str | None = None
         self.workspace: dict[str, np.ndarray] = {}   # the fast kernels' buffers, reused across batches
 
-    def config(self):
+    def arguments(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
                 "init": self.init, "weight_scale": self.weight_scale, "input_grad": self.input_grad}
@@ -97,6 +97,7 @@ class Conv2D(Layer):
                 conv_output_size(w, k, s, p, "width"))
 
     def forward(self, x, train=False):
+        self._check_dtype(x)
         self.output_shape(x.shape[1:])   # refuses sizes that do not divide
         w, b, S, P = self.params["W"], self.params["b"], self.stride, self.padding
         if reference_kernels():
@@ -139,7 +140,7 @@ class MaxPool2D(Layer):
         if self.pool_size < 1 or self.stride < 1:
             raise ValueError("pool size and stride must be >= 1")
 
-    def config(self):
+    def arguments(self):
         return {"pool_size": self.pool_size, "stride": self.stride}
 
     def output_shape(self, input_shape):
@@ -169,30 +170,34 @@ class BatchNorm(Layer):
     pooling N, H and W). Training uses the batch mean and (biased) variance and
     updates the running statistics; evaluation uses the running statistics.
 
-    Running statistics follow the cs231n convention, ``momentum`` being the
-    fraction *kept*:  running = momentum * running + (1 - momentum) * batch.
-    PyTorch's ``momentum`` is the fraction *replaced*, so ours 0.9 == torch's
-    0.1. As in PyTorch the running variance is the unbiased batch variance
-    (times M / (M - 1), M the number of values pooled per feature), starting
-    from mean 0 and variance 1.
+    ``decay`` is the fraction of the running statistics *kept* at each step:
+    running = decay * running + (1 - decay) * batch. (PyTorch calls the fraction
+    *replaced* ``momentum``: our decay 0.9 is its momentum 0.1; nnx 0.1 called
+    decay "momentum", a name the optimizer's momentum already had; its model files
+    still load: ``layer_from_spec`` reads the old name.) As in PyTorch the running
+    variance is the unbiased batch variance (times M / (M - 1), M the number of
+    values pooled per feature), starting from mean 0 and variance 1.
     """
 
     kind = "batchnorm"
 
-    def __init__(self, num_features: int, momentum: float = 0.9, eps: float = 1e-5,
+    def __init__(self, num_features: int, decay: float = 0.9, eps: float = 1e-5,
                  dtype=np.float32):
         super().__init__()
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"batchnorm momentum is the fraction kept, in [0, 1], got {momentum}")
-        self.num_features, self.momentum, self.eps = int(num_features), float(momentum), float(eps)
+        if not 0 <= decay <= 1:
+            raise ValueError(f"batchnorm decay is the fraction of the running statistics kept, in "
+                             f"[0, 1], got {decay}")
+        if not eps > 0:
+            raise ValueError(f"batchnorm eps must be > 0, got {eps}")
+        self.num_features, self.decay, self.eps = int(num_features), float(decay), float(eps)
         self.params["gamma"] = np.ones(self.num_features, dtype=dtype)
         self.params["beta"] = np.zeros(self.num_features, dtype=dtype)
         self.buffers["running_mean"] = np.zeros(self.num_features, dtype=dtype)
         self.buffers["running_var"] = np.ones(self.num_features, dtype=dtype)
         self._zero_grads()
 
-    def config(self):
-        return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
+    def arguments(self):
+        return {"num_features": self.num_features, "decay": self.decay, "eps": self.eps}
 
     def output_shape(self, input_shape):
         if input_shape[0] != self.num_features:
@@ -200,6 +205,10 @@ class BatchNorm(Layer):
         return input_shape
 
     def forward(self, x, train=False):
+        self._check_dtype(x)
+        if train and x.size // max(x.shape[1], 1) < 2:
+            raise ValueError("batchnorm in training needs at least two values per feature to "
+                             f"normalise over, got an input of shape {x.shape}")
         if x.ndim not in (2, 4):
             raise ValueError(f"batchnorm takes (N, D) or (N, C, H, W) inputs, got shape {x.shape}")
         if x.shape[1] != self.num_features:
@@ -207,7 +216,7 @@ class BatchNorm(Layer):
         kernels = reference if reference_kernels() else batchnorm_kernels
         out, cache = kernels.batchnorm_forward(
             x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
-            self.buffers["running_var"], self.momentum, self.eps, train)
+            self.buffers["running_var"], self.decay, self.eps, train)
         self.cache = (kernels, cache)
         return out
 
@@ -215,6 +224,49 @@ class BatchNorm(Layer):
         kernels, cache = self.cache
         dx, self.grads["gamma"][...], self.grads["beta"][...] = kernels.batchnorm_backward(dout, cache)
         return dx
+
+
+@register
+class Whiten(Conv2D):
+    """A patch-whitening conv (Page 2018, as airbench's first layer): K x K, stride 1, no
+    padding, 2 * C * K * K filters. x: (N, C, H, W) -> (N, 2CK^2, H - K + 1, W - K + 1).
+
+    ``fit(X)`` sets the filters from training images: the eigenvectors v_i of the
+    covariance of their K x K patches, scaled to v_i / sqrt(lambda_i + eps) so that
+    each output channel has variance about 1 and the channels are uncorrelated, then
+    the same filters negated (a following ReLU or GELU keeps both signs). Largest
+    eigenvalue first. The filters are not trained (the trainer freezes W) and carry
+    no L2; the bias trains, and may be frozen later (``--whiten-bias-epochs``).
+    """
+
+    kind = "whiten"
+    regularized = ()
+
+    def __init__(self, in_channels: int, kernel_size: int = 2, eps: float = 5e-4, *,
+                 dtype=np.float32, input_grad: bool = False):
+        k, c = int(kernel_size), int(in_channels)
+        super().__init__(c, 2 * c * k * k, k, 1, 0, dtype=dtype, input_grad=input_grad)
+        self.params["W"][...] = 0.0            # until fit()
+        self.eps = float(eps)
+
+    def arguments(self):
+        return {"in_channels": self.in_channels, "kernel_size": self.kernel_size, "eps": self.eps,
+                "input_grad": self.input_grad}
+
+    def fit(self, X: np.ndarray) -> None:
+        """Set the filters from images X: (N, C, H, W) (a few thousand are plenty)."""
+        k, c = self.kernel_size, self.in_channels
+        if X.ndim != 4 or X.shape[1] != c:
+            raise ValueError(f"whitening needs (N, {c}, H, W) images, got shape {X.shape}")
+        windows = np.lib.stride_tricks.sliding_window_view(X, (k, k), axis=(2, 3))
+        # (N, C, H', W', K, K) -> one row per patch, in the filters' (C, K, K) order
+        patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).astype(np.float64)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        order = np.argsort(eigenvalues)[::-1]
+        filters = (eigenvectors[:, order] / np.sqrt(eigenvalues[order] + self.eps)).T
+        filters = filters.reshape(c * k * k, c, k, k)
+        self.params["W"][...] = np.concatenate([filters, -filters])
 
 
 def _distinct(rng, shape):
@@ -229,6 +281,14 @@ def _batchnorm(num_features, rng):
     bn.params["gamma"][...] = 1 + 0.5 * rng.standard_normal(num_features)
     bn.params["beta"][...] = rng.standard_normal(num_features)
     return bn
+
+
+def _fitted_whiten(rng):
+    """A float64 Whiten fitted to random images, its input gradient on (the check
+    needs one; a first layer has it off)."""
+    layer = Whiten(2, 2, dtype=np.float64, input_grad=True)
+    layer.fit(rng.standard_normal((3, 2, 6, 6)))
+    return layer
 
 
 def _winograd(layer, tile):
@@ -253,6 +313,7 @@ def gradcheck_cases(rng: np.random.Generator):
          _winograd(Conv2D(3, 2, 3, 1, 1, rng=rng, dtype=f64), 4), rng.standard_normal((2, 3, 7, 6)), None),
         ("Conv2D 3x3 Winograd F(4x4), no pad",
          _winograd(Conv2D(2, 3, 3, 1, 0, rng=rng, dtype=f64), 4), rng.standard_normal((1, 2, 7, 9)), None),
+        ("Whiten 2x2 (fitted), no pad", _fitted_whiten(rng), rng.standard_normal((2, 2, 4, 5)), None),
         ("MaxPool2D 2x2", MaxPool2D(2), _distinct(rng, (2, 2, 4, 6)), None),
         ("MaxPool2D 2x2 on odd sizes", MaxPool2D(2), _distinct(rng, (2, 2, 5, 7)), None),
         ("MaxPool2D 3x3 stride 2 (overlapping)", MaxPool2D(3, 2), _distinct(rng, (2, 2, 7, 5)), None),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlp.conv import gradcheck_cases as conv_gradcheck_cases
-from mlp.layers import GELU, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+from mlp.layers import GELU, Dropout, Flatten, LeakyReLU, Linear, ReLU, Scale, Sigmoid, Tanh
 from mlp.losses import softmax_cross_entropy, svm_hinge
 from mlp.network import Network, build_mlp
 
@@ -131,6 +131,7 @@ def _layer_cases(rng):
         ("Sigmoid", Sigmoid(), x, None),
         ("Dropout (p=0.3)", Dropout(0.3), x, _reseed_dropout),
         ("Flatten", Flatten(), rng.standard_normal((2, 3, 2, 2)), None),
+        ("Scale (x 1/9)", Scale(1 / 9), x, None),
     ]
 
 

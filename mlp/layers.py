@@ -46,12 +46,12 @@ class Layer:
     def backward(self, dout: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def config(self) -> dict:
+    def arguments(self) -> dict:
         """Constructor arguments (JSON values) that rebuild this layer's shape."""
         return {}
 
     def spec(self) -> dict:
-        return {"type": self.kind, **self.config()}
+        return {"type": self.kind, **self.arguments()}
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of one example's output, given one example's input shape."""
@@ -60,8 +60,16 @@ class Layer:
     def _zero_grads(self):
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
 
+    def _check_dtype(self, x: np.ndarray) -> None:
+        """A layer computes in its parameters' dtype: refuse another input dtype rather
+        than cast it silently (a float64 input to a float32 conv came back float32)."""
+        dtype = next(iter(self.params.values())).dtype
+        if x.dtype != dtype:
+            raise TypeError(f"{type(self).__name__} holds {dtype} parameters but got a {x.dtype} "
+                            f"input: cast the input, or build the layer with dtype=np.{x.dtype}")
+
     def __repr__(self):
-        args = ", ".join(f"{k}={v}" for k, v in self.config().items())
+        args = ", ".join(f"{k}={v}" for k, v in self.arguments().items())
         return f"{type(self).__name__}({args})"
 
 
@@ -69,7 +77,9 @@ class Layer:
 class Linear(Layer):
     """Affine map. x: (N, d_1, ..., d_k) is flattened row-major to (N, D) -> (N, M).
 
-    W: (D, M), b: (M,). ``init`` is he, xavier or normal (std ``weight_scale``).
+    W: (D, M), b: (M,). ``init`` is he, xavier, normal (std ``weight_scale``) or
+    dirac (PyTorch's uniform default here); without ``rng`` the weights are drawn
+    from a generator seeded with 0 (``mlp.init.init_weight``).
     """
 
     kind = "linear"
@@ -87,6 +97,7 @@ class Linear(Layer):
         self._zero_grads()
 
     def forward(self, x, train=False):
+        self._check_dtype(x)
         if reference_kernels():
             out, self.cache = reference.linear_forward(x, self.params["W"], self.params["b"])
             return out
@@ -106,7 +117,7 @@ class Linear(Layer):
         np.sum(dout, axis=0, out=self.grads["b"])
         return matmul(dout, w.T).reshape(x_shape)
 
-    def config(self):
+    def arguments(self):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "init": self.init, "weight_scale": self.weight_scale}
 
@@ -180,7 +191,7 @@ class LeakyReLU(Layer):
     def backward(self, dout):
         return np.where(self.mask, dout, self.alpha * dout)
 
-    def config(self):
+    def arguments(self):
         return {"alpha": self.alpha}
 
 
@@ -212,6 +223,13 @@ class Sigmoid(Layer):
         return dout * self.out * (1 - self.out)
 
 
+def check_drop_probability(p: float) -> float:
+    """``p`` as a drop probability, which must be in [0, 1) (1 would drop everything)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout p is the drop probability and must be in [0, 1), got {p}")
+    return float(p)
+
+
 @register
 class Dropout(Layer):
     """Inverted dropout: in training each unit is zeroed with probability ``p``
@@ -222,9 +240,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout p is the drop probability and must be in [0, 1), got {p}")
-        self.p = float(p)
+        self.p = check_drop_probability(p)
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.mask = None
 
@@ -239,8 +255,31 @@ class Dropout(Layer):
     def backward(self, dout):
         return dout if self.mask is None else dout * self.mask
 
-    def config(self):
+    def arguments(self):
         return {"p": self.p}
+
+
+@register
+class Scale(Layer):
+    """Multiply by a constant: out = factor * x, dx = factor * dout. airbench scales
+    its class scores by 1/9, which shrinks the head's effective learning rate."""
+
+    kind = "scale"
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+        if not np.isfinite(self.factor) or self.factor == 0:
+            raise ValueError(f"a scale factor must be finite and non-zero, got {factor}")
+
+    def forward(self, x, train=False):
+        return x * x.dtype.type(self.factor)
+
+    def backward(self, dout):
+        return dout * dout.dtype.type(self.factor)
+
+    def arguments(self):
+        return {"factor": self.factor}
 
 
 @register
@@ -263,12 +302,20 @@ class Flatten(Layer):
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "sigmoid": Sigmoid, "gelu": GELU}
 
 
+# Constructor arguments renamed since nnx 0.1, whose model files name them so.
+RENAMED_ARGUMENTS = {"batchnorm": {"momentum": "decay"}}
+
+
 def layer_from_spec(spec: dict, dtype=np.float64) -> Layer:
-    """Rebuild a layer (parameters zeroed) from ``Layer.spec()``; raises ValueError."""
+    """Rebuild a layer from ``Layer.spec()`` (its parameters as freshly initialised, for a
+    model file's arrays to fill); raises ValueError."""
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in LAYER_TYPES:
         raise ValueError(f"unknown layer type {kind!r}")
+    for old, new in RENAMED_ARGUMENTS.get(kind, {}).items():
+        if old in spec and new not in spec:
+            spec[new] = spec.pop(old)
     cls = LAYER_TYPES[kind]
     if "dtype" in inspect.signature(cls.__init__).parameters:
         spec["dtype"] = dtype

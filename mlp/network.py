@@ -134,7 +134,7 @@ class Network:
         """Predicted class per row. X: (N, ...) -> (N,) ints."""
         return np.argmax(self.scores(X, batch_size), axis=1)
 
-    def evaluate(self, X, y, batch_size: int = 1024) -> tuple[float, float]:
+    def loss_and_accuracy(self, X, y, batch_size: int = 1024) -> tuple[float, float]:
         """(loss including L2, accuracy) in evaluation mode."""
         scores = self.scores(X, batch_size)
         loss, _ = self.data_loss(scores, y)

@@ -232,17 +232,25 @@ class Schedule:
               then half a cosine from base_lr down to min_lr at ``total`` epochs.
     linear:   the same warm-up, then a straight line down to min_lr at ``total``
               (airbench's triangle).
-    ``total`` may move while training runs (a time budget re-plans it).
+    ``warmup_share``, when given, makes the warm-up that share of ``total``
+    (airbench peaks at 23 % of its run) instead of ``warmup`` epochs. ``total``
+    may move while training runs (a time budget re-plans it); a share moves with it.
     """
 
     def __init__(self, kind: str, base_lr: float, total: float = 1.0, step_size: int = 1,
                  lr_decay: float = 0.1, warmup: float = 0.0, min_lr: float = 0.0,
-                 warmup_from: float = 0.0):
+                 warmup_from: float = 0.0, warmup_share: float | None = None):
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
         self.kind, self.base_lr, self.total = kind, float(base_lr), float(total)
         self.step_size, self.lr_decay = int(step_size), float(lr_decay)
-        self.warmup, self.min_lr, self.warmup_from = float(warmup), float(min_lr), float(warmup_from)
+        self.min_lr, self.warmup_from = float(min_lr), float(warmup_from)
+        self.warmup_epochs, self.warmup_share = float(warmup), warmup_share
+
+    @property
+    def warmup(self) -> float:
+        """The warm-up in epochs, now: ``warmup_share`` of the current total, or fixed."""
+        return self.warmup_epochs if self.warmup_share is None else self.warmup_share * self.total
 
     def __call__(self, epoch: float) -> float:
         if self.kind == "constant":

@@ -135,10 +135,10 @@ def _feature_axes(x):
     return (0, 2, 3), (1, -1, 1, 1)
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, train):
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, train):
     """out = gamma * (x - mean) / sqrt(var + eps) + beta per feature; x: (N, D) or
     (N, C, H, W). Training uses the batch's mean and (biased) variance and updates the
-    running statistics in place (running = momentum * running + (1 - momentum) * batch,
+    running statistics in place (running = decay * running + (1 - decay) * batch,
     the variance unbiased); evaluation uses the running statistics."""
     axes, shape = _feature_axes(x)
     if not train:
@@ -148,8 +148,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
     mean, var = x.mean(axis=axes), x.var(axis=axes)
     inv_std = 1 / np.sqrt(var + eps)
     xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
-    running_mean[...] = momentum * running_mean + (1 - momentum) * mean
-    running_var[...] = momentum * running_var + (1 - momentum) * var * m / max(m - 1, 1)
+    running_mean[...] = decay * running_mean + (1 - decay) * mean
+    running_var[...] = decay * running_var + (1 - decay) * var * m / max(m - 1, 1)
     return gamma.reshape(shape) * xhat + beta.reshape(shape), (xhat, gamma, inv_std)
 
 

@@ -128,6 +128,24 @@ class EarlyStopping(Callback):
         return STOP if record["epoch"] - self.result.best_epoch >= self.patience else None
 
 
+class FreezeAfter(Callback):
+    """After ``epochs`` epochs the optimizer stops updating the parameters ``names``
+    (their learning-rate scale becomes 0), as airbench freezes its whitening bias."""
+
+    def __init__(self, optimizer: Optimizer, names: list[str], epochs: int):
+        self.optimizer, self.names, self.epochs = optimizer, list(names), epochs
+
+    def _freeze_if_due(self, epochs_done: int) -> None:
+        if epochs_done >= self.epochs:
+            self.optimizer.lr_scales.update(dict.fromkeys(self.names, 0.0))
+
+    def on_train_begin(self, epochs, batches_per_epoch, start_epoch):
+        self._freeze_if_due(start_epoch)            # a resumed run past the freeze
+
+    def on_epoch_end(self, record):
+        self._freeze_if_due(record["epoch"])
+
+
 class Lookahead(Callback):
     """airbench's lookahead (from hlb-CIFAR10): from epoch ``start`` on, every ``every``
     updates the weights (and BatchNorm's running statistics) are pulled to an
@@ -249,7 +267,7 @@ class Trainer:
                   "val_loss": math.nan, "val_acc": math.nan, "lr": self.optimizer.lr,
                   "seconds": 0.0}
         if self.validate and result.status == "ok":
-            record["val_loss"], record["val_acc"] = self.net.evaluate(self.X_val, self.y_val,
+            record["val_loss"], record["val_acc"] = self.net.loss_and_accuracy(self.X_val, self.y_val,
                                                                       self.eval_batch_size)
             if not math.isfinite(record["val_loss"]):
                 result.status = "diverged"

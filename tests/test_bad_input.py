@@ -163,7 +163,7 @@ def test_the_memory_estimate_counts_the_parameters_a_built_network_has(values):
     config = resolve(TrainConfig(**values))
     data = load_data(config) if not config.is_image else None
     if data is None:
-        from mlp.arch import build_network as build_convnet
+        from mlp.arch import build_convnet
         net = build_convnet(config.arch, (3, 32, 32), 10, dtype=np.float32)
     else:
         net = build_network(config, data)

@@ -4,7 +4,7 @@ import pytest
 from helpers import assert_close, parallel_hand_offs
 from torch_twin import torch_twin, twin_grads
 
-from mlp.arch import PRESETS, build_network, parse_arch, resolve_arch
+from mlp.arch import PRESETS, build_convnet, parse_arch, resolve_arch
 from mlp.conv import BatchNorm, Conv2D, MaxPool2D, gradcheck_cases
 from mlp.gradcheck import check_layer, run_all_checks
 from mlp.layers import Linear, ReLU, layer_from_spec
@@ -107,7 +107,7 @@ def test_maxpool_floor_mode_drops_uncovered_rows_and_gets_no_gradient_there():
 
 
 def test_batchnorm_train_normalizes_and_eval_uses_running_stats():
-    bn = BatchNorm(2, momentum=0.9, dtype=np.float64)
+    bn = BatchNorm(2, decay=0.9, dtype=np.float64)
     x = np.array([[1.0, 10.0], [3.0, 20.0], [5.0, 30.0]])
     out = bn.forward(x, train=True)
     np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-12)
@@ -120,29 +120,29 @@ def test_batchnorm_train_normalizes_and_eval_uses_running_stats():
 
 
 def test_layers_rebuild_from_their_spec():
-    for layer in (Conv2D(3, 4, 5, 2, 1, input_grad=False), MaxPool2D(3, 2), BatchNorm(7, momentum=0.8)):
+    for layer in (Conv2D(3, 4, 5, 2, 1, input_grad=False), MaxPool2D(3, 2), BatchNorm(7, decay=0.8)):
         rebuilt = layer_from_spec(layer.spec(), np.float32)
-        assert type(rebuilt) is type(layer) and rebuilt.config() == layer.config()
+        assert type(rebuilt) is type(layer) and rebuilt.arguments() == layer.arguments()
 
 
 # ---- architecture specs -------------------------------------------------------------
 
 def test_presets_build_with_the_documented_layers():
-    net = build_network("convnetjs", (3, 32, 32), 10)
+    net = build_convnet("convnetjs", (3, 32, 32), 10)
     kinds = [layer.kind for layer in net.layers]
     assert kinds == ["conv2d", "maxpool2d", "relu"] * 3 + ["linear"]
     assert [(c.out_channels, c.kernel_size, c.padding) for c in net.layers if c.kind == "conv2d"] == \
         [(16, 5, 2), (20, 5, 2), (20, 5, 2)]
     assert net.layers[-1].in_features == 20 * 4 * 4 and net.output_shape() == (10,)
     assert net.metadata["arch"] == PRESETS["convnetjs"]
-    net = build_network("cs231n-3layer", (3, 32, 32), 10)
+    net = build_convnet("cs231n-3layer", (3, 32, 32), 10)
     assert [layer.kind for layer in net.layers] == ["conv2d", "maxpool2d", "relu", "linear", "relu", "linear"]
     assert net.layers[0].padding == 3 and net.layers[3].in_features == 32 * 16 * 16
     assert net.params["0.conv2d.W"].dtype == np.float32
 
 
 def test_conv6bn_preset_is_three_conv_pool_bn_blocks():
-    net = build_network("conv6bn", (3, 32, 32), 10)
+    net = build_convnet("conv6bn", (3, 32, 32), 10)
     block = ["conv2d", "maxpool2d", "batchnorm", "relu", "conv2d", "batchnorm", "relu"]
     block_then_pool = block[:-1] + ["maxpool2d", "relu"]
     # the last ReLU waits for the global max-pool, which it commutes with
@@ -160,14 +160,14 @@ def test_spec_parsing_suffixes_and_bn_goes_before_relu():
     assert parse_arch("conv32x3s2p1-pool3s2-dropout0.5-fc7") == [
         ("conv", (32, 3, 2, 1)), ("pool", (3, 2)), ("dropout", (0.5,)), ("fc", (7,))]
     assert resolve_arch("convnetjs") == PRESETS["convnetjs"] and resolve_arch("fc3") == "fc3"
-    net = build_network("conv4x3-bn-pool2-fc8-bn-tanh", (1, 8, 6), 3)
+    net = build_convnet("conv4x3-bn-pool2-fc8-bn-tanh", (1, 8, 6), 3)
     assert [layer.kind for layer in net.layers] == [
         "conv2d", "batchnorm", "maxpool2d", "relu", "linear", "batchnorm", "tanh", "linear"]
     assert net.metadata["arch"].endswith("-fc3") and net.output_shape() == (3,)
-    net = build_network("conv4x3-pool2-bn-conv5x3-dropout0.5-fc3", (1, 8, 6), 3)
+    net = build_convnet("conv4x3-pool2-bn-conv5x3-dropout0.5-fc3", (1, 8, 6), 3)
     assert [layer.kind for layer in net.layers] == [
         "conv2d", "maxpool2d", "batchnorm", "relu", "conv2d", "relu", "dropout", "linear"]
-    net = build_network("conv4x3-pool2-bn-gelu-conv5x3-gelu-fc8-gelu-fc3", (1, 8, 6), 3)
+    net = build_convnet("conv4x3-pool2-bn-gelu-conv5x3-gelu-fc8-gelu-fc3", (1, 8, 6), 3)
     assert [layer.kind for layer in net.layers] == [
         "conv2d", "maxpool2d", "batchnorm", "gelu", "conv2d", "gelu", "linear", "gelu", "linear"]
 
@@ -178,8 +178,8 @@ def test_pooling_before_the_relu_changes_nothing():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 8, 8))
     y = np.array([0, 2])
-    pooled_first = build_network("conv4x3-pool2-fc3", (3, 8, 8), 3, seed=1, dtype=np.float64)
-    relu_first = build_network("conv4x3-relu-pool2-fc3", (3, 8, 8), 3, seed=1, dtype=np.float64)
+    pooled_first = build_convnet("conv4x3-pool2-fc3", (3, 8, 8), 3, seed=1, dtype=np.float64)
+    relu_first = build_convnet("conv4x3-relu-pool2-fc3", (3, 8, 8), 3, seed=1, dtype=np.float64)
     assert [layer.kind for layer in relu_first.layers][:3] == ["conv2d", "relu", "maxpool2d"]
     loss_a, grads_a = pooled_first.loss(x, y)
     loss_b, grads_b = relu_first.loss(x, y)
@@ -193,16 +193,16 @@ def test_pooling_before_the_relu_changes_nothing():
     ("conv4x3-blah-fc10", "bad architecture token 'blah'"),
     ("conv4x3-fc7", "fc7, but the data has 10 classes"),
     ("conv4x4s2p0-fc10", "does not tile"),
-    ("dropout1.5", "dropout probability"),
+    ("dropout1.5", "drop probability"),
     ("fc5-conv4x3", "needs \\(C, H, W\\) input"),
 ])
 def test_bad_specs_are_refused_with_a_clear_message(spec, message):
     with pytest.raises(ValueError, match=message):
-        build_network(spec, (3, 9, 9), 10)
+        build_convnet(spec, (3, 9, 9), 10)
 
 
 def test_saved_conv_net_loads_with_identical_scores(tmp_path, rng):
-    net = build_network("conv4x3-bn-pool2-conv6x4s2p1-fc10", (3, 8, 8), 10, seed=3)
+    net = build_convnet("conv4x3-bn-pool2-conv6x4s2p1-fc10", (3, 8, 8), 10, seed=3)
     X = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
     net.loss(X, rng.integers(0, 10, 5))          # moves the running statistics off their start
     net.save(tmp_path / "conv.npz")
@@ -213,7 +213,7 @@ def test_saved_conv_net_loads_with_identical_scores(tmp_path, rng):
 
 
 def test_conv_net_trains_its_loss_down(rng):
-    net = build_network("conv4x3-pool2-fc3", (1, 6, 6), 3, dtype=np.float64)
+    net = build_convnet("conv4x3-pool2-fc3", (1, 6, 6), 3, dtype=np.float64)
     X, y = rng.standard_normal((12, 1, 6, 6)), rng.integers(0, 3, 12)
     first = net.loss(X, y)[0]
     for _ in range(30):
@@ -271,7 +271,7 @@ def test_maxpool_matches_torch(rng, shape, size, stride):
 def test_batchnorm_matches_torch_in_train_and_eval_with_running_stats(rng, shape):
     torch = pytest.importorskip("torch")
     c = shape[1]
-    bn = BatchNorm(c, momentum=0.9)           # torch momentum 0.1
+    bn = BatchNorm(c, decay=0.9)              # torch momentum 0.1
     bn.params["gamma"][...] = rng.standard_normal(c)
     bn.params["beta"][...] = rng.standard_normal(c)
     rm, rv = torch.zeros(c), torch.ones(c)
@@ -301,7 +301,7 @@ def test_batchnorm_matches_torch_in_train_and_eval_with_running_stats(rng, shape
 def test_convnetjs_net_matches_an_equivalent_torch_net(rng, batch):
     torch = pytest.importorskip("torch")
     nn = torch.nn
-    net = build_network("convnetjs", (3, 32, 32), 10, seed=1)
+    net = build_convnet("convnetjs", (3, 32, 32), 10, seed=1)
     for layer in net.layers:
         if "b" in layer.params:
             layer.params["b"][...] = 0.1 * rng.standard_normal(layer.params["b"].shape)
@@ -350,7 +350,7 @@ def test_a_whole_network_step_matches_its_torch_twin(monkeypatch, spec):
     handed_off = parallel_hand_offs(monkeypatch)
     rng = np.random.default_rng(0)
     size = 32 if spec == "convnetjs" else 16
-    net = build_network(spec, (3, size, size), 10, seed=0)
+    net = build_convnet(spec, (3, size, size), 10, seed=0)
     twin = torch_twin(net, torch)
     x = rng.standard_normal((23, 3, size, size)).astype(np.float32)
     y = rng.integers(0, 10, 23)

@@ -88,8 +88,8 @@ def test_tta_views_are_airbenchs_reflect_padded_shifts_and_mirrors():
 
 def test_tta_scores_are_the_weighted_logits_of_the_views():
     from experiments.evaluate import class_scores, tta_views
-    from mlp.arch import build_network
-    net = build_network("conv4x3-pool2-fc10", (3, 8, 8), 10, seed=0)
+    from mlp.arch import build_convnet
+    net = build_convnet("conv4x3-pool2-fc10", (3, 8, 8), 10, seed=0)
     x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
     expected = sum(w * net.scores(np.ascontiguousarray(v)) for w, v in tta_views(x))
     np.testing.assert_allclose(class_scores(net, x, tta=True), expected, rtol=1e-6)

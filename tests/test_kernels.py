@@ -261,8 +261,8 @@ def test_small_layers_and_few_channels_run_im2col_unmeasured(monkeypatch):
 
 
 def test_the_algorithm_is_saved_with_the_model_and_honoured_on_load(tmp_path):
-    from mlp.arch import build_network
-    net = build_network("conv8x3-conv8x3-pool2-fc10", (3, 8, 8), 10, seed=0)
+    from mlp.arch import build_convnet
+    net = build_convnet("conv8x3-conv8x3-pool2-fc10", (3, 8, 8), 10, seed=0)
     net.layers[2].algorithm = "winograd4"
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
     scores = net.scores(x)
@@ -280,8 +280,8 @@ def test_the_algorithm_is_saved_with_the_model_and_honoured_on_load(tmp_path):
 
 
 def test_a_model_file_with_a_bad_algorithm_is_refused(tmp_path):
-    from mlp.arch import build_network
-    net = build_network("conv4x5-fc10", (3, 8, 8), 10)
+    from mlp.arch import build_convnet
+    net = build_convnet("conv4x5-fc10", (3, 8, 8), 10)
     net.layers[0]._algorithm = "winograd4"            # past the setter: a 5x5 conv has no Winograd form
     net.save(tmp_path / "bad.npz")
     with pytest.raises(ModelFileError, match="corrupt nnx model spec .*winograd4"):

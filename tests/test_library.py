@@ -34,3 +34,32 @@ def test_replacing_a_parameter_by_name_is_refused_and_writing_into_it_lands():
 def test_label_smoothing_outside_zero_to_one_is_refused(smoothing):
     with pytest.raises(ValueError, match="label_smoothing"):
         softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 1]), smoothing)
+
+
+def test_a_layer_made_without_rng_gets_seeded_weights_not_zeros():
+    from mlp.conv import Conv2D
+    from mlp.layers import Linear
+    a, b = Linear(4, 3), Linear(4, 3)
+    assert np.any(a.params["W"] != 0) and np.array_equal(a.params["W"], b.params["W"])
+    assert np.any(Conv2D(2, 3, 3).params["W"] != 0)
+
+
+def test_an_input_of_another_dtype_is_refused_not_cast():
+    from mlp.conv import BatchNorm, Conv2D
+    from mlp.layers import Linear
+    conv = Conv2D(2, 3, 3, padding=1)                     # float32, the ConvNet default
+    with pytest.raises(TypeError, match="float32 parameters but got a float64 input"):
+        conv.forward(np.zeros((1, 2, 4, 4)))
+    with pytest.raises(TypeError, match="dtype=np.float32"):
+        Linear(3, 2).forward(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError):
+        BatchNorm(2).forward(np.zeros((3, 2)), train=True)
+
+
+def test_batchnorm_in_training_refuses_a_single_value_per_feature():
+    from mlp.conv import BatchNorm
+    bn = BatchNorm(3, dtype=np.float64)
+    with pytest.raises(ValueError, match="at least two values per feature"):
+        bn.forward(np.ones((1, 3)), train=True)
+    bn.forward(np.ones((1, 3)), train=False)              # evaluation uses running statistics
+    bn.forward(np.ones((1, 3, 2, 2)), train=True)         # one image, four values per channel

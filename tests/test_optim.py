@@ -145,3 +145,10 @@ def test_linear_schedule_is_airbenchs_triangle():
     assert tri(2.5) == pytest.approx(1.0)
     assert tri(6.25) == pytest.approx((1.0 + 0.07) / 2)
     assert tri(10) == pytest.approx(0.07) and tri(12) == pytest.approx(0.07)
+
+
+def test_a_warmup_share_moves_with_the_planned_total():
+    tri = Schedule("linear", 1.0, total=10, warmup=99, warmup_share=0.25, warmup_from=0.2)
+    assert tri.warmup == 2.5 and tri(2.5) == pytest.approx(1.0)
+    tri.total = 20                                   # a time budget re-planned the run
+    assert tri.warmup == 5.0 and tri(2.5) == pytest.approx(0.6) and tri(5) == pytest.approx(1.0)

@@ -29,7 +29,7 @@ SAMPLE = {"recipe": None, "bn_decay": 0.5, "bn_eps": 1e-3, "bn_scale": False, "b
           "label_smoothing": 0.05, "dtype": "float32", "optimizer": "adam", "lr": 0.004,
           "momentum": 0.8, "weight_decay": 0.001, "schedule": "step", "warmup_from": 0.2,
           "ema_decay": 0.9, "ema_every": 3, "ema_start": 1.0, "flip": "alternating", "pad": "reflect",
-          "shift": 1, "step_size": 3, "lr_decay": 0.5, "warmup": 1.5,
+          "shift": 1, "warmup_share": 0.3, "step_size": 3, "lr_decay": 0.5, "warmup": 1.5,
           "min_lr": 1e-4, "epochs": 7, "iterations": 90, "batch_size": 16, "patience": 4,
           "time_budget": 90.0, "seed": 11, "checkpoint_every": 2, "snapshot_every": 5}
 

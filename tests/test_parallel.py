@@ -6,7 +6,7 @@ import pytest
 from helpers import assert_close, parallel_hand_offs
 
 from mlp import parallel
-from mlp.arch import build_network
+from mlp.arch import build_convnet
 
 pytestmark = pytest.mark.numerics
 
@@ -90,7 +90,7 @@ def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch,
         monkeypatch.setattr(parallel, "THREADS", n)
         monkeypatch.setattr(parallel, "BLOCK_BYTES", 20_000)  # several blocks per layer
         monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
-        net = build_network(spec, (3, 16, 16), 10, seed=1)
+        net = build_convnet(spec, (3, 16, 16), 10, seed=1)
         loss, grads = net.loss(x, y)
         assert list(net.conv_algorithms().values()) == [algorithm, algorithm, "im2col"]
         return loss, {k: g.copy() for k, g in grads.items()}, net.scores(x)

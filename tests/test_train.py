@@ -55,7 +55,7 @@ def test_early_stopping_restores_the_best_validation_parameters():
                    patience=5)
     assert result.stopped_early and result.epochs_run < 300
     best = max(r["val_acc"] for r in result.history)
-    assert net.evaluate(X[40:], y[40:])[1] == pytest.approx(best)
+    assert net.loss_and_accuracy(X[40:], y[40:])[1] == pytest.approx(best)
 
 
 def test_callback_sees_every_epoch_and_can_stop_training():

@@ -13,7 +13,7 @@ def torch_twin(net, torch):
     """``net`` (an nnx Network) as a ``torch.nn.Sequential`` with the same weights.
 
     Layouts differ in one place only: an nnx Linear holds W as (in, out), torch's
-    weight is (out, in). BatchNorm's momentum weighs the old running value in nnx
+    weight is (out, in). BatchNorm's decay weighs the old running value in nnx
     and the new batch statistic in torch.
     """
     nn = torch.nn
@@ -30,7 +30,7 @@ def torch_twin(net, torch):
             modules.append(nn.MaxPool2d(layer.pool_size, layer.stride))
         elif kind == "batchnorm":
             norm = nn.BatchNorm1d if flat else nn.BatchNorm2d
-            modules.append(norm(layer.num_features, eps=layer.eps, momentum=1.0 - layer.momentum))
+            modules.append(norm(layer.num_features, eps=layer.eps, momentum=1.0 - layer.decay))
         elif kind == "linear":
             modules.append(nn.Linear(layer.in_features, layer.out_features))
         elif kind == "relu":

@@ -44,7 +44,7 @@ def _blocks(n, images):
     return lambda fn: over_blocks(fn, n, block)
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, train):
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, train):
     """As mlp.reference.batchnorm_forward: (out, cache), the running statistics updated
     in place in training."""
     columns, images, P, back = _views(x)
@@ -73,10 +73,10 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, momentum, eps, 
         out[lo:hi] += beta_t
 
     blocks(normalise)
-    running_mean *= momentum
-    running_mean += (1 - momentum) * mean
-    running_var *= momentum
-    running_var += (1 - momentum) * var * (m / max(m - 1, 1))
+    running_mean *= decay
+    running_mean += (1 - decay) * mean
+    running_var *= decay
+    running_var += (1 - decay) * var * (m / max(m - 1, 1))
     return back(out), (centred, gamma, inv_std, P)
 
 
