@@ -11,12 +11,11 @@ weights in and out and a zero bias, so its activation is zero (the sigmoid's
 0.5 is masked to zero), every gradient on it is exactly zero, and every
 optimizer leaves a zero parameter with a zero gradient at zero.
 
-Each trial's arithmetic is the solo ``Network``'s, operation for operation, on
-the trial's own matrices: a trial whose sizes are the stack's widths gets the
-bits it gets alone, whoever shares its stack. A padded trial's products run
-over rows padded with zeros, which BLAS may sum in another order: its numbers
-equal the solo ones to rounding, and depend on the widths only, never on the
-other trials.
+Each trial's numbers equal its solo ``Network``'s to rounding (the stack runs
+other operations: see "forward / backward" below), and depend on the stack's
+widths only, never on the other trials: every product is a BLAS call on the
+trial's own matrices, every other operation elementwise or along the trial's
+own rows.
 
 Every parameter of every trial lives in one array, ``flat``, layer by layer
 ([W; b] of each trial), so that an optimizer step is one pass over the stack;
@@ -417,8 +416,8 @@ class MLPStack:
         return np.concatenate([self.forward(X[i:i + batch_size], train=False).transpose(0, 2, 1)
                                for i in range(0, len(X), batch_size)], axis=1)
 
-    def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int = 1024
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def loss_and_accuracy(self, X: np.ndarray, y: np.ndarray, batch_size: int = 1024
+                          ) -> tuple[np.ndarray, np.ndarray]:
         """(loss including L2, accuracy) per trial, in evaluation mode: two (T,) arrays."""
         if len(X) <= batch_size:
             loss, correct, _ = self.data_loss(self.forward(X, train=False), y, gradient=False)

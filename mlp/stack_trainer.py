@@ -18,8 +18,8 @@ callbacks with their decisions. What happens to one trial happens to it alone:
 A trial that ends leaves the stack (``MLPStack.keep``); the others go on.
 Records are kept as arrays, one column per field and trial, and become each
 trial's ``History``; a trial with a callback gets them as dicts every epoch,
-as the solo loop gives them. Every number is the solo loop's, computed by the
-same operations (see ``mlp.stack`` for what padding changes).
+as the solo loop gives them. Every number is the solo loop's, to rounding (see
+``mlp.stack``).
 """
 from __future__ import annotations
 
@@ -281,8 +281,8 @@ class StackTrainer:
                   "train_acc": correct / seen, "val_loss": math.nan, "val_acc": math.nan,
                   "lr": self.lr}
         if self.validate:
-            record["val_loss"], record["val_acc"] = stack.evaluate(self.X_val, self.y_val,
-                                                                   self.eval_batch_size)
+            record["val_loss"], record["val_acc"] = stack.loss_and_accuracy(
+                self.X_val, self.y_val, self.eval_batch_size)
         record["seconds"] = (time.perf_counter() - started) / in_stack   # each trial's share
         return record
 

@@ -135,7 +135,7 @@ def test_early_stopping_is_per_trial_and_restores_that_trials_best_parameters():
         assert_same_run(net, result, solo_net, solo)
         if spec["patience"] is not None and result.stopped_early:
             best = result.history[result.best_epoch - 1]["val_acc"]
-            assert net.evaluate(DATA.X_val, DATA.y_val)[1] == pytest.approx(best)
+            assert net.loss_and_accuracy(DATA.X_val, DATA.y_val)[1] == pytest.approx(best)
 
 
 def test_other_activations_losses_and_label_smoothing_stack():
@@ -345,3 +345,18 @@ def test_train_result_history_of_a_stacked_trial_is_a_history():
     _, (result,) = stacked([trial([4])], 3, 0)
     assert isinstance(result.history, History) and result.epochs_run == 3
     assert isinstance(TrainResult().history, list)
+
+
+def test_evaluation_in_batches_gives_the_whole_sets_loss_and_accuracy():
+    """Evaluation goes through the rows in batches (eval_batch_size): per trial, the loss
+    and accuracy of the whole set, as each trial's own network computes them."""
+    nets = [build_mlp(2, [6], 3, reg=1e-2, seed=0), build_mlp(2, [4], 3, reg=0.0, seed=1)]
+    stack = MLPStack(nets)
+    X, y = DATA.X_train, DATA.y_train
+    whole, batched = stack.loss_and_accuracy(X, y), stack.loss_and_accuracy(X, y, batch_size=7)
+    assert_close(batched[0], whole[0], 1e-12)
+    np.testing.assert_array_equal(batched[1], whole[1])
+    for t, net in enumerate(nets):
+        loss, accuracy = net.loss_and_accuracy(X, y)
+        assert_close(whole[0][t:t + 1], np.array([loss]), RTOL)
+        assert whole[1][t] == accuracy
