@@ -43,7 +43,14 @@ def _help(name: str, fixed: bool) -> str:
     default = _default(name)
     note = opt.default_help if default is None else opt.format(default)
     # Rich markup: the bracket must be escaped to show literally.
-    return f"{text} \\[default: {note}]" if note and opt.kind != "bool" else text
+    if opt.kind == "bool":
+        note = flag_name(name, default)
+    return f"{text} \\[default: {note}]" if note else text
+
+
+def flag_name(name: str, value: bool) -> str:
+    """``--augment`` or ``--no-augment``: how a bool field's value is written."""
+    return ("--" if value else "--no-") + name.replace("_", "-")
 
 
 def _parameter(name: str, fixed: bool) -> inspect.Parameter:
@@ -52,9 +59,10 @@ def _parameter(name: str, fixed: bool) -> inspect.Parameter:
     opt = OPTIONS[name]
     flag = "--" + name.replace("_", "-")
     if opt.kind == "bool":
-        default = None if fixed else _default(name)
-        info = typer.Option(default, f"{flag}/--no-{name.replace('_', '-')}", help=_help(name, fixed),
-                            rich_help_panel=opt.panel, show_default=not fixed)
+        # None when not given, as every other option: a recipe fills in what the command
+        # line leaves out, and a flag's default must not pass for the user's choice.
+        info = typer.Option(None, f"{flag}/--no-{name.replace('_', '-')}", help=_help(name, fixed),
+                            rich_help_panel=opt.panel, show_default=False)
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                  annotation=bool | None)
     info = typer.Option(None, flag, help=_help(name, fixed), metavar=_metavar(name),

@@ -8,6 +8,7 @@ from helpers import KillAt, flat, make_batches, without_seconds, write_batches
 from typer.testing import CliRunner
 
 from cli.app import app
+from cli.options import config_from_options
 from experiments.config import RECIPES, TrainConfig, apply_recipe, resolve
 from experiments.runner import learning_rate_scales, run
 from mlp.arch import build_convnet
@@ -120,6 +121,12 @@ def test_the_recipe_fills_only_the_options_not_given():
     assert (config.arch, config.schedule, config.batch_size) == ("airbench94", "linear", 1024)
 
 
+def test_a_flag_given_overrides_the_recipe_and_one_left_off_does_not():
+    config = config_from_options({"recipe": "airbench94", "bn_scale": True})
+    assert config.bn_scale is True and config.augment is True
+    assert config_from_options({}).augment is False and config_from_options({}).bn_scale is True
+
+
 def test_the_recipe_trains_end_to_end_from_the_command_line(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("NNX_CONV_ALGORITHM", "im2col")
     out = tmp_path / "run"
@@ -130,6 +137,8 @@ def test_the_recipe_trains_end_to_end_from_the_command_line(data_dir, tmp_path, 
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["recipe"] == "airbench94" and record["config"]["bn_bias_lr"] == 64.0
     assert "--recipe airbench94" in record["command"]
+    # a flag left off the command line is the recipe's, not the flag's default
+    assert record["config"]["augment"] is True and record["config"]["bn_scale"] is False
     result = runner.invoke(app, ["evaluate", str(out), "--data-dir", str(data_dir), "--tta"])
     assert result.exit_code == 0 and "(tta)" in flat(result.output)
 
