@@ -635,10 +635,14 @@ def plot_curves_groups(groups: dict[str, list[pd.DataFrame]], path, title: str =
     set_loss_scale([ax_loss], [c for g in groups.values() for c in g])
     ax_loss.set_ylabel("loss")
     ax_acc.set_ylabel("accuracy")
+    validated = any(has_values(g, "val_acc") for g in groups.values())
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles, labels = ax.get_legend_handles_labels()
-        ax.legend(handles + [best_handle()], labels + ["best validation epoch"], fontsize=7)
+        if validated:      # a run without a validation split has no best epoch to mark
+            handles, labels = handles + [best_handle()], labels + ["best validation epoch"]
+        ax.legend(handles, labels, fontsize=7)
     if title:
         fig.suptitle(title)
     return save(fig, path)

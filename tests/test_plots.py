@@ -1,6 +1,7 @@
 """The plots draw the numbers in the CSVs: every test reads them back from the artists."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -281,6 +282,22 @@ def test_run_curves_mark_the_best_epoch_of_config_json(run_dir, tmp_path):
     star = line_of(fig.axes[1], "best")
     assert star.get_xdata()[0] == record["best_epoch"]
     assert star.get_ydata()[0] == pytest.approx(record["best_val_acc"])
+
+
+def test_run_curves_without_a_validation_split_mark_no_best_epoch(run_dir, tmp_path):
+    """A run trained on every example (--val-size 0) has train curves only: no star, no
+    legend entry for one, and whole epochs on the x axis."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    metrics = pd.read_csv(copy / "metrics.csv")
+    metrics[["val_loss", "val_acc"]] = np.nan
+    metrics.to_csv(copy / "metrics.csv", index=False)
+    fig = plots.plot_curves(copy, tmp_path / "c.png")
+    FigureCanvasAgg(fig).draw()
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train"]
+        assert all(line.get_gid() != "best" for line in ax.get_lines())
+        assert all(float(tick).is_integer() for tick in ax.get_xticks())
 
 
 # ---- heatmap ---------------------------------------------------------------------
