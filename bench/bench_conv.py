@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -164,13 +163,10 @@ def gemm_peak(size: int = 2048, reps: int = 7) -> float:
 
 def machine() -> str:
     """CPU model, cores, and the BLAS with the kernel OpenBLAS picked for this CPU."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     from threadpoolctl import threadpool_info
+
+    from experiments.environment import cpu_model
+    model = cpu_model() or "unknown CPU"
     blas = [f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')}, "
             f"{i.get('num_threads')} thread{'s' if i.get('num_threads') != 1 else ''}"
             for i in threadpool_info() if i.get("user_api") == "blas"]

@@ -32,13 +32,10 @@ from mlp.train import train  # noqa: E402
 
 def machine() -> str:
     """The CPU model and the BLAS kernel, to print beside every figure."""
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     from threadpoolctl import threadpool_info
+
+    from experiments.environment import cpu_model
+    model = cpu_model() or "unknown CPU"
     blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} kernels)"
             for i in threadpool_info() if i.get("user_api") == "blas"]
     load = os.getloadavg()[0]
