@@ -84,6 +84,19 @@ def write_batches(data_dir: Path, batches: dict[str, dict]) -> Path:
     return folder
 
 
+def cifar_dir(root: Path, seed: int, per_batch: int) -> Path:
+    """A data directory holding a CIFAR-10 stand-in of ``per_batch`` images a batch."""
+    write_batches(root, make_batches(seed=seed, per_batch=per_batch))
+    return root
+
+
+def unwritable_path(tmp_path: Path, where: str) -> str:
+    """An output path nnx cannot create: ``where`` as is when absolute (under /proc),
+    else under ``tmp_path``, where a file named ``file`` stands in for a folder."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    return where if where.startswith("/") else str(tmp_path / where)
+
+
 # ---- runs ----------------------------------------------------------------------------------
 class KillAt(Callback):
     """Interrupts training at the end of ``epoch``, as Ctrl-C would."""

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import conv_net, flat, one_error_line
+from helpers import conv_net, flat, one_error_line, unwritable_path
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -211,7 +211,6 @@ def test_an_animation_file_must_be_gif_or_mp4(run_dir, tmp_path):
 
 @pytest.mark.parametrize("where", ["file/a.gif", "/proc/nnx-animation.gif"])
 def test_an_unwritable_animation_file_is_refused_before_drawing(run_dir, tmp_path, where):
-    (tmp_path / "file").write_text("not a folder")
-    target = where if where.startswith("/") else str(tmp_path / where)
+    target = unwritable_path(tmp_path, where)
     result = runner.invoke(app, ["plot-boundary", str(run_dir), "--animate", target])
     assert result.exit_code == 2 and "Invalid value for '--animate'" in flat(result.output)

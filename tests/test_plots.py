@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import conv_net, flat, one_error_line
+from helpers import conv_net, flat, one_error_line, unwritable_path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.text import Text
@@ -423,8 +423,7 @@ def test_a_bad_format_is_a_usage_error(run_dir):
 @pytest.mark.parametrize("command", ["plot-boundary", "plot-variance", "plot-curves", "plot-sweep",
                                      "plot-filters", "evaluate"])
 def test_an_unwritable_output_file_is_refused_before_drawing(sweep_dir, run_dir, tmp_path, command, where):
-    (tmp_path / "file").write_text("a file, not a folder")
-    target = where if where.startswith("/") else str(tmp_path / where)
+    target = unwritable_path(tmp_path, where)
     option = "--plot" if command == "evaluate" else "--out"
     if command == "plot-filters":
         conv_net().save(tmp_path / "conv.npz")

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import KillAt, flat, make_batches, without_seconds, write_batches
+from helpers import KillAt, cifar_dir, flat, without_seconds
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -20,9 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_batches(root, make_batches(seed=4, per_batch=40))
-    return root
+    return cifar_dir(tmp_path_factory.mktemp("cifar"), seed=4, per_batch=40)
 
 
 # ---- whitening ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
-from helpers import flat, make_batches, one_error_line, write_batches
+from helpers import flat, make_batches, one_error_line, unwritable_path, write_batches
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -207,8 +207,7 @@ def test_a_missing_folder_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("where", ["file/report.html", "/proc/nnx-report.html"])
 def test_an_unwritable_report_file_is_refused_before_drawing(run_dir, tmp_path, where):
-    (tmp_path / "file").write_text("a file")
-    target = where if where.startswith("/") else str(tmp_path / where)
+    target = unwritable_path(tmp_path, where)
     result = runner.invoke(app, ["report", str(run_dir), "--out", target])
     assert result.exit_code == 2 and "Invalid value for '--out'" in flat(result.output)
 
