@@ -43,9 +43,12 @@ TORCH_THREADS = 2
 # (airbench94's layout: a 2x2 whitening conv 3->24 without padding, 32 -> 31, then
 # conv groups of 64/256/256 filters, conv-pool-bn-act-conv-bn-act, a final 3x3
 # max-pool to 1x1), ReLU standing in for GELU until its preset exists.
+# wide5x5: 5x5 convs with 32-128 filters, where Winograd F(2x2, 5x5) pays (convnetjs's
+# 16-20 filters are too few for its transforms to pay).
 SPECS = {
     "airbench": "conv24x2p0-conv64x3-pool2-bn-conv64x3-bn-conv256x3-pool2-bn-conv256x3-bn-"
                 "conv256x3-pool2-bn-conv256x3-bn-pool3-fc10",
+    "wide5x5": "conv32x5-pool2-bn-conv64x5-pool2-bn-conv128x5-pool2-bn-pool4-fc10",
 }
 
 

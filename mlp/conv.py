@@ -46,7 +46,8 @@ class Conv2D(Layer):
     and for a small-channel input it is the costliest part of the backward.
 
     ``algorithm`` is how the fast kernels compute it: im2col, or Winograd
-    F(2x2, 3x3) / F(4x4, 3x3) for 3x3 stride-1 layers (mlp/kernels/conv.py).
+    F(2x2, 3x3) / F(4x4, 3x3) for 3x3 and F(2x2, 5x5) for 5x5 stride-1 layers
+    (mlp/kernels/conv.py).
     None until the first forward measures the candidates; set it (or load a
     model file that recorded it) to fix the rounding a run gets.
     """
@@ -292,7 +293,7 @@ def _fitted_whiten(rng):
 
 
 def _winograd(layer, tile):
-    """The layer, set to run Winograd F(tile x tile, 3x3)."""
+    """The layer, set to run Winograd F(tile x tile, r x r), r its kernel size."""
     layer.algorithm = f"winograd{tile}"
     return layer
 
@@ -313,6 +314,10 @@ def gradcheck_cases(rng: np.random.Generator):
          _winograd(Conv2D(3, 2, 3, 1, 1, rng=rng, dtype=f64), 4), rng.standard_normal((2, 3, 7, 6)), None),
         ("Conv2D 3x3 Winograd F(4x4), no pad",
          _winograd(Conv2D(2, 3, 3, 1, 0, rng=rng, dtype=f64), 4), rng.standard_normal((1, 2, 7, 9)), None),
+        ("Conv2D 5x5 Winograd F(2x2), pad 2, odd sizes",
+         _winograd(Conv2D(2, 3, 5, 1, 2, rng=rng, dtype=f64), 2), rng.standard_normal((2, 2, 7, 5)), None),
+        ("Conv2D 5x5 Winograd F(2x2), pad 1",
+         _winograd(Conv2D(2, 2, 5, 1, 1, rng=rng, dtype=f64), 2), rng.standard_normal((1, 2, 6, 8)), None),
         ("Whiten 2x2 (fitted), no pad", _fitted_whiten(rng), rng.standard_normal((2, 2, 4, 5)), None),
         ("MaxPool2D 2x2", MaxPool2D(2), _distinct(rng, (2, 2, 4, 6)), None),
         ("MaxPool2D 2x2 on odd sizes", MaxPool2D(2), _distinct(rng, (2, 2, 5, 7)), None),

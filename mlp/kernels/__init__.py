@@ -7,7 +7,8 @@ reference on random shapes:
 
   im2col.py      convolution as im2col + one matrix product, in cache-sized
                  blocks of images on all cores (any kernel size, stride, padding)
-  winograd.py    3x3 stride-1 convolution as Winograd F(2x2, 3x3) / F(4x4, 3x3)
+  winograd.py    3x3 and 5x5 stride-1 convolution as Winograd F(2x2, 3x3),
+                 F(4x4, 3x3) and F(2x2, 5x5)
   conv.py        which of the two a Conv2D runs (measured per layer shape, or
                  forced with NNX_CONV_ALGORITHM), and the channels-last layout
   pool.py        max-pooling: the 2x2 tournament, strided window views

@@ -7,8 +7,9 @@ conv gets its NHWC input without a transposing copy.
 
 Algorithms:
   im2col      any kernel, stride and padding (mlp/kernels/im2col.py)
-  winograd2   Winograd F(2x2, 3x3): 3x3, stride 1, padding <= 2 (mlp/kernels/winograd.py)
-  winograd4   Winograd F(4x4, 3x3): the same layers, fewer multiplications, more rounding
+  winograd2   Winograd F(2x2, 3x3) or F(2x2, 5x5): 3x3 and 5x5 kernels, stride 1,
+              padding < kernel size (mlp/kernels/winograd.py)
+  winograd4   Winograd F(4x4, 3x3): 3x3 kernels, fewer multiplications, more rounding
 
 A layer's algorithm is chosen the first time it runs, by timing the
 candidates on its real input (forward and backward, in turns, the best of
@@ -54,7 +55,13 @@ def nchw(x: np.ndarray) -> np.ndarray:
 
 
 def applies(algorithm: str, kernel_size: int, stride: int, padding: int) -> bool:
-    return algorithm == "im2col" or winograd.supports(kernel_size, stride, padding)
+    return algorithm == "im2col" or (algorithm in _TILE and winograd.supports(
+        kernel_size, stride, padding, _TILE[algorithm]))
+
+
+def candidates(kernel_size: int, stride: int, padding: int) -> tuple[str, ...]:
+    """The algorithms that apply to a conv of this kernel size, stride and padding."""
+    return tuple(name for name in ALGORITHMS if applies(name, kernel_size, stride, padding))
 
 
 def forced_algorithm() -> str | None:
@@ -91,12 +98,12 @@ def choose(x, w, stride: int, padding: int, input_grad: bool = True) -> str:
     N, _, H, W = x.shape
     if not winograd.supports(K, stride, padding) or min(C, F) < MIN_WINOGRAD_CHANNELS:
         return "im2col"
-    Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
+    Ho, Wo = H + 2 * padding - K + 1, W + 2 * padding - K + 1
     if 2 * N * Ho * Wo * F * C * K * K < MIN_MEASURED_FLOPS:
         return "im2col"
     key = (x.shape, w.shape, stride, padding, x.dtype.str, input_grad, parallel.THREADS)
     if key not in _chosen:
-        _chosen[key] = fastest(x, w, stride, padding, input_grad)
+        _chosen[key] = fastest(x, w, stride, padding, input_grad, candidates(K, stride, padding))
     return _chosen[key]
 
 
