@@ -32,13 +32,26 @@ def zero_bordered(workspace: dict, name: str, shape, dtype) -> np.ndarray:
 
 
 def im2col(xp, cols, K, S, Ho, Wo):
-    """Receptive fields of xp: (n, Hp, Wp, C) into cols: (n*Ho*Wo, K*K*C), one row per
-    output position, columns in (kh, kw, c) order. Kernel row kh of output (i, j)'s
-    field is the K*C contiguous numbers xp[n, i*S + kh, j*S : j*S + K, :]."""
+    """Receptive fields of xp: (n, Hp, Wp, C) into the first K*K*C columns of cols:
+    (n*Ho*Wo, K*K*C [+ 1]), one row per output position, columns in (kh, kw, c) order.
+    Kernel row kh of output (i, j)'s field is the K*C contiguous numbers
+    xp[n, i*S + kh, j*S : j*S + K, :]."""
     n, _, _, C = xp.shape
     sN, sH, sW, sC = xp.strides
     windows = as_strided(xp, (n, Ho, Wo, K, K * C), (sN, S * sH, S * sW, sH, sC), writeable=False)
-    cols.reshape(n, Ho, Wo, K, K * C)[...] = windows
+    row, item = cols.strides
+    fields = as_strided(cols, (n, Ho, Wo, K, K * C), (Ho * Wo * row, Wo * row, row, K * C * item, item))
+    fields[...] = windows
+
+
+def with_ones(rows: int, fields: int, dtype) -> np.ndarray:
+    """An (rows, fields + 1) array for im2col rows and a last column of ones: the bias
+    row of [W; b] then rides in the matrix product (forward), and the upstream
+    gradient's column sums, db, come out of the weight gradient's (backward),
+    instead of a pass of their own over the output."""
+    cols = np.empty((rows, fields + 1), dtype)
+    cols[:, -1] = 1
+    return cols
 
 
 def _images_per_block(numbers_per_image, dtype):
@@ -53,19 +66,16 @@ def forward(x, w, b, stride: int, padding: int, workspace: dict) -> np.ndarray:
     Ho, Wo = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
     xp = zero_bordered(workspace, "xp", (N, H + 2 * P, W + 2 * P, C), w.dtype)
     out = np.empty((N * Ho * Wo, F), w.dtype)
-    # W as a (kh, kw, c) x F matrix, matching the column order of the im2col rows.
-    w_mat = w.transpose(2, 3, 1, 0).reshape(K * K * C, F)
+    # [W; b]: W as a (kh, kw, c) x F matrix, matching the column order of the im2col
+    # rows, then b against their column of ones.
+    w_mat = np.concatenate([w.transpose(2, 3, 1, 0).reshape(K * K * C, F), b[None, :]])
     rows = Ho * Wo
-    # b repeated for every position of an image: added to whole images, the loop runs
-    # long (added to each (F,) row, NumPy's loop runs F numbers at a time).
-    b_image = np.tile(b, rows)
 
     def block(lo, hi):
         xp[lo:hi, P:P + H, P:P + W, :] = x[lo:hi]
-        cols = np.empty(((hi - lo) * rows, K * K * C), w.dtype)
+        cols = with_ones((hi - lo) * rows, K * K * C, w.dtype)
         im2col(xp[lo:hi], cols, K, S, Ho, Wo)
         np.matmul(cols, w_mat, out=out[lo * rows:hi * rows])
-        out[lo * rows:hi * rows].reshape(hi - lo, rows * F)[...] += b_image
 
     over_blocks(block, N, _images_per_block(rows * K * K * C, w.dtype))
     return out.reshape(N, Ho, Wo, F)
@@ -93,15 +103,16 @@ def backward(dout, x_shape, w, stride: int, padding: int, workspace: dict, input
 
     def block(lo, hi):
         d = dflat[lo * rows:hi * rows]
-        cols = np.empty(((hi - lo) * rows, K * K * C), dtype)
+        cols = with_ones((hi - lo) * rows, K * K * C, dtype)
         im2col(xp[lo:hi], cols, K, S, Ho, Wo)
         if by_convolution:
             _input_grad_by_convolution(d.reshape(hi - lo, Ho, Wo, F), dp[lo:hi], w_flipped, dx[lo:hi], K, P)
-        return cols.T @ d, np.ones(len(d), dtype) @ d
+        return cols.T @ d       # [dW; db]
 
     per_image = rows * K * K * max(C, F if by_convolution else 0)
     parts = over_blocks(block, N, _images_per_block(per_image, dtype))
-    dw, db = sum_in_order([p[0] for p in parts]), sum_in_order([p[1] for p in parts])
+    dw_db = sum_in_order(parts)
+    dw, db = dw_db[:-1], np.ascontiguousarray(dw_db[-1])
     dw = np.ascontiguousarray(dw.reshape(K, K, C, F).transpose(3, 2, 0, 1))
     if not input_grad:
         return None, dw, db

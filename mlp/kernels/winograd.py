@@ -227,7 +227,9 @@ def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict |
         V = input_transform(gather_tiles(xp[lo:hi], m, r, Th, Tw), m, r).reshape(a * a, -1, C)
         M = np.matmul(V, U)
         Y = output_transform(M.reshape(a, a, -1), m, r).reshape(m, m, n, Th, Tw, F)
-        Y.reshape(-1, Th * Tw * F)[...] += b_tiles   # long rows: see im2col.forward
+        # b repeated for every tile, added to whole rows: NumPy loops long (added to each
+        # (F,) row, it would loop F numbers at a time)
+        Y.reshape(-1, Th * Tw * F)[...] += b_tiles
         tiled = Y.transpose(2, 3, 0, 4, 1, 5)          # (n, Th, m, Tw, m, F): NHWC order
         if Ho == m * Th and Wo == m * Tw:
             np.copyto(out[lo:hi].reshape(n, Th, m, Tw, m, F), tiled)
