@@ -18,6 +18,10 @@
         100): the measurement behind the default stack size (experiments/stacks.py)
     python bench/bench_sweep.py --padding
         the width groups of a sweep of dense hidden sizes and the work padding adds
+    python bench/bench_sweep.py --products [--seeds 1000]
+        a floor under the seed-variance study: the time of its matrix products alone
+        (the batched products a stack of 2-3-3 or 2-100-3 nets makes in one epoch and
+        one validation pass, float64, one BLAS thread), against the float64 GEMM peak
 
 Times are wall clock and the CPU time of the driver and its workers together; this
 machine's cores may be shared with other work, which the CPU time is less moved by.
@@ -142,6 +146,70 @@ def variance_study(seeds: int, workers: int, out: Path | None) -> None:
                                                            if out.is_relative_to(folder) else ""))
 
 
+def products_floor(seeds: int) -> None:
+    """The study's matrix products alone, timed with the shapes and memory layouts
+    ``mlp.stack.MLPStack`` gives them: per trial and epoch, the five products of a
+    full-batch training step on 240 examples and the two of a validation pass on
+    60, for a stack of the size the sweep would pick; then the study's total of
+    them spread over two cores (everything else a stack does, costing nothing)."""
+    from threadpoolctl import threadpool_limits
+
+    from experiments.config import TrainConfig
+    from experiments.stacks import auto_stack_size
+    rng = np.random.default_rng(0)
+    print(f"the variance study's matrix products alone ({seeds} seeds x 2 regs per hidden size, "
+          f"4,000 epochs), float64, one BLAS thread; {machine()}")
+    total = 0.0
+    with threadpool_limits(limits=1, user_api="blas"):
+        a = rng.standard_normal((1024, 1024))
+        peak = 2 * 1024 ** 3 / min(_seconds(lambda: a @ a) for _ in range(5)) / 1e9
+        for h in (3, 100):
+            t = auto_stack_size(TrainConfig(), (2, h, 3))
+            epoch, flops = _epoch_products(h, t, rng)
+            study = 2 * seeds * 4000 * epoch
+            total += study
+            print(f"  2-{h}-3, stacks of {t}: {epoch * 1e6:6.1f} us per trial and epoch, "
+                  f"{flops / epoch / 1e9:5.1f} GFLOP/s; the study's {2 * seeds:,} such trials: "
+                  f"{study:6.1f} s on one core")
+    print(f"  float64 GEMM peak (1024^3 np.matmul, one thread): {peak:.0f} GFLOP/s")
+    print(f"  the products alone, on two cores: {total / 2:.0f} s "
+          f"({total / 2 / 120:.2f}x the 2-minute target)")
+
+
+def _epoch_products(h: int, t: int, rng) -> tuple[float, float]:
+    """Seconds and FLOPs per trial of one epoch's products in a stack of t 2-h-3 nets:
+    [x, 1] @ [W1; b1], the output layer's product, and in training the weight
+    gradients and the hidden gradient, on 240 training and 60 validation rows."""
+    from mlp.stack import WIDE
+    W1, W2 = rng.standard_normal((t, 3, h)), rng.standard_normal((t, h + 1, 3))
+    W2T = W2[:, :-1].transpose(0, 2, 1)
+    g1, g2 = np.empty((t, 3, h)), np.empty((t, h + 1, 3))
+    calls, flops = [], 0
+    for n, train in ((240, True), (60, False)):
+        x = np.concatenate([rng.standard_normal((n, 2)), np.ones((n, 1))], axis=1)
+        z, dz = np.empty((t, n, h + 1)), np.empty((t, n, h + 1))
+        d, scores = rng.standard_normal((t, n, 3)), np.empty((t, n, 3))
+        calls.append(lambda x=x, z=z: np.matmul(x, W1, out=z[..., :-1]))
+        if h + 1 >= WIDE:
+            calls.append(lambda z=z, s=scores: np.matmul(z, W2, out=s))
+        else:
+            calls.append(lambda z=z: np.matmul(W2.transpose(0, 2, 1), z.transpose(0, 2, 1)))
+        flops += 2 * n * (3 * h + (h + 1) * 3)
+        if train:
+            calls += [lambda z=z, d=d: np.matmul(z.transpose(0, 2, 1), d, out=g2),
+                      lambda d=d, dz=dz: np.matmul(d, W2T, out=dz[..., :-1]),
+                      lambda x=x, dz=dz: np.matmul(x.T, dz[..., :-1], out=g1)]
+            flops += 2 * n * ((h + 1) * 3 + 3 * h + 3 * h)
+    seconds = statistics.median(_seconds(lambda: [c() for c in calls]) for _ in range(200)) / t
+    return seconds, flops
+
+
+def _seconds(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
 def stack_sizes() -> None:
     from threadpoolctl import threadpool_limits
 
@@ -201,7 +269,12 @@ def main() -> None:
     parser.add_argument("--stack-sizes", action="store_true", help="only time stacks of 4 to 64 trials")
     parser.add_argument("--padding", action="store_true", help="only show what padding adds to a "
                         "sweep of dense hidden sizes")
+    parser.add_argument("--products", action="store_true", help="only time the variance study's "
+                        "matrix products (a floor under its time)")
     args = parser.parse_args()
+    if args.products:
+        products_floor(args.seeds)
+        return
     if args.stack_sizes:
         stack_sizes()
         return

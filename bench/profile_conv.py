@@ -7,7 +7,7 @@ optimizer step, timed in place. PyTorch (2 threads, channels_last unless
 (conv forward, conv backward, pool, batch norm, ...) side by side.
 
     python bench/profile_conv.py [--model conv6bn] [--gelu] [--steps 5] [--nchw] [--one-thread]
-    python bench/profile_conv.py --model airbench     # the 94 % issue's network (bench_conv.SPECS)
+    python bench/profile_conv.py --model airbench94   # the 94 % issue's network
     python bench/profile_conv.py --gelu-forms         # the tanh and erf forms of GELU, timed
 """
 from __future__ import annotations
