@@ -112,7 +112,7 @@ def backward(dout, x_shape, w, stride: int, padding: int, workspace: dict, input
     per_image = rows * K * K * max(C, F if by_convolution else 0)
     parts = over_blocks(block, N, _images_per_block(per_image, dtype))
     dw_db = sum_in_order(parts)
-    dw, db = dw_db[:-1], np.ascontiguousarray(dw_db[-1])
+    dw, db = dw_db[:-1], dw_db[-1]
     dw = np.ascontiguousarray(dw.reshape(K, K, C, F).transpose(3, 2, 0, 1))
     if not input_grad:
         return None, dw, db

@@ -69,8 +69,6 @@ _F2_5 = (_BT6,
                    [1 / 24, -1 / 12, 1 / 6, -1 / 3, 2 / 3], [0, 0, 0, 0, 1]]),
          np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1]], float))
 MATRICES = {(2, 3): _F2, (4, 3): _F4, (2, 5): _F2_5}   # (m, r): (B^T, G, A^T)
-KERNEL_SIZES = tuple(sorted({r for _, r in MATRICES}))
-
 
 # Bytes of transformed input and output (V and M) per block of images. Smaller
 # blocks keep the transforms in cache, larger ones make taller GEMMs; measured
