@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlp.kernels.elementwise import zeros_like_rows
 from mlp.layers import Dropout, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from mlp.network import Network
 
@@ -295,8 +296,8 @@ class MLPStack:
         drop = self._dropout_mask(k, z1.shape[1]) if train and self.has_dropout[k] else None
         if kind in ("relu", "leaky_relu"):
             if not train:
-                if kind == "relu":
-                    return np.maximum(z1, 0, out=z1)
+                if kind == "relu":                       # against zeros: see zeros_like_rows
+                    return np.maximum(z1, zeros_like_rows(z1, len(z1)), out=z1)
             factor = np.greater(z1, 0, out=self._buffer("factor", k, z1.shape[1], 1.0))
             if kind == "leaky_relu":                     # 1 where z > 0, alpha elsewhere
                 factor *= 1 - self.alpha

@@ -13,6 +13,11 @@ from mlp.parallel import MIN_PARALLEL_SIZE, block_size, over_batch, over_blocks
 from mlp.reference import GELU_C, GELU_K
 
 BLOCK_BYTES = 1 << 20
+_zeros: dict[tuple, np.ndarray] = {}
+
+
+def _images_per_block(x):
+    return block_size(x[0].size * x.itemsize, BLOCK_BYTES)
 
 
 def _in_blocks(fn, x):
@@ -20,7 +25,20 @@ def _in_blocks(fn, x):
     small work)."""
     if x.size < MIN_PARALLEL_SIZE:
         return fn(0, len(x))
-    return over_blocks(fn, len(x), block_size(x[0].size * x.itemsize, BLOCK_BYTES))
+    return over_blocks(fn, len(x), _images_per_block(x))
+
+
+def zeros_like_rows(x, n: int) -> np.ndarray:
+    """A read-only array of zeros like x[:n], in x's memory order, kept for the next
+    call. np.maximum(x, zeros) runs 2-3x faster than np.maximum(x, 0) (measured
+    here, NumPy 2.4: 42 against 128 us a MiB of float32): against a scalar it takes
+    a loop that is not vectorised."""
+    key = (x.shape[1:], x.strides[1:], x.dtype.str, n)
+    zeros = _zeros.get(key)
+    if zeros is None:
+        zeros = _zeros[key] = np.zeros_like(x[:n])
+        zeros.flags.writeable = False
+    return zeros
 
 
 def relu_forward(x):
@@ -28,10 +46,11 @@ def relu_forward(x):
     if x.size < MIN_PARALLEL_SIZE:
         return np.maximum(x, 0), x > 0
     mask, out = np.empty_like(x, dtype=bool), np.empty_like(x)
+    zeros = zeros_like_rows(x, min(len(x), _images_per_block(x)))
 
     def rows(lo, hi):
         np.greater(x[lo:hi], 0, out=mask[lo:hi])
-        np.maximum(x[lo:hi], 0, out=out[lo:hi])
+        np.maximum(x[lo:hi], zeros[:hi - lo], out=out[lo:hi])
 
     _in_blocks(rows, x)
     return out, mask
