@@ -36,6 +36,8 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
     monkeypatch.setattr(winograd, "BLOCK_BYTES", 40_000)
     monkeypatch.setattr(winograd, "MIN_ROWS", 4)
+    monkeypatch.setattr(elementwise, "MIN_PARALLEL_SIZE", 1)     # its own copy of the name
+    monkeypatch.setattr(elementwise, "BLOCK_BYTES", 4_000)
     monkeypatch.delenv("NNX_CONV_ALGORITHM", raising=False)
     monkeypatch.delenv("NNX_KERNELS", raising=False)
 
@@ -136,8 +138,9 @@ def test_batchnorm_kernels_match_the_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(3, 4), (1, 5, 3, 3), (6, 8, 7, 5)])
+@pytest.mark.parametrize("shape", [(3, 4), (1, 5, 3, 3), (6, 8, 7, 5), (7, 8, 7, 5)])
 def test_elementwise_kernels_match_the_reference(shape, dtype):
+    """In blocks of a few images (the last one shorter for 7 images), on two threads."""
     rng = np.random.default_rng(sum(shape))
     x = nhwc_memory(3 * rng.standard_normal(shape).astype(dtype)) if len(shape) == 4 else \
         3 * rng.standard_normal(shape).astype(dtype)
