@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlp.kernels.elementwise import zeros_like_rows
 from mlp.layers import Dropout, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from mlp.network import Network
 
@@ -289,6 +288,15 @@ class MLPStack:
             self._buffers[key] = buffer
         return buffer
 
+    def _zeros(self, shape: tuple) -> np.ndarray:
+        """Zeros of this shape, kept with the stack's buffers (and dropped with them when
+        trials leave): np.maximum against an array of zeros is vectorised, against the
+        scalar 0 it is not (see mlp.kernels.elementwise.zeros_like_rows)."""
+        zeros = self._buffers.get(("zeros", shape))
+        if zeros is None:
+            zeros = self._buffers["zeros", shape] = np.zeros(shape, self.dtype)
+        return zeros
+
     def _activate(self, z1: np.ndarray, k: int, train: bool) -> np.ndarray | None:
         """Hidden layer k's activation (and dropout), in place on z1 = [z, 1] (the ones
         stay ones); in training, the factor (T, n, w + 1) its backward multiplies by."""
@@ -296,8 +304,8 @@ class MLPStack:
         drop = self._dropout_mask(k, z1.shape[1]) if train and self.has_dropout[k] else None
         if kind in ("relu", "leaky_relu"):
             if not train:
-                if kind == "relu":                       # against zeros: see zeros_like_rows
-                    return np.maximum(z1, zeros_like_rows(z1, len(z1)), out=z1)
+                if kind == "relu":
+                    return np.maximum(z1, self._zeros(z1.shape), out=z1)
             factor = np.greater(z1, 0, out=self._buffer("factor", k, z1.shape[1], 1.0))
             if kind == "leaky_relu":                     # 1 where z > 0, alpha elsewhere
                 factor *= 1 - self.alpha
