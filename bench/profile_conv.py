@@ -2,7 +2,8 @@
 
 One step = forward + backward + SGD-momentum update at batch 128, float32, as
 bench_conv.py times it. nnx: each layer's forward and backward and the
-optimizer step, timed in place. PyTorch (2 threads, channels_last unless
+optimizer step, timed in place (a fused pair, conv+maxpool2d or batchnorm+relu,
+as one; NNX_FUSION=off times them apart). PyTorch (2 threads, channels_last unless
 --nchw): torch.profiler's self time per operator. Both summed by kind
 (conv forward, conv backward, pool, batch norm, ...) side by side.
 
@@ -73,6 +74,11 @@ def nnx_profile(spec: str, X, y, steps: int, gelu: bool):
     for i, layer in enumerate(net.layers):
         layer.forward = timed(layer.forward, f"{i:2d} {layer.kind} forward", totals)
         layer.backward = timed(layer.backward, f"{i:2d} {layer.kind} backward", totals)
+        if i + 1 < len(net.layers) and layer.fuses_with(net.layers[i + 1]):
+            # a fused step (NNX_FUSION=off times the layers apart)
+            pair = f"{i:2d} {layer.kind}+{net.layers[i + 1].kind}"
+            layer.forward_fused = timed(layer.forward_fused, f"{pair} forward", totals)
+            layer.backward_fused = timed(layer.backward_fused, f"{pair} backward", totals)
     opt.step = timed(opt.step, "optimizer step", totals)
     started = CLOCK()
     for _ in range(steps):

@@ -20,7 +20,7 @@ from mlp.kernels import batchnorm as batchnorm_kernels
 from mlp.kernels import conv as conv_kernels
 from mlp.kernels import pool as pool_kernels
 from mlp.kernels import reference_kernels
-from mlp.layers import Layer, register
+from mlp.layers import GELU, Layer, ReLU, register
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, axis: str = "") -> int:
@@ -110,6 +110,33 @@ class Conv2D(Layer):
         self.cache = ("fast", cache)
         return out
 
+    def fuses_with(self, following):
+        """A 2x2 max-pool after the conv: the conv's output is pooled block by block in
+        cache and never written out whole (nor its gradient, in the backward)."""
+        return (type(following) is MaxPool2D and following.pool_size == following.stride == 2
+                and conv_kernels.fuses(self.kernel_size, self.stride, self.padding, self.input_grad))
+
+    def forward_fused(self, x, following):
+        self._check_dtype(x)
+        F, Ho, Wo = self.output_shape(x.shape[1:])   # the conv's output, the pool's input
+        following.output_shape((F, Ho, Wo))          # refuses a window that does not fit
+        w, b, S, P = self.params["W"], self.params["b"], self.stride, self.padding
+        self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, w, S, P, self.input_grad)
+        pool, out, pool_cache = pool_kernels.tournament_epilogue(len(x), Ho, Wo, F, w.dtype)
+        _, cache = conv_kernels.forward(self.algorithm, x, w, b, S, P, self.workspace, True, epilogue=pool)
+        self.cache = ("fused", cache, pool_cache)
+        following.forget()
+        return out
+
+    def backward_fused(self, dout):
+        _, cache, pool_cache = self.cache
+        dx, dw, db = conv_kernels.backward(
+            None, cache, self.input_grad,
+            prologue=lambda lo, hi: pool_kernels.maxpool_backward_block(dout, pool_cache, lo, hi))
+        self.grads["W"][...] = dw
+        self.grads["b"][...] = db
+        return dx if self.input_grad else None
+
     def backward(self, dout):
         """dout: (N, F, Ho, Wo) -> dx: (N, C, H, W), or None without ``input_grad``."""
         kernels, cache = self.cache
@@ -162,6 +189,9 @@ class MaxPool2D(Layer):
         kernels, cache = self.cache
         return kernels.maxpool_backward(dout, cache)[0]
 
+    def forget(self):
+        self.cache = None
+
 
 @register
 class BatchNorm(Layer):
@@ -205,7 +235,7 @@ class BatchNorm(Layer):
             raise ValueError(f"batchnorm expects {self.num_features} features, got {input_shape[0]}")
         return input_shape
 
-    def forward(self, x, train=False):
+    def _check_input(self, x, train):
         self._check_dtype(x)
         if train and x.size // max(x.shape[1], 1) < 2:
             raise ValueError("batchnorm in training needs at least two values per feature to "
@@ -214,6 +244,9 @@ class BatchNorm(Layer):
             raise ValueError(f"batchnorm takes (N, D) or (N, C, H, W) inputs, got shape {x.shape}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"batchnorm expects {self.num_features} features, got {x.shape[1]}")
+
+    def forward(self, x, train=False):
+        self._check_input(x, train)
         kernels = reference if reference_kernels() else batchnorm_kernels
         out, cache = kernels.batchnorm_forward(
             x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
@@ -225,6 +258,22 @@ class BatchNorm(Layer):
         kernels, cache = self.cache
         dx, self.grads["gamma"][...], self.grads["beta"][...] = kernels.batchnorm_backward(dout, cache)
         return dx
+
+    def fuses_with(self, following):
+        """A ReLU or GELU after the batch norm: applied in the batch norm's last pass
+        over each block, its derivative used in the batch norm's first pass back."""
+        return type(following) in (ReLU, GELU)
+
+    def forward_fused(self, x, following):
+        self._check_input(x, True)
+        out, cache = batchnorm_kernels.batchnorm_forward(
+            x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],
+            self.buffers["running_var"], self.decay, self.eps, True, activation=following.kind)
+        self.cache = (batchnorm_kernels, cache)
+        following.forget()
+        return out
+
+    backward_fused = backward   # the cache holds the activation's derivative
 
 
 @register

@@ -46,6 +46,28 @@ class Layer:
     def backward(self, dout: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def fuses_with(self, following: Layer) -> bool:
+        """Whether ``forward_fused(x, following)`` can train this layer and the next as
+        one step: the fast kernels of both in one go over each block of the batch, so
+        the block between them stays in cache. Networks ask in training, unless
+        NNX_KERNELS=reference or NNX_FUSION=off."""
+        return False
+
+    def forward_fused(self, x: np.ndarray, following: Layer) -> np.ndarray:
+        """This layer then ``following``, in training: ``following``'s output, the same
+        numbers as the two forwards. ``following`` keeps no cache: the backward of the
+        pair is this layer's ``backward_fused``."""
+        raise NotImplementedError
+
+    def backward_fused(self, dout: np.ndarray) -> np.ndarray:
+        """The gradient on this layer's input from the upstream gradient of the
+        ``following`` layer it was fused with; fills both layers' grads."""
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """Drop what the last forward cached: a fused step ran this layer's forward inside
+        the layer before it, so a cache left here would be a stale one."""
+
     def arguments(self) -> dict:
         """Constructor arguments (JSON values) that rebuild this layer's shape."""
         return {}
@@ -140,6 +162,9 @@ class ReLU(Layer):
     def backward(self, dout):
         return self.kernels.relu_backward(dout, self.mask)
 
+    def forget(self):
+        self.mask = None
+
 
 @register
 class GELU(Layer):
@@ -172,6 +197,9 @@ class GELU(Layer):
             return elementwise.gelu_backward(dout, self.slope)
         cache = self.cache if self.cache is not None else reference.gelu_forward(self.x)[1]
         return reference.gelu_backward(dout, cache)
+
+    def forget(self):
+        self.x = self.slope = self.cache = None
 
 
 @register

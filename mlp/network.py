@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 import mlp.conv  # noqa: F401  registers the conv layer types, so load() can rebuild them
+from mlp.kernels import fused_layers
 from mlp.layers import ACTIVATIONS, Dropout, Layer, Linear, layer_from_spec
 from mlp.losses import LOSSES
 from mlp.parallel import single_blas_thread
@@ -69,20 +70,32 @@ class Network:
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.dtype = np.dtype(dtype)
         self.metadata = dict(metadata or {})
+        self._steps: list[tuple[Layer, bool]] | None = None   # the last forward's, for backward
 
     # ---- forward / backward ---------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
-        """x: (N, *input_shape) -> scores: (N, C)."""
+        """x: (N, *input_shape) -> scores: (N, C). In training, a layer and the next run
+        as one fused step where the first ``fuses_with`` the second (mlp/kernels)."""
+        fuse = train and fused_layers()
+        steps, layers, i = [], self.layers, 0
         with single_blas_thread():  # the layers share the batch out among threads themselves
-            for layer in self.layers:
-                x = layer.forward(x, train)
+            while i < len(layers):
+                layer = layers[i]
+                fused = fuse and i + 1 < len(layers) and layer.fuses_with(layers[i + 1])
+                x = layer.forward_fused(x, layers[i + 1]) if fused else layer.forward(x, train)
+                steps.append((layer, fused))
+                i += 2 if fused else 1
+        self._steps = steps
         return x
 
     def backward(self, dscores: np.ndarray) -> np.ndarray:
-        """dscores: (N, C) -> dx: (N, *input_shape); fills every layer's grads."""
+        """dscores: (N, C) -> dx: (N, *input_shape); fills every layer's grads. Follows
+        the steps of the last forward, fused or not."""
+        if self._steps is None:
+            raise RuntimeError("backward needs a forward first (its caches)")
         with single_blas_thread():
-            for layer in reversed(self.layers):
-                dscores = layer.backward(dscores)
+            for layer, fused in reversed(self._steps):
+                dscores = layer.backward_fused(dscores) if fused else layer.backward(dscores)
         return dscores
 
     def data_loss(self, scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

@@ -6,7 +6,7 @@ from torch_twin import torch_twin, twin_grads
 
 from mlp.arch import PRESETS, build_convnet, parse_arch, resolve_arch
 from mlp.conv import BatchNorm, Conv2D, MaxPool2D, gradcheck_cases
-from mlp.gradcheck import check_layer, run_all_checks
+from mlp.gradcheck import check_layer, check_network, run_all_checks
 from mlp.layers import Linear, ReLU, layer_from_spec
 from mlp.network import Network
 
@@ -48,6 +48,68 @@ def test_first_conv_of_a_network_skips_the_input_gradient(rng):
     layer.forward(rng.standard_normal((2, 1, 4, 4)), train=True)
     assert layer.backward(np.ones((2, 2, 4, 4))) is None
     np.testing.assert_allclose(layer.grads["b"], [32.0, 32.0])
+
+
+def test_a_network_with_fused_steps_matches_its_numerical_gradient(monkeypatch):
+    """Conv + max-pool and batch norm + ReLU as fused steps (a conv of stride 2 and a
+    pool after a batch norm stay apart), in several blocks on two threads, in float64."""
+    from mlp import parallel
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 4_000)
+    monkeypatch.delenv("NNX_FUSION", raising=False)
+    net = build_convnet("conv4x3-pool2-bn-conv6x3-pool2-bn-conv5x2s2-fc3", (2, 9, 9), 3, seed=2,
+                        dtype=np.float64, reg=1e-3)
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((6, 2, 9, 9)), rng.integers(0, 3, 6)
+    errors = check_network(net, X, y)
+    # A conv bias before a batch norm has no gradient (the mean is taken off): its
+    # relative error compares rounding noise with rounding noise.
+    before_bn = {"0.conv2d.b", "4.conv2d.b"}
+    assert max(e for name, e in errors.items() if name not in before_bn) < 1e-6, errors
+    assert all(np.abs(net.grads[name]).max() < 1e-12 for name in before_bn)
+    fused = [type(layer).__name__ for layer, fused in net._steps if fused]
+    assert fused == ["Conv2D", "BatchNorm", "Conv2D", "BatchNorm"], net._steps
+
+
+def test_fusion_changes_no_number_and_runs_in_training_only(monkeypatch):
+    """NNX_FUSION=off runs every layer alone: the same loss and gradients, bit for bit;
+    evaluation and the reference kernels never fuse; a bad value is named and ignored."""
+    from mlp import parallel
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 50_000)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((16, 3, 16, 16)).astype(np.float32), rng.integers(0, 10, 16)
+
+    def step(fusion):
+        monkeypatch.setenv("NNX_FUSION", fusion)
+        net = build_convnet("conv8x3-pool2-bn-conv16x3-bn-conv16x3-pool2-fc10", (3, 16, 16), 10, seed=0)
+        loss, grads = net.loss(X, y)
+        return net, loss, {name: g.copy() for name, g in grads.items()}
+
+    net, loss, grads = step("on")
+    assert sum(fused for _, fused in net._steps) == 4
+    off, off_loss, off_grads = step("off")
+    assert not any(fused for _, fused in off._steps)
+    assert loss == off_loss
+    for name, grad in grads.items():
+        np.testing.assert_array_equal(grad, off_grads[name], err_msg=name)
+    net.forward(X, train=False)
+    assert not any(fused for _, fused in net._steps)
+    monkeypatch.setenv("NNX_FUSION", "on")
+    monkeypatch.setenv("NNX_KERNELS", "reference")
+    net.forward(X, train=True)
+    assert not any(fused for _, fused in net._steps)
+    monkeypatch.delenv("NNX_KERNELS")
+    monkeypatch.setenv("NNX_FUSION", "sometimes")
+    with pytest.warns(UserWarning, match="NNX_FUSION='sometimes'"):
+        net.forward(X, train=True)
+    assert any(fused for _, fused in net._steps)
+
+
+def test_backward_before_any_forward_is_refused():
+    net = build_convnet("conv4x3-pool2-fc3", (1, 6, 6), 3)
+    with pytest.raises(RuntimeError, match="forward first"):
+        net.backward(np.zeros((2, 3), np.float32))
 
 
 # ---- known values -------------------------------------------------------------------

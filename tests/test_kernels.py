@@ -73,6 +73,98 @@ def test_conv_kernels_match_the_reference(shape, F, K, S, P, algorithm, dtype):
     assert conv_kernels.backward(nhwc_memory(dout), cache, input_grad=False)[0] is None
 
 
+def _pooled(shape, F, K, S, P):
+    """Whether a 2x2 window fits the conv's output."""
+    return (min(shape[2:]) + 2 * P - K) // S + 1 >= 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, F, K, S, P, algorithm", [
+    (*case, algorithm) for case in CONV_SHAPES for algorithm in conv_kernels.ALGORITHMS
+    if conv_kernels.applies(algorithm, *case[2:]) and _pooled(*case)])
+def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P, algorithm, dtype):
+    """The conv's output pooled block by block in cache (odd sizes drop their last row
+    or column, as floor mode does), the pool's gradient made block by block for the
+    conv's backward: against the reference conv then max-pool; and the same numbers
+    as the unfused kernels, bit for bit (the same operations on the same blocks)."""
+    rng = np.random.default_rng(sum(shape) + F + K)
+    x = rng.standard_normal(shape).astype(dtype)
+    conv = Conv2D(shape[1], F, K, S, P, rng=rng, dtype=dtype)
+    conv.params["b"][...] = rng.standard_normal(F)
+    conv.algorithm = algorithm
+    for input_grad in (True, False):
+        conv.input_grad = input_grad
+        pool = MaxPool2D(2)
+        if not conv.fuses_with(pool):
+            assert input_grad and S > 1   # col2im reads the whole upstream gradient
+            continue
+        out = conv.forward_fused(nhwc_memory(x), pool)
+        expected, ref_cache = reference.conv_forward(x, conv.params["W"], conv.params["b"], S, P)
+        expected, pool_cache = reference.maxpool_forward(expected, 2, 2)
+        dout = rng.standard_normal(expected.shape).astype(dtype)
+        dx = conv.backward_fused(nhwc_memory(dout))
+        dw, db = conv.grads["W"].copy(), conv.grads["b"].copy()
+        ref_dx, ref_dw, ref_db = reference.conv_backward(reference.maxpool_backward(dout, pool_cache)[0],
+                                                         ref_cache)
+        rtol = A6_RTOL[dtype] if algorithm != "im2col" and K == 5 else RTOL[algorithm, dtype]
+        assert_close(out, expected, rtol, err_msg="pooled")
+        assert_close(dw, ref_dw, rtol, err_msg="dw")
+        assert_close(db, ref_db, rtol, err_msg="db")
+        assert (dx is None) == (not input_grad)
+        if input_grad:
+            assert_close(dx, ref_dx, rtol, err_msg="dx")
+        unfused = pool.forward(conv.forward(nhwc_memory(x), train=True), train=True)
+        unfused_dx = conv.backward(pool.backward(nhwc_memory(dout)))
+        np.testing.assert_array_equal(out, unfused)
+        np.testing.assert_array_equal(conv.grads["W"], dw)
+        np.testing.assert_array_equal(conv.grads["b"], db)
+        if input_grad:
+            np.testing.assert_array_equal(dx, unfused_dx)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [ReLU, GELU])
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5, 6), (7, 16, 4, 5)])
+def test_batchnorm_fused_with_its_activation_matches_the_reference(shape, activation, dtype):
+    """The activation in the batch norm's last pass, its derivative in the first pass
+    back: against the reference batch norm then activation, and bit for bit the
+    unfused kernels (the same operations on the same blocks)."""
+    rng = np.random.default_rng(sum(shape))
+    c = shape[1]
+    x = (3 * rng.standard_normal(shape) + 1).astype(dtype)
+    x = nhwc_memory(x) if x.ndim == 4 else x
+    bn = BatchNorm(c, dtype=dtype)
+    bn.params["gamma"][...], bn.params["beta"][...] = rng.standard_normal(c), rng.standard_normal(c)
+    act = activation()
+    assert bn.fuses_with(act)
+    out = bn.forward_fused(x, act)
+    running = {k: v.copy() for k, v in bn.buffers.items()}
+    expected, ref_cache = reference.batchnorm_forward(x, bn.params["gamma"], bn.params["beta"],
+                                                      np.zeros(c, dtype), np.ones(c, dtype), 0.9, 1e-5, True)
+    ref_forward, ref_backward = {ReLU: (reference.relu_forward, reference.relu_backward),
+                                 GELU: (reference.gelu_forward, reference.gelu_backward)}[activation]
+    expected, act_cache = ref_forward(expected)
+    dout = rng.standard_normal(shape).astype(dtype)
+    dx = bn.backward_fused(dout)
+    grads = {k: g.copy() for k, g in bn.grads.items()}
+    ref_dx, ref_dgamma, ref_dbeta = reference.batchnorm_backward(ref_backward(dout, act_cache), ref_cache)
+    rtol = 2e-6 if dtype == np.float32 else 1e-12
+    assert_close(out, expected, rtol)
+    assert_close(dx, ref_dx, 10 * rtol)
+    assert_close(grads["gamma"], ref_dgamma, 10 * rtol)
+    assert_close(grads["beta"], ref_dbeta, 10 * rtol)
+    bn.buffers["running_mean"][...], bn.buffers["running_var"][...] = 0, 1
+    np.testing.assert_array_equal(act.forward(bn.forward(x, train=True), train=True), out)
+    for name, value in running.items():
+        np.testing.assert_array_equal(bn.buffers[name], value)
+    np.testing.assert_array_equal(bn.backward(act.backward(dout)), dx)
+    for name, g in grads.items():
+        np.testing.assert_array_equal(bn.grads[name], g)
+    with pytest.raises(ValueError, match="in training only"):
+        batchnorm_kernels.batchnorm_forward(x, bn.params["gamma"], bn.params["beta"], *running.values(),
+                                            0.9, 1e-5, False, activation=act.kind)
+
+
 @pytest.mark.parametrize("tile, K", [(2, 3), (4, 3), (2, 5)])
 def test_winograd_on_cifar_sized_layers_within_a_float32_tolerance(tile, K):
     """A realistic layer (64 -> 64 channels on 16x16, as in conv6bn) against the

@@ -17,6 +17,13 @@ reference on random shapes:
 
 ``NNX_KERNELS=reference`` runs every layer on its reference instead (slow;
 for debugging a kernel). Results agree up to float rounding, not bit for bit.
+
+In training, a network runs some pairs of layers as one step (``Layer.fuses_with``):
+a conv and the 2x2 max-pool after it (the conv's output is pooled a block of
+images at a time while in cache; neither it nor its gradient is written out
+whole), a batch norm and the ReLU after it (the ReLU in the batch norm's last
+pass). The numbers are the same as unfused (the same operations on the same
+blocks); ``NNX_FUSION=off`` runs every layer alone, for comparison.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import os
 import warnings
 
 KERNELS_ENV = "NNX_KERNELS"
+FUSION_ENV = "NNX_FUSION"
 _warned: set[str] = set()
 
 
@@ -41,3 +49,20 @@ def reference_kernels() -> bool:
         warnings.warn(f"{KERNELS_ENV}={value!r} is not 'fast' or 'reference'; using the fast kernels",
                       stacklevel=2)
     return False
+
+
+def fused_layers() -> bool:
+    """False when ``NNX_FUSION`` is off (also "0", "false", "no") or the reference
+    kernels run; read at every call. Any other value but "on" (or "1", "true",
+    "yes") or empty is named in a warning (once) and ignored."""
+    if reference_kernels():
+        return False
+    value = os.environ.get(FUSION_ENV, "").strip().lower()
+    if value in ("", "on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    if value not in _warned:
+        _warned.add(value)
+        warnings.warn(f"{FUSION_ENV}={value!r} is not 'on' or 'off'; fusing layers", stacklevel=2)
+    return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlp.kernels.conv import nchw, nhwc
+from mlp.kernels.elementwise import gelu_rows, zeros_like_rows
 from mlp.parallel import block_size, over_blocks, sum_in_order
 
 
@@ -37,19 +38,31 @@ def _views(x):
 BLOCK_BYTES = 1 << 20
 
 
+def _block_images(images):
+    return block_size(images.shape[1] * images.itemsize, BLOCK_BYTES)
+
+
 def _blocks(n, images):
     """``blocks(fn)``: ``fn(lo, hi)`` over blocks of whole images, in parallel; the results
     in block order."""
-    block = block_size(images.shape[1] * images.itemsize, BLOCK_BYTES)
+    block = _block_images(images)
     return lambda fn: over_blocks(fn, n, block)
 
 
-def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, train):
+ACTIVATIONS = ("relu", "gelu")
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, train, activation=None):
     """As mlp.reference.batchnorm_forward: (out, cache), the running statistics updated
-    in place in training."""
+    in place in training. With ``activation`` ("relu" or "gelu", training only), out is
+    the activation of it, made in the same pass over each block (the activation
+    after a batch norm, fused: its own passes over memory are gone both ways), and
+    ``batchnorm_backward`` then takes the activation's upstream gradient."""
     columns, images, P, back = _views(x)
     C = columns.shape[1]
     if not train:
+        if activation:
+            raise ValueError("a batch norm fuses its activation in training only")
         scale = gamma / np.sqrt(running_var + eps)
         return back(images * np.tile(scale, P) + np.tile(beta - running_mean * scale, P)), None
     n, m = len(images), len(columns)
@@ -67,31 +80,51 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
     scale_t, beta_t = np.tile(gamma * inv_std, P), np.tile(beta, P)
     out = np.empty_like(images)
+    if activation not in (None, *ACTIVATIONS):
+        raise ValueError(f"a batch norm fuses {' or '.join(ACTIVATIONS)}, not {activation!r}")
+    # d activation / d input, for the backward: the ReLU's mask, the GELU's slope
+    factor = None if activation is None else np.empty(images.shape, bool if activation == "relu" else x.dtype)
+    zeros = zeros_like_rows(images, min(n, _block_images(images))) if activation == "relu" else None
 
     def normalise(lo, hi):
-        np.multiply(centred[lo:hi], scale_t, out=out[lo:hi])
-        out[lo:hi] += beta_t
+        o = out[lo:hi]
+        np.multiply(centred[lo:hi], scale_t, out=o)
+        o += beta_t
+        if activation == "relu":
+            np.greater(o, 0, out=factor[lo:hi])
+            np.maximum(o, zeros[:hi - lo], out=o)
+        elif activation == "gelu":
+            gelu_rows(o, o, factor[lo:hi])
 
     blocks(normalise)
     running_mean *= decay
     running_mean += (1 - decay) * mean
     running_var *= decay
     running_var += (1 - decay) * var * (m / max(m - 1, 1))
-    return back(out), (centred, gamma, inv_std, P)
+    return back(out), (centred, gamma, inv_std, P, factor)
 
 
 def batchnorm_backward(dout, cache):
     """As mlp.reference.batchnorm_backward: (dx, dgamma, dbeta). With c = x - mean,
     xhat = c * inv_std and k = gamma * inv_std:
         dbeta = sum(dout),  dgamma = inv_std * sum(dout * c),
-        dx = k * dout - k * dbeta / M - c * k * inv_std * dgamma / M."""
-    centred, gamma, inv_std, P = cache
-    columns, images, _, back = _views(dout)
+        dx = k * dout - k * dbeta / M - c * k * inv_std * dgamma / M.
+    After a fused activation (the cache holds its derivative: the ReLU's mask, the
+    GELU's slope), dout is the activation's upstream gradient: each block's
+    dout * derivative is made into dx's rows and read there again."""
+    centred, gamma, inv_std, P, factor = cache
+    columns, dout_images, _, back = _views(dout)
     C = columns.shape[1]
-    n, m = len(images), len(columns)
-    blocks = _blocks(n, images)
+    n, m = len(dout_images), len(columns)
+    blocks = _blocks(n, dout_images)
+    dx = np.empty_like(dout_images)
+    images = dout_images
+    if factor is not None:
+        images, columns = dx, dx.reshape(-1, C)   # the activation's gradient, block by block
 
     def sums(lo, hi):
+        if factor is not None:
+            np.multiply(dout_images[lo:hi], factor[lo:hi], out=dx[lo:hi])
         ones = np.ones((hi - lo) * P, dout.dtype)
         products = images[lo:hi] * centred[lo:hi]
         return ones @ columns[lo * P:hi * P], ones @ products.reshape(-1, C)
@@ -101,7 +134,6 @@ def batchnorm_backward(dout, cache):
     dgamma = sum_in_order([p[1] for p in parts]) * inv_std
     k = gamma * inv_std
     k_t, shift_t, slope_t = np.tile(k, P), np.tile(k * dbeta / m, P), np.tile(k * inv_std * dgamma / m, P)
-    dx = np.empty_like(images)
 
     def rows_of_dx(lo, hi):
         np.multiply(images[lo:hi], k_t, out=dx[lo:hi])

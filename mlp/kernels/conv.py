@@ -127,24 +127,37 @@ def fastest(x, w, stride, padding, input_grad, candidates=ALGORITHMS, rounds: in
     return min(candidates, key=lambda name: min(seconds[name][1:]))
 
 
-def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict, train: bool = True):
+def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict, train: bool = True,
+            epilogue=None):
     """x: (N, C, H, W) in any memory order -> (out: (N, F, Ho, Wo) as a view of NHWC
-    memory, cache for ``backward``)."""
+    memory, cache for ``backward``). With ``epilogue``, each block of images' output,
+    (n, Ho, Wo, F) channels-last, goes to ``epilogue(lo, hi, block)`` while it is in
+    cache, and out is None (the layer after the conv, fused: see ``fuses``)."""
     xt, kept = nhwc(x), None
     if algorithm == "im2col":
-        out = im2col.forward(xt, w, b, stride, padding, workspace)
+        out = im2col.forward(xt, w, b, stride, padding, workspace, epilogue)
     else:
-        out, kept = winograd.forward(xt, w, b, padding, _TILE[algorithm], keep=train, workspace=workspace)
-    return nchw(out), (algorithm, xt, w, stride, padding, workspace, kept)
+        out, kept = winograd.forward(xt, w, b, padding, _TILE[algorithm], keep=train, workspace=workspace,
+                                     epilogue=epilogue)
+    return (None if out is None else nchw(out)), (algorithm, xt, w, stride, padding, workspace, kept)
 
 
-def backward(dout, cache, input_grad: bool = True):
+def backward(dout, cache, input_grad: bool = True, prologue=None):
     """dout: (N, F, Ho, Wo) -> (dx: (N, C, H, W) or None without ``input_grad``,
-    dw: (F, C, K, K), db: (F,))."""
+    dw: (F, C, K, K), db: (F,)). With ``prologue``, dout is None and
+    ``prologue(lo, hi)`` makes each block of it, (n, Ho, Wo, F) channels-last, when
+    the block is worked on (the fused layer's backward)."""
     algorithm, xt, w, stride, padding, workspace, kept = cache
-    dt = nhwc(dout)
+    dt = None if dout is None else nhwc(dout)
     if algorithm == "im2col":
-        dx, dw, db = im2col.backward(dt, xt.shape, w, stride, padding, workspace, input_grad)
+        dx, dw, db = im2col.backward(dt, xt.shape, w, stride, padding, workspace, input_grad, prologue)
     else:
-        dx, dw, db = winograd.backward(dt, xt, w, padding, _TILE[algorithm], input_grad, kept)
+        dx, dw, db = winograd.backward(dt, xt, w, padding, _TILE[algorithm], input_grad, kept, prologue)
     return (None if dx is None else nchw(dx)), dw, db
+
+
+def fuses(kernel_size: int, stride: int, padding: int, input_grad: bool) -> bool:
+    """Whether a conv's kernels take an epilogue and a prologue: every algorithm does,
+    except where the input gradient goes by col2im (stride above 1, or padding of
+    the kernel size or more), which reads the whole upstream gradient at once."""
+    return not input_grad or (stride == 1 and padding <= kernel_size - 1)

@@ -72,29 +72,29 @@ def gelu_forward(x, train: bool = True):
         d gelu / dx = h + 2 x h (1 - h) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
     out = np.empty_like(x)
     slope = np.empty_like(x) if train else None
-
-    def rows(lo, hi):
-        xs, o = x[lo:hi], out[lo:hi]
-        x2 = xs * xs
-        h = x2 * (GELU_C * GELU_K)        # u = x (c + c k x^2)
-        h += GELU_C
-        h *= xs
-        np.tanh(h, out=h)
-        h += 1
-        h *= 0.5
-        np.multiply(xs, h, out=o)
-        if slope is not None:
-            s = slope[lo:hi]
-            x2 *= 3 * GELU_C * GELU_K      # c (1 + 3 k x^2)
-            x2 += GELU_C
-            np.subtract(1, h, out=s)       # 2 x h (1 - h) c (1 + 3 k x^2) + h
-            s *= o
-            s *= x2
-            s *= 2
-            s += h
-
-    _in_blocks(rows, x)
+    _in_blocks(lambda lo, hi: gelu_rows(x[lo:hi], out[lo:hi], None if slope is None else slope[lo:hi]), x)
     return out, slope
+
+
+def gelu_rows(xs, o, s=None):
+    """GELU of the rows xs into o (o may be xs: in place), its derivative into s if
+    given: the passes of ``gelu_forward`` over one block."""
+    x2 = xs * xs
+    h = x2 * (GELU_C * GELU_K)        # u = x (c + c k x^2)
+    h += GELU_C
+    h *= xs
+    np.tanh(h, out=h)
+    h += 1
+    h *= 0.5
+    np.multiply(xs, h, out=o)
+    if s is not None:
+        x2 *= 3 * GELU_C * GELU_K      # c (1 + 3 k x^2)
+        x2 += GELU_C
+        np.subtract(1, h, out=s)       # 2 x h (1 - h) c (1 + 3 k x^2) + h
+        s *= o
+        s *= x2
+        s *= 2
+        s += h
 
 
 def gelu_backward(dout, slope):

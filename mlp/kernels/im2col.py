@@ -58,14 +58,16 @@ def _images_per_block(numbers_per_image, dtype):
     return block_size(numbers_per_image * np.dtype(dtype).itemsize)
 
 
-def forward(x, w, b, stride: int, padding: int, workspace: dict) -> np.ndarray:
-    """x: (N, H, W, C) -> (N, Ho, Wo, F); w: (F, C, K, K), b: (F,)."""
+def forward(x, w, b, stride: int, padding: int, workspace: dict, epilogue=None) -> np.ndarray | None:
+    """x: (N, H, W, C) -> (N, Ho, Wo, F); w: (F, C, K, K), b: (F,). With ``epilogue``,
+    each block's output, (n, Ho, Wo, F), goes to ``epilogue(lo, hi, block)`` while in
+    cache instead (a fused max-pool), and the result is None."""
     N, H, W, C = x.shape
     F, _, K, _ = w.shape
     S, P = stride, padding
     Ho, Wo = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
     xp = zero_bordered(workspace, "xp", (N, H + 2 * P, W + 2 * P, C), w.dtype)
-    out = np.empty((N * Ho * Wo, F), w.dtype)
+    out = None if epilogue else np.empty((N * Ho * Wo, F), w.dtype)
     # [W; b]: W as a (kh, kw, c) x F matrix, matching the column order of the im2col
     # rows, then b against their column of ones.
     w_mat = np.concatenate([w.transpose(2, 3, 1, 0).reshape(K * K * C, F), b[None, :]])
@@ -75,26 +77,36 @@ def forward(x, w, b, stride: int, padding: int, workspace: dict) -> np.ndarray:
         xp[lo:hi, P:P + H, P:P + W, :] = x[lo:hi]
         cols = with_ones((hi - lo) * rows, K * K * C, w.dtype)
         im2col(xp[lo:hi], cols, K, S, Ho, Wo)
-        np.matmul(cols, w_mat, out=out[lo * rows:hi * rows])
+        if epilogue:
+            epilogue(lo, hi, (cols @ w_mat).reshape(hi - lo, Ho, Wo, F))
+        else:
+            np.matmul(cols, w_mat, out=out[lo * rows:hi * rows])
 
     over_blocks(block, N, _images_per_block(rows * K * K * C, w.dtype))
-    return out.reshape(N, Ho, Wo, F)
+    return None if epilogue else out.reshape(N, Ho, Wo, F)
 
 
-def backward(dout, x_shape, w, stride: int, padding: int, workspace: dict, input_grad: bool = True):
+def backward(dout, x_shape, w, stride: int, padding: int, workspace: dict, input_grad: bool = True,
+             prologue=None):
     """dout: (N, Ho, Wo, F) -> (dx: (N, H, W, C) or None without ``input_grad``,
     dw: (F, C, K, K), db: (F,)), reading the padded input the forward left in the
     workspace. Block by block: the im2col rows again (cheaper than keeping them:
-    they stay in cache), their share of dW and db, and the block's input gradient."""
+    they stay in cache), their share of dW and db, and the block's input gradient.
+    With ``prologue``, dout is None and ``prologue(lo, hi)`` makes each block of it,
+    (n, Ho, Wo, F) channels-last (a fused max-pool's backward); stride 1, or no
+    input gradient."""
     N, H, W, C = x_shape
-    _, Ho, Wo, F = dout.shape
     K = w.shape[2]
     S, P = stride, padding
-    dtype = dout.dtype
+    Ho, Wo = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    F = w.shape[0]
+    dtype = w.dtype
     xp = workspace["xp"]
-    dflat = dout.reshape(N * Ho * Wo, F)  # a view when dout is NHWC memory
+    dflat = None if prologue else dout.reshape(N * Ho * Wo, F)  # a view when dout is NHWC memory
     rows = Ho * Wo
     by_convolution = input_grad and S == 1 and P <= K - 1
+    if prologue and input_grad and not by_convolution:
+        raise ValueError("a fused backward takes stride 1 and padding < kernel size, or no input gradient")
     if by_convolution:
         Q = K - 1 - P
         dx = np.empty((N, H, W, C), dtype)
@@ -102,7 +114,7 @@ def backward(dout, x_shape, w, stride: int, padding: int, workspace: dict, input
         w_flipped = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(K * K * F, C)
 
     def block(lo, hi):
-        d = dflat[lo * rows:hi * rows]
+        d = prologue(lo, hi).reshape(-1, F) if prologue else dflat[lo * rows:hi * rows]
         cols = with_ones((hi - lo) * rows, K * K * C, dtype)
         im2col(xp[lo:hi], cols, K, S, Ho, Wo)
         if by_convolution:

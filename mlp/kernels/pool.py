@@ -75,6 +75,37 @@ def _tournament(windows, out, winner):
     np.logical_and(lower, right_bottom, out=winner[1, 1])
 
 
+def tournament_epilogue(N: int, H: int, W: int, C: int, dtype):
+    """The 2x2 max-pool of a conv's output, fused into the conv: the conv hands each
+    block of its output, (n, H, W, C) channels-last, to ``pool(lo, hi, block)`` while it
+    is in cache, and only the pooled numbers and the one-hot argmaxes are kept (the
+    conv's full output is never written out and read back).
+    -> (pool, out: (N, C, Ho, Wo) as a view of NHWC memory filled block by block,
+    cache for ``maxpool_backward_block``)."""
+    Ho, Wo = H // 2, W // 2
+    out = np.empty((N, Ho, Wo, C), dtype)
+    winner = np.empty((2, 2, N, Ho, Wo, C), bool)
+
+    def pool(lo, hi, block):
+        _tournament(_tiled(block, Ho, Wo), out[lo:hi], winner[:, :, lo:hi])
+
+    return pool, nchw(out), ((N, C, H, W), winner)
+
+
+def maxpool_backward_block(dout, cache, lo: int, hi: int) -> np.ndarray:
+    """Images lo:hi of the 2x2 max-pool's input gradient, (hi - lo, H, W, C)
+    channels-last, from dout: (N, C, Ho, Wo) and ``tournament_epilogue``'s cache: the
+    fused conv's backward asks for its blocks one at a time and reads each in cache."""
+    (_, C, H, W), winner = cache
+    _, _, Ho, Wo = dout.shape
+    dt = nhwc(dout)[lo:hi]
+    dx = np.empty((hi - lo, H, W, C), dout.dtype)
+    np.copyto(_tiled(dx, Ho, Wo), (winner[:, :, lo:hi] * dt).transpose(2, 3, 0, 4, 1, 5))
+    dx[:, 2 * Ho:] = 0
+    dx[:, :, 2 * Wo:] = 0
+    return dx
+
+
 def maxpool_backward(dout, cache):
     """dout: (N, C, Ho, Wo) -> dx: (N, C, H, W) (a view of NHWC memory)."""
     N, C, Ho, Wo = dout.shape

@@ -200,9 +200,12 @@ def _images_per_block(N, a, Th, Tw, C, F, itemsize):
     return min(images, -(-N // 4))
 
 
-def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict | None = None):
+def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict | None = None,
+            epilogue=None):
     """x: (N, H, W, C) channels-last -> (out: (N, Ho, Wo, F), Ho = H + 2*padding - r + 1,
-    the transformed input V of every block when ``keep``, else None).
+    the transformed input V of every block when ``keep``, else None). With ``epilogue``,
+    each block's output goes to ``epilogue(lo, hi, block)`` while in cache instead (a
+    fused max-pool), and out is None.
     w: (F, C, r, r), b: (F,). The backward needs V again: kept, it is read back
     instead of gathered and transformed a second time (measured here: 5-10 % of a
     training step; it costs (a/m)^2 times the layer's input in memory).
@@ -214,7 +217,7 @@ def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict |
     a = m + r - 1
     U = filter_transform(w, m)
     b_tiles = np.tile(b, Th * Tw)
-    out = np.empty((N, Ho, Wo, F), x.dtype)
+    out = None if epilogue else np.empty((N, Ho, Wo, F), x.dtype)
     # The input padded by ``padding`` and, for the last tiles, with zeros to m*T + r - 1.
     xp = zero_bordered({} if workspace is None else workspace, "winograd_xp",
                        (N, m * Th + r - 1, m * Tw + r - 1, C), x.dtype)
@@ -229,23 +232,28 @@ def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict |
         # (F,) row, it would loop F numbers at a time)
         Y.reshape(-1, Th * Tw * F)[...] += b_tiles
         tiled = Y.transpose(2, 3, 0, 4, 1, 5)          # (n, Th, m, Tw, m, F): NHWC order
+        dest = np.empty((n, Ho, Wo, F), x.dtype) if epilogue else out[lo:hi]
         if Ho == m * Th and Wo == m * Tw:
-            np.copyto(out[lo:hi].reshape(n, Th, m, Tw, m, F), tiled)
+            np.copyto(dest.reshape(n, Th, m, Tw, m, F), tiled)
         else:   # the last tiles reach past the output: crop
-            out[lo:hi] = tiled.reshape(n, m * Th, m * Tw, F)[:, :Ho, :Wo]
+            dest[...] = tiled.reshape(n, m * Th, m * Tw, F)[:, :Ho, :Wo]
+        if epilogue:
+            epilogue(lo, hi, dest)
         return V if keep else None
 
     kept = over_blocks(block, N, _images_per_block(N, a, Th, Tw, C, F, x.itemsize))
     return out, (kept if keep else None)
 
 
-def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=None):
+def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=None, prologue=None):
     """dout: (N, Ho, Wo, F), x: (N, H, W, C) the forward's input, both channels-last,
     ``kept`` the forward's transformed input if it kept it (emptied here) ->
-    (dx: (N, H, W, C) or None without ``input_grad``, dw: (F, C, r, r), db: (F,))."""
+    (dx: (N, H, W, C) or None without ``input_grad``, dw: (F, C, r, r), db: (F,)).
+    With ``prologue``, dout is None and ``prologue(lo, hi)`` makes each block of it,
+    (n, Ho, Wo, F) channels-last (a fused max-pool's backward)."""
     N, H, W, C = x.shape
-    _, Ho, Wo, F = dout.shape
-    r = w.shape[2]
+    F, _, r, _ = w.shape
+    Ho, Wo = H + 2 * padding - r + 1, W + 2 * padding - r + 1
     Th, Tw = tiles(Ho, m), tiles(Wo, m)
     a = m + r - 1
     U_T = filter_transform(w.transpose(1, 0, 2, 3), m) if input_grad else None
@@ -260,10 +268,11 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
             xp = np.zeros((n, m * Th + r - 1, m * Tw + r - 1, C), x.dtype)
             xp[:, padding:padding + H, padding:padding + W] = x[lo:hi]
             V = input_transform(gather_tiles(xp, m, r, Th, Tw), m, r).reshape(a * a, -1, C)
-        dY = _output_tiles(dout[lo:hi], m, Th, Tw)
+        d = prologue(lo, hi) if prologue else dout[lo:hi]
+        dY = _output_tiles(d, m, Th, Tw)
         dM = output_transform_adjoint(dY, m, r).reshape(a * a, -1, F)
         dU = np.matmul(V.transpose(0, 2, 1), dM)
-        db = np.ones(n * Ho * Wo, dout.dtype) @ dout[lo:hi].reshape(-1, F)
+        db = np.ones(n * Ho * Wo, x.dtype) @ d.reshape(-1, F)
         if input_grad:
             dV = np.matmul(dM, U_T).reshape(a, a, -1)
             dxp = np.empty((n, m * Th + r - 1, m * Tw + r - 1, C), x.dtype)
