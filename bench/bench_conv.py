@@ -15,11 +15,12 @@ layer, weight gradient) over the step's time: Winograd does fewer
 multiplications, so it can pass the GEMM peak, which is measured in the same
 run with one large float32 np.matmul on all BLAS threads.
 
-    python bench/bench_conv.py [--quick] [--nets conv6bn airbench] [--one-thread]
+    python bench/bench_conv.py [--quick] [--nets conv6bn airbench] [--one-thread] [--unfused]
 
 ``--one-thread`` runs both on one thread and counts this thread's CPU time, not
 the wall clock: on a machine shared with other work, the comparison that a busy
-neighbour disturbs least.
+neighbour disturbs least. ``--unfused`` adds nnx with NNX_FUSION=off to the turns
+(every layer alone in training) and prints what the fused steps gain.
 """
 from __future__ import annotations
 
@@ -88,6 +89,21 @@ def step_flops(net) -> float:
             total += 2 * layer.in_features * layer.out_features * 3
         shape = out
     return total * BATCH
+
+
+def unfused(step):
+    """``step`` with NNX_FUSION=off (every layer alone), the setting restored after."""
+    def run():
+        before = os.environ.get("NNX_FUSION")
+        os.environ["NNX_FUSION"] = "off"
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ["NNX_FUSION"]
+            else:
+                os.environ["NNX_FUSION"] = before
+    return run
 
 
 def nnx_step(spec: str, X, y):
@@ -192,6 +208,8 @@ def main(argv=None):
                         help="presets, SPECS names or specs (default: the presets and wide5x5)")
     parser.add_argument("--one-thread", action="store_true",
                         help="both on one thread, timed by this thread's CPU time")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also nnx with NNX_FUSION=off, in the same turns")
     args = parser.parse_args(argv)
     warmup, reps, steps_per_rep = (2, 3, 1) if args.quick else (3, 7, 2)
     keep_freed_arrays_in_the_heap()   # as training does
@@ -222,11 +240,13 @@ def main(argv=None):
           f"{steps_per_rep} steps after {warmup} warm-up, in turns; "
           f"ratio = PyTorch's time / nnx's (> 1: nnx faster)")
     print(f"{'net':<15} {'nnx img/s':>9} {'NCHW img/s':>10} {'ratio':>6} {'ch-last img/s':>13} {'ratio':>6} "
-          f"{'nnx GFLOP/s':>11} {'of peak':>7}  conv algorithms")
+          f"{'nnx GFLOP/s':>11} {'of peak':>7}{'  fused gain' if args.unfused else ''}  conv algorithms")
     for name in args.nets:
         spec = resolve_arch(SPECS.get(name, name))
         net, step = nnx_step(spec, X, y)
         steps = {"nnx": step}
+        if args.unfused:
+            steps["unfused"] = unfused(step)
         if torch is not None:
             steps["nchw"] = torch_step(net, X, y, torch, channels_last=False)
             steps["channels_last"] = torch_step(net, X, y, torch, channels_last=True)
@@ -236,8 +256,9 @@ def main(argv=None):
                   f"{BATCH / medians['channels_last']:>13.0f} {ratios['channels_last']:>5.2f}x"
                   if torch is not None else f"{'-':>10} {'-':>6} {'-':>13} {'-':>6}")
         algorithms = ",".join(sorted(set(net.conv_algorithms().values())))
-        print(f"{name:<15} {BATCH / medians['nnx']:>9.0f} {theirs} {gflops:>11.0f} {gflops / peak:>7.0%}  "
-              f"{algorithms}", flush=True)
+        gain = f" {ratios['unfused']:>11.2f}x" if args.unfused else ""
+        print(f"{name:<15} {BATCH / medians['nnx']:>9.0f} {theirs} {gflops:>11.0f} {gflops / peak:>7.0%}"
+              f"{gain}  {algorithms}", flush=True)
 
 
 if __name__ == "__main__":

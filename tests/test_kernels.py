@@ -38,6 +38,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_ROWS", 4)
     monkeypatch.setattr(elementwise, "MIN_PARALLEL_SIZE", 1)     # its own copy of the name
     monkeypatch.setattr(elementwise, "BLOCK_BYTES", 4_000)
+    monkeypatch.setattr(pool_kernels, "BLOCK_BYTES", 2_000)    # a fused pool's own steps too
     monkeypatch.delenv("NNX_CONV_ALGORITHM", raising=False)
     monkeypatch.delenv("NNX_KERNELS", raising=False)
 
