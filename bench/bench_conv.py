@@ -6,8 +6,10 @@ threads, once with NCHW memory and once channels_last (what a user tuning
 PyTorch for CPU speed picks). Each contender gets a warm-up (nnx measures its
 conv algorithms there), then nnx, PyTorch NCHW and PyTorch channels_last are
 timed in turns, repetition after repetition, so a noisy neighbour slows all
-alike; the medians are reported, and each ratio is the median over
-repetitions of that repetition's ratio.
+alike; each turn starts with one untimed step, so that every contender is timed
+in its own steady state, as in training, not in the caches the previous one
+left. The medians are reported, and each ratio is the median over repetitions
+of that repetition's ratio.
 
 nnx's GFLOP/s counts the arithmetic of direct convolution and the linear
 layers (2 x multiply-adds; forward, input gradient except for the first
@@ -68,7 +70,8 @@ def interleaved(steps: dict, warmup: int, reps: int, steps_per_rep: int) -> tupl
     times = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
-            times[name].append(step_seconds(step, steps_per_rep))
+            step()      # untimed: each is timed in its own steady state, as in training,
+            times[name].append(step_seconds(step, steps_per_rep))   # not in the last one's caches
     medians = {name: float(np.median(t)) for name, t in times.items()}
     ratios = {name: float(np.median(np.array(t) / np.array(times["nnx"])))
               for name, t in times.items() if name != "nnx"}
@@ -237,7 +240,7 @@ def main(argv=None):
     print(f"float32 GEMM peak (2048^3 np.matmul, {on}): {peak:.0f} GFLOP/s")
     print(f"batch {BATCH}, float32, forward + backward + momentum step; nnx and PyTorch"
           f"{'' if torch is None else ' ' + torch.__version__} on {on}, {clock}; median of {reps} x "
-          f"{steps_per_rep} steps after {warmup} warm-up, in turns; "
+          f"{steps_per_rep} steps after {warmup} warm-up, in turns, each after an untimed step; "
           f"ratio = PyTorch's time / nnx's (> 1: nnx faster)")
     print(f"{'net':<15} {'nnx img/s':>9} {'NCHW img/s':>10} {'ratio':>6} {'ch-last img/s':>13} {'ratio':>6} "
           f"{'nnx GFLOP/s':>11} {'of peak':>7}{'  fused gain' if args.unfused else ''}  conv algorithms")

@@ -16,20 +16,31 @@ ENVIRONMENT_FIELDS = {
     "nnx": "nnx", "python": "Python", "numpy": "NumPy", "blas": "BLAS", "blas_kernel": "BLAS kernel",
     "blas_threads": "BLAS threads", "openblas_coretype": "OPENBLAS_CORETYPE", "cpu": "CPU",
     "cores": "cores", "os": "operating system", "workers": "worker processes", "scheduler": "Dask scheduler",
-    "recorded": "recorded",
+    "nnx_settings": "NNX_ settings", "recorded": "recorded",
 }
+# The variables that change how nnx computes (kernels, conv algorithm, fused steps,
+# threads, allocator): README, "Environment variables".
+NNX_SETTINGS = ("NNX_KERNELS", "NNX_CONV_ALGORITHM", "NNX_FUSION", "NNX_THREADS", "NNX_MALLOC_TUNING")
 
 
 def environment() -> dict:
     """nnx, Python, NumPy and BLAS versions, the BLAS kernel OpenBLAS chose for this CPU
-    (it decides the summation order), the CPU model and the operating system."""
+    (it decides the summation order), the CPU model, the operating system and the
+    NNX_ variables set."""
     blas = _blas_info()
     return {"nnx": mlp.__version__, "python": platform.python_version(), "numpy": np.__version__,
             "blas": " ".join(str(blas[k]) for k in ("internal_api", "version") if blas.get(k)) or None,
             "blas_kernel": blas.get("architecture"), "blas_threads": blas.get("num_threads"),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "cpu": cpu_model(),
-            "cores": os.cpu_count(), "os": platform.platform(terse=True),
+            "cores": os.cpu_count(), "os": platform.platform(terse=True), "nnx_settings": nnx_settings(),
             "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def nnx_settings() -> str | None:
+    """The NNX_ variables set for this process, as "NAME=value ..." (None if none is):
+    NNX_KERNELS=reference, say, rounds differently from the fast kernels."""
+    given = [f"{name}={os.environ[name]}" for name in NNX_SETTINGS if os.environ.get(name, "").strip()]
+    return " ".join(given) or None
 
 
 def _blas_info() -> dict:

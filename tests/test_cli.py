@@ -35,6 +35,21 @@ def test_train_writes_model_metrics_and_config(tmp_path):
     assert net.metadata["data"] == "spiral"
 
 
+def test_the_nnx_settings_a_run_ran_with_are_recorded(tmp_path, monkeypatch):
+    """config.json's environment names the NNX_ variables that were set (NNX_KERNELS=
+    reference rounds otherwise than the fast kernels), and says none when none was."""
+    for name in ("NNX_KERNELS", "NNX_CONV_ALGORITHM", "NNX_FUSION", "NNX_THREADS", "NNX_MALLOC_TUNING"):
+        monkeypatch.delenv(name, raising=False)
+    assert invoke("train", *QUICK, "--out", tmp_path / "plain").exit_code == 0
+    monkeypatch.setenv("NNX_FUSION", "off")
+    monkeypatch.setenv("NNX_KERNELS", "reference")
+    assert invoke("train", *QUICK, "--out", tmp_path / "set").exit_code == 0
+    environment = {name: json.loads((tmp_path / name / "config.json").read_text())["environment"]
+                   for name in ("plain", "set")}
+    assert environment["plain"]["nnx_settings"] is None
+    assert environment["set"]["nnx_settings"] == "NNX_KERNELS=reference NNX_FUSION=off"
+
+
 @pytest.mark.numerics
 def test_rerun_command_in_config_json_reproduces_the_run_bit_for_bit(tmp_path):
     assert invoke("train", *QUICK, "--optimizer", "adam", "--batch-size", "32",

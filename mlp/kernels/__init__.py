@@ -21,9 +21,10 @@ for debugging a kernel). Results agree up to float rounding, not bit for bit.
 In training, a network runs some pairs of layers as one step (``Layer.fuses_with``):
 a conv and the 2x2 max-pool after it (the conv's output is pooled a block of
 images at a time while in cache; neither it nor its gradient is written out
-whole), a batch norm and the ReLU after it (the ReLU in the batch norm's last
-pass). The numbers are the same as unfused (the same operations on the same
-blocks); ``NNX_FUSION=off`` runs every layer alone, for comparison.
+whole), a batch norm and the ReLU or GELU after it (the activation in the batch
+norm's last pass, its derivative in the first pass back). The numbers are the
+same as unfused (the same operations on the same blocks); ``NNX_FUSION=off``
+runs every layer alone, for comparison.
 """
 from __future__ import annotations
 

@@ -58,6 +58,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
     the activation of it, made in the same pass over each block (the activation
     after a batch norm, fused: its own passes over memory are gone both ways), and
     ``batchnorm_backward`` then takes the activation's upstream gradient."""
+    if activation not in (None, *ACTIVATIONS):
+        raise ValueError(f"a batch norm fuses {' or '.join(ACTIVATIONS)}, not {activation!r}")
     columns, images, P, back = _views(x)
     C = columns.shape[1]
     if not train:
@@ -80,8 +82,6 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
     scale_t, beta_t = np.tile(gamma * inv_std, P), np.tile(beta, P)
     out = np.empty_like(images)
-    if activation not in (None, *ACTIVATIONS):
-        raise ValueError(f"a batch norm fuses {' or '.join(ACTIVATIONS)}, not {activation!r}")
     # d activation / d input, for the backward: the ReLU's mask, the GELU's slope
     factor = None if activation is None else np.empty(images.shape, bool if activation == "relu" else x.dtype)
     zeros = zeros_like_rows(images, min(n, _block_images(images))) if activation == "relu" else None
