@@ -18,6 +18,7 @@ multiplications, so it can pass the GEMM peak, which is measured in the same
 run with one large float32 np.matmul on all BLAS threads.
 
     python bench/bench_conv.py [--quick] [--nets conv6bn airbench] [--one-thread] [--unfused]
+                               [--reps 7] [--steps 2]
 
 ``--one-thread`` runs both on one thread and counts this thread's CPU time, not
 the wall clock: on a machine shared with other work, the comparison that a busy
@@ -213,8 +214,10 @@ def main(argv=None):
                         help="both on one thread, timed by this thread's CPU time")
     parser.add_argument("--unfused", action="store_true",
                         help="also nnx with NNX_FUSION=off, in the same turns")
+    parser.add_argument("--reps", type=int, default=7, help="turns of each contender")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per turn")
     args = parser.parse_args(argv)
-    warmup, reps, steps_per_rep = (2, 3, 1) if args.quick else (3, 7, 2)
+    warmup, reps, steps_per_rep = (2, 3, 1) if args.quick else (3, args.reps, args.steps)
     keep_freed_arrays_in_the_heap()   # as training does
     threads = TORCH_THREADS
     if args.one_thread:

@@ -13,6 +13,10 @@ from mlp.kernels import pool as pool_kernels
 from mlp.layers import GELU, Linear, ReLU
 from mlp.network import ModelFileError, Network
 
+# Tolerances and bit-identity claims that must hold whatever the BLAS kernel: repeated
+# under the others by .ci/run.
+pytestmark = pytest.mark.numerics
+
 # Different summation orders: tolerances scaled to each array's largest entry.
 # Winograd's a = 6 transforms (F(4x4, 3x3) and F(2x2, 5x5), which winograd2 runs on a 5x5
 # conv) round more than im2col (they hold 1/24 and 8 or 16). Measured worst errors against
