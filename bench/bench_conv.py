@@ -18,7 +18,7 @@ multiplications, so it can pass the GEMM peak, which is measured in the same
 run with one large float32 np.matmul on all BLAS threads.
 
     python bench/bench_conv.py [--quick] [--nets conv6bn airbench] [--one-thread] [--unfused]
-                               [--reps 7] [--steps 2]
+                               [--no-torch] [--reps 7] [--steps 2]
 
 ``--one-thread`` runs both on one thread and counts this thread's CPU time, not
 the wall clock: on a machine shared with other work, the comparison that a busy
@@ -214,6 +214,7 @@ def main(argv=None):
                         help="both on one thread, timed by this thread's CPU time")
     parser.add_argument("--unfused", action="store_true",
                         help="also nnx with NNX_FUSION=off, in the same turns")
+    parser.add_argument("--no-torch", action="store_true", help="nnx alone (with --unfused: fusion's gain)")
     parser.add_argument("--reps", type=int, default=7, help="turns of each contender")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per turn")
     args = parser.parse_args(argv)
@@ -227,12 +228,13 @@ def main(argv=None):
         from mlp import parallel
         CLOCK, threads, parallel.THREADS = time.thread_time, 1, 1
         threadpool_limits(1)
-    try:
-        import torch
-        torch.set_num_threads(threads)
-    except ImportError:
-        torch = None
-        print("note: PyTorch is not installed; showing nnx only")
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            print("note: PyTorch is not installed; showing nnx only")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((BATCH, *SHAPE)).astype(np.float32)
     y = rng.integers(0, CLASSES, BATCH)

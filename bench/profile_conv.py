@@ -74,8 +74,8 @@ def nnx_profile(spec: str, X, y, steps: int, gelu: bool):
     for i, layer in enumerate(net.layers):
         layer.forward = timed(layer.forward, f"{i:2d} {layer.kind} forward", totals)
         layer.backward = timed(layer.backward, f"{i:2d} {layer.kind} backward", totals)
-        if i + 1 < len(net.layers) and layer.fuses_with(net.layers[i + 1]):
-            # a fused step (NNX_FUSION=off times the layers apart)
+        if i + 1 < len(net.layers):
+            # as a fused step, if the network runs one (NNX_FUSION=off times the layers apart)
             pair = f"{i:2d} {layer.kind}+{net.layers[i + 1].kind}"
             layer.forward_fused = timed(layer.forward_fused, f"{pair} forward", totals)
             layer.backward_fused = timed(layer.backward_fused, f"{pair} backward", totals)

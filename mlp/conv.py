@@ -110,11 +110,17 @@ class Conv2D(Layer):
         self.cache = ("fast", cache)
         return out
 
-    def fuses_with(self, following):
+    def fuses_with(self, following, x):
         """A 2x2 max-pool after the conv: the conv's output is pooled block by block in
-        cache and never written out whole (nor its gradient, in the backward)."""
-        return (type(following) is MaxPool2D and following.pool_size == following.stride == 2
-                and conv_kernels.fuses(self.kernel_size, self.stride, self.padding, self.input_grad))
+        cache and never written out whole (nor its gradient, in the backward); where
+        the conv's kernels allow it and its blocks are large enough (``conv_kernels.fuses``)."""
+        if not (type(following) is MaxPool2D and following.pool_size == following.stride == 2):
+            return False
+        self._check_dtype(x)
+        self.output_shape(x.shape[1:])   # refuses sizes that do not divide
+        w, S, P = self.params["W"], self.stride, self.padding
+        self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, w, S, P, self.input_grad)
+        return conv_kernels.fuses(self.algorithm, x.shape, w.shape, S, P, self.input_grad, w.dtype)
 
     def forward_fused(self, x, following):
         self._check_dtype(x)
@@ -259,7 +265,7 @@ class BatchNorm(Layer):
         dx, self.grads["gamma"][...], self.grads["beta"][...] = kernels.batchnorm_backward(dout, cache)
         return dx
 
-    def fuses_with(self, following):
+    def fuses_with(self, following, x):
         """A ReLU or GELU after the batch norm: applied in the batch norm's last pass
         over each block, its derivative used in the batch norm's first pass back."""
         return type(following) in (ReLU, GELU)

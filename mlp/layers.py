@@ -46,11 +46,11 @@ class Layer:
     def backward(self, dout: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def fuses_with(self, following: Layer) -> bool:
-        """Whether ``forward_fused(x, following)`` can train this layer and the next as
-        one step: the fast kernels of both in one go over each block of the batch, so
-        the block between them stays in cache. Networks ask in training, unless
-        NNX_KERNELS=reference or NNX_FUSION=off."""
+    def fuses_with(self, following: Layer, x: np.ndarray) -> bool:
+        """Whether ``forward_fused(x, following)`` trains this layer and the next as one
+        step on the input x: the fast kernels of both in one go over each block of the
+        batch, so the block between them stays in cache. Networks ask in training,
+        unless NNX_KERNELS=reference or NNX_FUSION=off."""
         return False
 
     def forward_fused(self, x: np.ndarray, following: Layer) -> np.ndarray:

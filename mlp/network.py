@@ -81,7 +81,7 @@ class Network:
         with single_blas_thread():  # the layers share the batch out among threads themselves
             while i < len(layers):
                 layer = layers[i]
-                fused = fuse and i + 1 < len(layers) and layer.fuses_with(layers[i + 1])
+                fused = fuse and i + 1 < len(layers) and layer.fuses_with(layers[i + 1], x)
                 x = layer.forward_fused(x, layers[i + 1]) if fused else layer.forward(x, train)
                 steps.append((layer, fused))
                 i += 2 if fused else 1

@@ -54,8 +54,10 @@ def test_a_network_with_fused_steps_matches_its_numerical_gradient(monkeypatch):
     """Conv + max-pool and batch norm + ReLU as fused steps (a conv of stride 2 and a
     pool after a batch norm stay apart), in several blocks on two threads, in float64."""
     from mlp import parallel
+    from mlp.kernels import conv as conv_kernels
     monkeypatch.setattr(parallel, "THREADS", 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 4_000)
+    monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", 0)
     monkeypatch.delenv("NNX_FUSION", raising=False)
     net = build_convnet("conv4x3-pool2-bn-conv6x3-pool2-bn-conv5x2s2-fc3", (2, 9, 9), 3, seed=2,
                         dtype=np.float64, reg=1e-3)
@@ -75,8 +77,10 @@ def test_fusion_changes_no_number_and_runs_in_training_only(monkeypatch):
     """NNX_FUSION=off runs every layer alone: the same loss and gradients, bit for bit;
     evaluation and the reference kernels never fuse; a bad value is named and ignored."""
     from mlp import parallel
+    from mlp.kernels import conv as conv_kernels
     monkeypatch.setattr(parallel, "THREADS", 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 50_000)
+    monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", 0)
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((16, 3, 16, 16)).astype(np.float32), rng.integers(0, 10, 16)
 
@@ -104,6 +108,22 @@ def test_fusion_changes_no_number_and_runs_in_training_only(monkeypatch):
     with pytest.warns(UserWarning, match="NNX_FUSION='sometimes'"):
         net.forward(X, train=True)
     assert any(fused for _, fused in net._steps)
+
+
+def test_a_conv_whose_blocks_are_small_runs_apart_from_its_pool(monkeypatch):
+    """A conv fuses its max-pool only when each block of its output is at least
+    MIN_FUSED_BLOCK_BYTES (the pool's calls per block cost more than the cache saves
+    on small blocks); the batch norm's activation fuses whatever the size."""
+    from mlp.kernels import conv as conv_kernels
+    net = build_convnet("conv8x3-pool2-bn-fc10", (3, 16, 16), 10)
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    block = 4 * 16 * 16 * 8 * 4          # the whole batch is one block of the conv's output
+    monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", block + 1)
+    net.forward(x, train=True)
+    assert [type(layer).__name__ for layer, fused in net._steps if fused] == ["BatchNorm"]
+    monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", block)
+    net.forward(x, train=True)
+    assert [type(layer).__name__ for layer, fused in net._steps if fused] == ["Conv2D", "BatchNorm"]
 
 
 def test_backward_before_any_forward_is_refused():

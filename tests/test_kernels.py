@@ -43,6 +43,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(elementwise, "MIN_PARALLEL_SIZE", 1)     # its own copy of the name
     monkeypatch.setattr(elementwise, "BLOCK_BYTES", 4_000)
     monkeypatch.setattr(pool_kernels, "BLOCK_BYTES", 2_000)    # a fused pool's own steps too
+    monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", 0)
     monkeypatch.delenv("NNX_CONV_ALGORITHM", raising=False)
     monkeypatch.delenv("NNX_KERNELS", raising=False)
 
@@ -100,7 +101,7 @@ def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P,
     for input_grad in (True, False):
         conv.input_grad = input_grad
         pool = MaxPool2D(2)
-        if not conv.fuses_with(pool):
+        if not conv.fuses_with(pool, nhwc_memory(x)):
             assert input_grad and S > 1   # col2im reads the whole upstream gradient
             continue
         out = conv.forward_fused(nhwc_memory(x), pool)
@@ -141,7 +142,7 @@ def test_batchnorm_fused_with_its_activation_matches_the_reference(shape, activa
     bn = BatchNorm(c, dtype=dtype)
     bn.params["gamma"][...], bn.params["beta"][...] = rng.standard_normal(c), rng.standard_normal(c)
     act = activation()
-    assert bn.fuses_with(act)
+    assert bn.fuses_with(act, x)
     out = bn.forward_fused(x, act)
     running = {k: v.copy() for k, v in bn.buffers.items()}
     expected, ref_cache = reference.batchnorm_forward(x, bn.params["gamma"], bn.params["beta"],

@@ -156,8 +156,29 @@ def backward(dout, cache, input_grad: bool = True, prologue=None):
     return (None if dx is None else nchw(dx)), dw, db
 
 
-def fuses(kernel_size: int, stride: int, padding: int, input_grad: bool) -> bool:
-    """Whether a conv's kernels take an epilogue and a prologue: every algorithm does,
-    except where the input gradient goes by col2im (stride above 1, or padding of
-    the kernel size or more), which reads the whole upstream gradient at once."""
-    return not input_grad or (stride == 1 and padding <= kernel_size - 1)
+# A fused layer's passes over each block of the conv's output are a dozen NumPy calls;
+# under this many bytes of output per block they cost more than the cache saves
+# (measured, forward + backward of conv and pool: F(2x2, 5x5) 32 -> 64 at 16x16, blocks
+# of 2 images, 128 KiB: 3 % slower fused; 64 -> 128 at 8x8, 256 KiB: even; F(4x4, 3x3)
+# 32 -> 64 at 16x16, blocks of 9 images, 576 KiB: 1.11x faster).
+MIN_FUSED_BLOCK_BYTES = 512 << 10
+
+
+def fuses(algorithm: str, x_shape, w_shape, stride: int, padding: int, input_grad: bool, dtype) -> bool:
+    """Whether a conv on inputs of x_shape: (N, C, H, W) fuses the layer after it: its
+    kernels take an epilogue and a prologue (all do, except where the input gradient
+    goes by col2im -- stride above 1, or padding of the kernel size or more -- which
+    reads the whole upstream gradient at once) and its blocks of output are at least
+    ``MIN_FUSED_BLOCK_BYTES``."""
+    N, C, H, W = x_shape
+    F, _, K, _ = w_shape
+    if input_grad and not (stride == 1 and padding <= K - 1):
+        return False
+    Ho, Wo = (H + 2 * padding - K) // stride + 1, (W + 2 * padding - K) // stride + 1
+    if algorithm == "im2col":
+        images = im2col.images_per_block(Ho * Wo * K * K * C, dtype)
+    else:
+        m = _TILE[algorithm]
+        images = winograd.images_per_block(N, m + K - 1, winograd.tiles(Ho, m), winograd.tiles(Wo, m), C, F,
+                                           np.dtype(dtype).itemsize)
+    return min(images, N) * Ho * Wo * F * np.dtype(dtype).itemsize >= MIN_FUSED_BLOCK_BYTES

@@ -54,7 +54,7 @@ def with_ones(rows: int, fields: int, dtype) -> np.ndarray:
     return cols
 
 
-def _images_per_block(numbers_per_image, dtype):
+def images_per_block(numbers_per_image, dtype):
     return block_size(numbers_per_image * np.dtype(dtype).itemsize)
 
 
@@ -82,7 +82,7 @@ def forward(x, w, b, stride: int, padding: int, workspace: dict, epilogue=None) 
         else:
             np.matmul(cols, w_mat, out=out[lo * rows:hi * rows])
 
-    over_blocks(block, N, _images_per_block(rows * K * K * C, w.dtype))
+    over_blocks(block, N, images_per_block(rows * K * K * C, w.dtype))
     return None if epilogue else out.reshape(N, Ho, Wo, F)
 
 
@@ -122,7 +122,7 @@ def backward(dout, x_shape, w, stride: int, padding: int, workspace: dict, input
         return cols.T @ d       # [dW; db]
 
     per_image = rows * K * K * max(C, F if by_convolution else 0)
-    parts = over_blocks(block, N, _images_per_block(per_image, dtype))
+    parts = over_blocks(block, N, images_per_block(per_image, dtype))
     dw_db = sum_in_order(parts)
     dw, db = dw_db[:-1], dw_db[-1]
     dw = np.ascontiguousarray(dw.reshape(K, K, C, F).transpose(3, 2, 0, 1))

@@ -192,7 +192,7 @@ def filter_transform_adjoint(dU: np.ndarray, m: int, r: int) -> np.ndarray:
 
 # ---- the layer's forward and backward -----------------------------------------------
 
-def _images_per_block(N, a, Th, Tw, C, F, itemsize):
+def images_per_block(N, a, Th, Tw, C, F, itemsize):
     """About BLOCK_BYTES of V and M, at least MIN_ROWS tiles, at most a quarter of the
     batch (so that the blocks keep both threads busy); a function of the shapes only."""
     per_image = a ** 2 * Th * Tw * (C + F) * itemsize
@@ -241,7 +241,7 @@ def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict |
             epilogue(lo, hi, dest)
         return V if keep else None
 
-    kept = over_blocks(block, N, _images_per_block(N, a, Th, Tw, C, F, x.itemsize))
+    kept = over_blocks(block, N, images_per_block(N, a, Th, Tw, C, F, x.itemsize))
     return out, (kept if keep else None)
 
 
@@ -258,7 +258,7 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
     a = m + r - 1
     U_T = filter_transform(w.transpose(1, 0, 2, 3), m) if input_grad else None
     dx = np.empty((N, H, W, C), x.dtype) if input_grad else None
-    images = _images_per_block(N, a, Th, Tw, C, F, x.itemsize)
+    images = images_per_block(N, a, Th, Tw, C, F, x.itemsize)
 
     def block(lo, hi):
         n = hi - lo
