@@ -97,17 +97,24 @@ def tournament_epilogue(N: int, H: int, W: int, C: int, dtype):
     return pool, nchw(out), ((N, C, H, W), winner)
 
 
+def _route(dt, winner, dx):
+    """The 2x2 tournament's input gradient dx: (n, H, W, C) from dt: (n, Ho, Wo, C) and
+    the one-hot argmaxes winner: (2, 2, n, Ho, Wo, C): each upstream gradient times its
+    window's argmax (contiguous arrays), then copied into the windows' part of dx; a
+    dropped odd last row or column gets zeros."""
+    _, Ho, Wo, _ = dt.shape
+    np.copyto(_tiled(dx, Ho, Wo), (winner * dt).transpose(2, 3, 0, 4, 1, 5))
+    dx[:, 2 * Ho:] = 0
+    dx[:, :, 2 * Wo:] = 0
+
+
 def maxpool_backward_block(dout, cache, lo: int, hi: int) -> np.ndarray:
     """Images lo:hi of the 2x2 max-pool's input gradient, (hi - lo, H, W, C)
     channels-last, from dout: (N, C, Ho, Wo) and ``tournament_epilogue``'s cache: the
     fused conv's backward asks for its blocks one at a time and reads each in cache."""
     (_, C, H, W), winner = cache
-    _, _, Ho, Wo = dout.shape
-    dt = nhwc(dout)[lo:hi]
     dx = np.empty((hi - lo, H, W, C), dout.dtype)
-    np.copyto(_tiled(dx, Ho, Wo), (winner[:, :, lo:hi] * dt).transpose(2, 3, 0, 4, 1, 5))
-    dx[:, 2 * Ho:] = 0
-    dx[:, :, 2 * Wo:] = 0
+    _route(nhwc(dout)[lo:hi], winner[:, :, lo:hi], dx)
     return dx
 
 
@@ -119,19 +126,9 @@ def maxpool_backward(dout, cache):
         dt = np.ascontiguousarray(dt)
     if cache[0] == "tournament":
         _, (_, _, H, W), winner = cache
-        # Each upstream gradient times its window's one-hot argmax (contiguous arrays),
-        # then copied into the windows' part of dx; a dropped odd last row or column
-        # gets zeros.
         dx = np.empty((N, H, W, C), dout.dtype)
-        windows = _tiled(dx, Ho, Wo)
-
-        def route(lo, hi):
-            routed = winner[:, :, lo:hi] * dt[lo:hi]
-            np.copyto(windows[lo:hi], routed.transpose(2, 3, 0, 4, 1, 5))
-
-        over_blocks(route, N, _images_per_block(dx))
-        dx[:, 2 * Ho:] = 0
-        dx[:, :, 2 * Wo:] = 0
+        over_blocks(lambda lo, hi: _route(dt[lo:hi], winner[:, :, lo:hi], dx[lo:hi]), N,
+                    _images_per_block(dx))
         return (nchw(dx),)
     _, (_, _, H, W), arg, K, S, xt = cache
     # Disjoint windows (S >= K) take plain writes; if they also cover x, no
