@@ -98,14 +98,13 @@ class Conv2D(Layer):
                 conv_output_size(w, k, s, p, "width"))
 
     def forward(self, x, train=False):
-        self._check_dtype(x)
-        self.output_shape(x.shape[1:])   # refuses sizes that do not divide
+        self._check_input(x)
         w, b, S, P = self.params["W"], self.params["b"], self.stride, self.padding
         if reference_kernels():
             out, cache = reference.conv_forward(x, w, b, S, P)
             self.cache = ("reference", cache)
             return out
-        self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, w, S, P, self.input_grad)
+        self._choose_algorithm(x)
         out, cache = conv_kernels.forward(self.algorithm, x, w, b, S, P, self.workspace, train)
         self.cache = ("fast", cache)
         return out
@@ -116,18 +115,28 @@ class Conv2D(Layer):
         the conv's kernels allow it and its blocks are large enough (``conv_kernels.fuses``)."""
         if not (type(following) is MaxPool2D and following.pool_size == following.stride == 2):
             return False
+        self._check_input(x)
+        self._choose_algorithm(x)
+        w = self.params["W"]
+        return conv_kernels.fuses(self.algorithm, x.shape, w.shape, self.stride, self.padding,
+                                  self.input_grad, w.dtype)
+
+    def _check_input(self, x):
+        """x's dtype and shape against the layer -> the output's shape (F, Ho, Wo)."""
         self._check_dtype(x)
-        self.output_shape(x.shape[1:])   # refuses sizes that do not divide
-        w, S, P = self.params["W"], self.stride, self.padding
-        self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, w, S, P, self.input_grad)
-        return conv_kernels.fuses(self.algorithm, x.shape, w.shape, S, P, self.input_grad, w.dtype)
+        return self.output_shape(x.shape[1:])   # refuses sizes that do not divide
+
+    def _choose_algorithm(self, x):
+        """The fast kernels' algorithm for x: the forced or recorded one, else measured
+        the first time."""
+        self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, self.params["W"], self.stride,
+                                                    self.padding, self.input_grad)
 
     def forward_fused(self, x, following):
-        self._check_dtype(x)
-        F, Ho, Wo = self.output_shape(x.shape[1:])   # the conv's output, the pool's input
+        F, Ho, Wo = self._check_input(x)             # the conv's output, the pool's input
         following.output_shape((F, Ho, Wo))          # refuses a window that does not fit
+        self._choose_algorithm(x)
         w, b, S, P = self.params["W"], self.params["b"], self.stride, self.padding
-        self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, w, S, P, self.input_grad)
         pool, out, pool_cache = pool_kernels.tournament_epilogue(len(x), Ho, Wo, F, w.dtype)
         _, cache = conv_kernels.forward(self.algorithm, x, w, b, S, P, self.workspace, True, epilogue=pool)
         self.cache = ("fused", cache, pool_cache)
