@@ -36,11 +36,12 @@ def environment() -> dict:
             "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def nnx_settings() -> str | None:
-    """The NNX_ variables set for this process, as "NAME=value ..." (None if none is):
-    NNX_KERNELS=reference, say, rounds differently from the fast kernels."""
+def nnx_settings() -> str:
+    """The NNX_ variables set for this process, as "NAME=value ...", or "none" (a report
+    says "not recorded" only where a record has no such entry): NNX_KERNELS=reference,
+    say, rounds differently from the fast kernels."""
     given = [f"{name}={os.environ[name]}" for name in NNX_SETTINGS if os.environ.get(name, "").strip()]
-    return " ".join(given) or None
+    return " ".join(given) or "none"
 
 
 def _blas_info() -> dict:

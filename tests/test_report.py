@@ -112,6 +112,7 @@ def test_a_run_report_holds_the_rerun_command_config_environment_and_figures(run
     assert keys["optimizer"] == record["config"]["optimizer"]
     assert keys["NumPy"] == environment()["numpy"] and keys["nnx"] == mlp.__version__
     assert keys["BLAS kernel"] == (environment()["blas_kernel"] or "not recorded")
+    assert keys["NNX_ settings"] == record["environment"]["nnx_settings"]   # "none" unless set
     assert keys["best_epoch"] == str(record["best_epoch"])
     assert {"Learning curves", "Decision regions", "Training as an animation",
             "Confusion matrix (val split)"} <= set(page.headings)
