@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlp.kernels.conv import nchw, nhwc
-from mlp.kernels.elementwise import gelu_rows, zeros_like_rows
+from mlp.kernels.elementwise import gelu_rows, relu_rows, zeros_like_rows
 from mlp.parallel import block_size, over_blocks, sum_in_order
 
 
@@ -91,8 +91,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
         np.multiply(centred[lo:hi], scale_t, out=o)
         o += beta_t
         if activation == "relu":
-            np.greater(o, 0, out=factor[lo:hi])
-            np.maximum(o, zeros[:hi - lo], out=o)
+            relu_rows(o, o, factor[lo:hi], zeros)
         elif activation == "gelu":
             gelu_rows(o, o, factor[lo:hi])
 

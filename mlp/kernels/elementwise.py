@@ -47,13 +47,16 @@ def relu_forward(x):
         return np.maximum(x, 0), x > 0
     mask, out = np.empty_like(x, dtype=bool), np.empty_like(x)
     zeros = zeros_like_rows(x, min(len(x), _images_per_block(x)))
-
-    def rows(lo, hi):
-        np.greater(x[lo:hi], 0, out=mask[lo:hi])
-        np.maximum(x[lo:hi], zeros[:hi - lo], out=out[lo:hi])
-
-    _in_blocks(rows, x)
+    _in_blocks(lambda lo, hi: relu_rows(x[lo:hi], out[lo:hi], mask[lo:hi], zeros), x)
     return out, mask
+
+
+def relu_rows(xs, o, mask, zeros):
+    """max(0, xs) into o (o may be xs: in place) and xs > 0 into mask, the maximum taken
+    against ``zeros`` (at least as many rows as xs: see zeros_like_rows): the passes of
+    ``relu_forward`` over one block."""
+    np.greater(xs, 0, out=mask)
+    np.maximum(xs, zeros[:len(xs)], out=o)
 
 
 def relu_backward(dout, mask):
