@@ -160,7 +160,7 @@ def backward(dout, cache, input_grad: bool = True, prologue=None):
 # under this many bytes of output per block they cost more than the cache saves
 # (measured, forward + backward of conv and pool: F(2x2, 5x5) 32 -> 64 at 16x16, blocks
 # of 2 images, 128 KiB: 3 % slower fused; 64 -> 128 at 8x8, 256 KiB: even; F(4x4, 3x3)
-# 32 -> 64 at 16x16, blocks of 9 images, 576 KiB: 1.11x faster).
+# 32 -> 64 at 16x16, blocks of 9 images, 576 KiB: 1.03-1.11x faster; bench/bench_fusion.py).
 MIN_FUSED_BLOCK_BYTES = 512 << 10
 
 
