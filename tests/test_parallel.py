@@ -29,8 +29,24 @@ def three_blas_threads(monkeypatch):
 
 def test_over_blocks_covers_the_batch_in_order(monkeypatch):
     monkeypatch.setattr(parallel, "THREADS", 3)
-    assert parallel.over_blocks(lambda lo, hi: (lo, hi), 10, 3) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert parallel.over_blocks(lambda lo, hi: (lo, hi), 10, 3) == [(0, 2), (2, 5), (5, 7), (7, 10)]
     assert parallel.over_blocks(lambda lo, hi: (lo, hi), 2, 5) == [(0, 2)]
+    assert parallel.over_blocks(lambda lo, hi: (lo, hi), 3, 1) == [(0, 1), (1, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 128, 1000])
+@pytest.mark.parametrize("block", [1, 3, 9, 14, 28, 37, 113, 128, 5000])
+def test_blocks_are_even_and_come_in_a_multiple_that_two_or_four_threads_share_equally(n, block):
+    bounds = parallel.block_bounds(n, block)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert max(sizes) <= block and max(sizes) - min(sizes) <= 1
+    assert len(bounds) == 1 or len(bounds) % parallel.BLOCK_MULTIPLE == 0 or len(bounds) == n
+    if len(bounds) % 4 == 0 and n % 4 == 0:       # conv6bn's first conv: 5 blocks of 28 before
+        for threads in (2, 4):
+            edges = [len(bounds) * i // threads for i in range(threads + 1)]
+            assert len({sum(sizes[a:b]) for a, b in zip(edges, edges[1:], strict=False)}) == 1
 
 
 def test_over_batch_uses_several_threads_for_large_work_only(monkeypatch):

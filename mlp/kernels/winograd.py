@@ -48,7 +48,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from mlp.kernels.im2col import zero_bordered
-from mlp.parallel import block_size, over_blocks, sum_in_order
+from mlp.parallel import block_bounds, block_size, over_blocks, sum_in_order
 
 # Transform matrices (B^T: a x a, G: a x r, A^T: m x a). The a = 6 transforms use the
 # points 0, 1, -1, 2, -2 and infinity (so F(4x4, 3x3) and F(2x2, 5x5) share B^T); G's rows
@@ -259,11 +259,12 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
     U_T = filter_transform(w.transpose(1, 0, 2, 3), m) if input_grad else None
     dx = np.empty((N, H, W, C), x.dtype) if input_grad else None
     images = images_per_block(N, a, Th, Tw, C, F, x.itemsize)
+    index = {lo: i for i, (lo, _) in enumerate(block_bounds(N, images))}   # of kept's blocks
 
     def block(lo, hi):
         n = hi - lo
         if kept:
-            V = kept[lo // images]
+            V = kept[index[lo]]
         else:
             xp = np.zeros((n, m * Th + r - 1, m * Tw + r - 1, C), x.dtype)
             xp[:, padding:padding + H, padding:padding + W] = x[lo:hi]
