@@ -1,12 +1,13 @@
 """How far float32 convolutions land from the exact result, per algorithm, on real layer shapes.
 
-For each 3x3 layer of conv6bn and airbench, and each 5x5 layer of the
-bench's wide5x5 net (batch 16): inputs like a trained net's (ReLU of unit
-normals), He-initialised weights, a unit-normal upstream gradient; forward,
-input gradient and weight gradient from im2col and Winograd (F(2x2, 3x3) /
-F(4x4, 3x3); F(2x2, 5x5)) in float32, against the direct convolution in
-float64. The error is max |ours - exact| / max |exact| over the whole array
-(the tolerance tests/helpers.assert_close applies).
+For each 3x3 layer of conv6bn and airbench, each 5x5 layer of the bench's
+wide5x5 net and of convnetjs, and cs231n-3layer's 7x7 (batch 16): inputs like
+a trained net's (ReLU of unit normals), He-initialised weights, a unit-normal
+upstream gradient; forward, input gradient and weight gradient from im2col,
+im2col over 2x2 tiles and Winograd (F(2x2, 3x3) / F(4x4, 3x3); F(2x2, 5x5)) in
+float32, against the direct convolution in float64. The error is
+max |ours - exact| / max |exact| over the whole array (the tolerance
+tests/helpers.assert_close applies).
 
     python bench/conv_numerics.py
 """
@@ -22,10 +23,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mlp import reference  # noqa: E402
 from mlp.kernels import conv as conv_kernels  # noqa: E402
 
-# (H = W, C, F, K) of the convs: conv6bn's and airbench's 3x3, wide5x5's 5x5.
+# (H = W, C, F, K) of the convs: conv6bn's and airbench's 3x3, wide5x5's and convnetjs's
+# 5x5, cs231n-3layer's 7x7.
 LAYERS = [(16, 32, 32, 3), (16, 32, 64, 3), (8, 64, 64, 3), (8, 64, 128, 3), (4, 128, 128, 3),
           (31, 24, 64, 3), (15, 64, 64, 3), (15, 64, 256, 3), (7, 256, 256, 3), (3, 256, 256, 3),
-          (16, 32, 64, 5), (8, 64, 128, 5)]
+          (16, 32, 64, 5), (8, 64, 128, 5), (32, 3, 16, 5), (16, 16, 20, 5), (8, 20, 20, 5),
+          (32, 3, 32, 7)]
 BATCH = 16
 
 

@@ -10,6 +10,10 @@ as one; NNX_FUSION=off times them apart). PyTorch (2 threads, channels_last unle
     python bench/profile_conv.py [--model conv6bn] [--gelu] [--steps 5] [--nchw] [--one-thread]
     python bench/profile_conv.py --model airbench94   # the 94 % issue's network
     python bench/profile_conv.py --gelu-forms         # the tanh and erf forms of GELU, timed
+    python bench/profile_conv.py --model convnetjs --algorithms
+        each conv layer's forward + backward under every algorithm that applies to it
+        (with its 2x2 max-pool, fused where it fuses, as training runs it), median and
+        fastest of 7 rounds in turns, and the one nnx's own measurement picks
 """
 from __future__ import annotations
 
@@ -116,6 +120,40 @@ def torch_profile(net, X, y, steps: int, torch, channels_last: bool):
     return seconds, ops
 
 
+def conv_algorithms(spec: str, X, rounds: int = 8) -> None:
+    """Per conv layer of the network: forward + backward under each algorithm that applies,
+    timed in turns as ``conv_kernels.fastest`` times them (the first round a warm-up)."""
+    import statistics
+
+    from mlp.conv import Conv2D, MaxPool2D
+    from mlp.kernels import conv as conv_kernels
+    from mlp.kernels import fused_layers
+    net = build_convnet(spec, SHAPE, CLASSES, seed=0, dtype=np.float32)
+    inputs = {}
+    x = X
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, Conv2D):
+            inputs[i] = x
+            layer.algorithm = "im2col"        # recorded: no choice made on the way
+        x = layer.forward(x, train=True)
+    print(f"{'layer':34s} " + "".join(f"{name:>18s}" for name in conv_kernels.ALGORITHMS) + "   chosen")
+    for i, x in inputs.items():
+        conv = net.layers[i]
+        after = net.layers[i + 1] if i + 1 < len(net.layers) else None
+        pooled = fused_layers() and type(after) is MaxPool2D and after.pool_size == after.stride == 2
+        w, S, P, K = conv.params["W"], conv.stride, conv.padding, conv.kernel_size
+        names = conv_kernels.candidates(K, S, P)
+        seconds = conv_kernels.timings(x, w, S, P, conv.input_grad, names, rounds, pooled)
+        cells = [f"{statistics.median(seconds[n][1:]) * 1e3:7.2f} /{min(seconds[n][1:]) * 1e3:7.2f}"
+                 if n in seconds else "-" for n in conv_kernels.ALGORITHMS]
+        label = f"{i:2d} {conv.in_channels}->{conv.out_channels} {K}x{K} at {x.shape[2]}x{x.shape[3]}" + \
+            (" +pool" if pooled else "")
+        chosen = conv_kernels.choose(x, w, S, P, conv.input_grad, pooled)
+        print(f"{label:34s} " + "".join(f"{c:>18s}" for c in cells) + f"   {chosen}")
+    print("ms, median / fastest of the rounds after a warm-up; chosen: what nnx's own measurement "
+          "(conv_kernels.choose) picks, run after these")
+
+
 def kind_of(name: str) -> str:
     if name[:2].strip().isdigit():
         return name[3:]
@@ -177,6 +215,8 @@ def main():
     parser.add_argument("--nchw", action="store_true", help="PyTorch in NCHW memory (default channels_last)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--gelu-forms", action="store_true", help="time the two GELU forms and stop")
+    parser.add_argument("--algorithms", action="store_true",
+                        help="time each conv layer under every algorithm that applies, and stop")
     parser.add_argument("--one-thread", action="store_true",
                         help="both on one thread; nnx timed by its thread's CPU time")
     args = parser.parse_args()
@@ -196,6 +236,9 @@ def main():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((BATCH, *SHAPE)).astype(np.float32)
     y = rng.integers(0, CLASSES, BATCH)
+    if args.algorithms:
+        conv_algorithms(spec, X)
+        return
     net, step, nnx = nnx_profile(spec, X, y, args.steps, args.gelu)
     print(f"{args.model}{' with GELU' if args.gelu else ''}: {spec}")
     print(f"nnx ({'one thread, CPU time' if args.one_thread else '2 threads'}): {step * 1e3:.1f} ms per "

@@ -363,7 +363,7 @@ def run_record(outcome: RunOutcome) -> dict:
             "command": rerun_command(outcome.config), "status": outcome.status,
             "epochs_run": outcome.result.epochs_run, "stopped_early": outcome.result.stopped_early,
             "seconds": outcome.seconds, **outcome.final, **best_metrics(outcome.result),
-            "conv_algorithms": outcome.network.conv_algorithms(),   # {layer index: im2col|winograd2|4}
+            "conv_algorithms": outcome.network.conv_algorithms(),   # {layer index: algorithm}
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "environment": environment()}
 

@@ -116,7 +116,7 @@ class Conv2D(Layer):
         if not (type(following) is MaxPool2D and following.pool_size == following.stride == 2):
             return False
         self._check_input(x)
-        self._choose_algorithm(x)
+        self._choose_algorithm(x, pooled=True)
         w = self.params["W"]
         return conv_kernels.fuses(self.algorithm, x.shape, w.shape, self.stride, self.padding,
                                   self.input_grad, w.dtype)
@@ -126,11 +126,11 @@ class Conv2D(Layer):
         self._check_dtype(x)
         return self.output_shape(x.shape[1:])   # refuses sizes that do not divide
 
-    def _choose_algorithm(self, x):
+    def _choose_algorithm(self, x, pooled: bool = False):
         """The fast kernels' algorithm for x: the forced or recorded one, else measured
-        the first time."""
+        the first time (``pooled``: as the fused step with a 2x2 max-pool runs it)."""
         self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, self.params["W"], self.stride,
-                                                    self.padding, self.input_grad)
+                                                    self.padding, self.input_grad, pooled)
 
     def forward_fused(self, x, following):
         F, Ho, Wo = self._check_input(x)             # the conv's output, the pool's input
@@ -147,7 +147,7 @@ class Conv2D(Layer):
         _, cache, pool_cache = self.cache
         dx, dw, db = conv_kernels.backward(
             None, cache, self.input_grad,
-            prologue=lambda lo, hi: pool_kernels.maxpool_backward_block(dout, pool_cache, lo, hi))
+            prologue=pool_kernels.backward_prologue(dout, pool_cache))
         self.grads["W"][...] = dw
         self.grads["b"][...] = db
         return dx if self.input_grad else None

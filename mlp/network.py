@@ -193,7 +193,7 @@ class Network:
 
     def conv_algorithms(self) -> dict[str, str]:
         """{layer index: algorithm} of every conv layer that has run (or was loaded with
-        its algorithm recorded): im2col, winograd2 or winograd4. Saved in model files
+        its algorithm recorded): im2col, im2col2, winograd2 or winograd4. Saved in model files
         and checkpoints, so a loaded network computes with the same rounding."""
         return {str(i): layer.algorithm for i, layer in enumerate(self.layers)
                 if getattr(layer, "algorithm", None) is not None}

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.numerics
 # 7e-16, 1e-15, 6e-15 in float64.
 RTOL = {("im2col", np.float32): 4e-6, ("winograd2", np.float32): 4e-6, ("winograd4", np.float32): 2e-5,
         ("im2col", np.float64): 1e-14, ("winograd2", np.float64): 1e-14, ("winograd4", np.float64): 5e-14}
+RTOL.update({("im2col2", dtype): RTOL["im2col", dtype] for dtype in (np.float32, np.float64)})
 A6_RTOL = {np.float32: 2e-5, np.float64: 5e-14}    # the a = 6 transforms, whichever the tile
 
 
@@ -71,7 +72,7 @@ def test_conv_kernels_match_the_reference(shape, F, K, S, P, algorithm, dtype):
     dout = rng.standard_normal(expected.shape).astype(dtype)
     dx, dw, db = conv_kernels.backward(nhwc_memory(dout), cache, input_grad=True)
     ref_dx, ref_dw, ref_db = reference.conv_backward(dout, ref_cache)
-    rtol = A6_RTOL[dtype] if algorithm != "im2col" and K == 5 else RTOL[algorithm, dtype]
+    rtol = A6_RTOL[dtype] if algorithm.startswith("winograd") and K == 5 else RTOL[algorithm, dtype]
     for name, ours, theirs in (("out", out, expected), ("dx", dx, ref_dx), ("dw", dw, ref_dw),
                                ("db", db, ref_db)):
         assert ours.dtype == dtype, name
@@ -112,7 +113,7 @@ def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P,
         dw, db = conv.grads["W"].copy(), conv.grads["b"].copy()
         ref_dx, ref_dw, ref_db = reference.conv_backward(reference.maxpool_backward(dout, pool_cache)[0],
                                                          ref_cache)
-        rtol = A6_RTOL[dtype] if algorithm != "im2col" and K == 5 else RTOL[algorithm, dtype]
+        rtol = A6_RTOL[dtype] if algorithm.startswith("winograd") and K == 5 else RTOL[algorithm, dtype]
         assert_close(out, expected, rtol, err_msg="pooled")
         assert_close(dw, ref_dw, rtol, err_msg="dw")
         assert_close(db, ref_db, rtol, err_msg="db")
@@ -318,8 +319,9 @@ def test_nnx_conv_algorithm_forces_the_algorithm_where_it_applies(monkeypatch, f
     out = three.forward(x, train=True)
     five.forward(x, train=True)
     seven.forward(x, train=True)
-    # F(2x2) has 3x3 and 5x5 forms, F(4x4) only 3x3; 7x7 has none.
-    assert three.algorithm == forced and seven.algorithm == "im2col"
+    # F(2x2) has 3x3 and 5x5 forms, F(4x4) only 3x3; 7x7 has none; im2col2 takes them all.
+    assert three.algorithm == forced
+    assert seven.algorithm == (forced if forced.startswith("im2col") else "im2col")
     assert five.algorithm == ("im2col" if forced == "winograd4" else forced)
     expected, _ = conv_kernels.forward(forced, x, three.params["W"], three.params["b"], 1, 1, {})
     np.testing.assert_array_equal(out, expected)
@@ -361,14 +363,51 @@ def test_the_fastest_candidate_is_chosen_by_timing(monkeypatch):
     assert twin.algorithm == "winograd2" and len(calls) == measured + 1   # the kept choice
 
 
-def test_small_layers_and_few_channels_run_im2col_unmeasured(monkeypatch):
-    monkeypatch.setattr(conv_kernels, "fastest", lambda *a, **k: pytest.fail("measured a small layer"))
+def test_a_conv_before_a_max_pool_is_measured_with_it_fused_or_not(monkeypatch):
+    """The measurement times a conv as the network will run it: with its 2x2 max-pool,
+    fused where the candidate fuses (im2col2's tiles go to the pool as they are)."""
+    asked = []
+    real_fastest = conv_kernels.fastest
+
+    def fastest(*args, pooled=False, **kwargs):
+        asked.append(pooled)
+        return real_fastest(*args, pooled=pooled, **kwargs)
+
+    monkeypatch.setattr(conv_kernels, "fastest", fastest)
+    monkeypatch.setattr(conv_kernels, "MIN_MEASURED_FLOPS", 0)
+    monkeypatch.setattr(conv_kernels, "_chosen", {})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 9, 9)).astype(np.float32)
+    conv, pool = Conv2D(3, 4, 3, padding=1, rng=rng), MaxPool2D(2)
+    assert conv.fuses_with(pool, x) and asked == [True]
+    assert conv.algorithm in ("im2col", "im2col2")
+    alone = Conv2D(3, 4, 3, padding=1, rng=rng)
+    alone.forward(x, train=True)
+    assert asked == [True, False]                   # a choice of its own, unpooled
+    # stride 2 with an input gradient: col2im, which does not fuse, times conv then pool
+    strided = Conv2D(3, 4, 3, stride=2, padding=1, rng=rng)
+    assert real_fastest(x, strided.params["W"], 2, 1, True, ("im2col",), rounds=2, pooled=True) == "im2col"
+
+
+def test_small_layers_run_im2col_unmeasured_and_few_channels_are_not_offered_winograd(monkeypatch):
+    offered = []
+
+    def fastest(x, w, stride, padding, input_grad, candidates, pooled):
+        offered.append(candidates)
+        return candidates[-1]
+
+    monkeypatch.setattr(conv_kernels, "fastest", fastest)
+    monkeypatch.setattr(conv_kernels, "_chosen", {})
     rng = np.random.default_rng(0)
     small = Conv2D(16, 16, 3, padding=1, rng=rng)
     small.forward(rng.standard_normal((2, 16, 8, 8)).astype(np.float32))
+    assert small.algorithm == "im2col" and offered == []
     few = Conv2D(3, 64, 3, padding=1, rng=rng)
     few.forward(rng.standard_normal((64, 3, 32, 32)).astype(np.float32))
-    assert small.algorithm == few.algorithm == "im2col"
+    assert offered == [("im2col", "im2col2")] and few.algorithm == "im2col2"
+    strided = Conv2D(3, 64, 3, stride=2, padding=1, rng=rng)      # nothing else applies
+    strided.forward(rng.standard_normal((64, 3, 65, 65)).astype(np.float32))
+    assert strided.algorithm == "im2col" and len(offered) == 1
 
 
 def test_the_algorithm_is_saved_with_the_model_and_honoured_on_load(tmp_path):

@@ -7,22 +7,28 @@ conv gets its NHWC input without a transposing copy.
 
 Algorithms:
   im2col      any kernel, stride and padding (mlp/kernels/im2col.py)
+  im2col2     im2col over 2x2 tiles of outputs, one row per tile: kernels of 3 and
+              more, stride 1, padding < kernel size; more multiplications in a wider
+              product, for convs with few channels (mlp/kernels/im2col_tiles.py)
   winograd2   Winograd F(2x2, 3x3) or F(2x2, 5x5): 3x3 and 5x5 kernels, stride 1,
               padding < kernel size (mlp/kernels/winograd.py)
   winograd4   Winograd F(4x4, 3x3): 3x3 kernels, fewer multiplications, more rounding
 
 A layer's algorithm is chosen the first time it runs, by timing the
 candidates on its real input (forward and backward, in turns, the best of
-two after a warm-up); the choice is kept per layer shape for the process and
-recorded with the layer (``Conv2D.algorithm``, saved in model files and
+two after a warm-up), as the network will run it: with the 2x2 max-pool after
+it, fused, where it fuses with one (unpooled, im2col and im2col2 came out even
+on cs231n-3layer's 7x7 conv and either was chosen; pooled, im2col2's tiles go
+to the pool as they are and it won 6 times in 6); the choice is kept per layer
+shape for the process and recorded with the layer (``Conv2D.algorithm``, saved in model files and
 checkpoints, listed in a run's config.json), so a resumed run or a loaded
 model computes with the same rounding. ``NNX_CONV_ALGORITHM`` = auto (the
-default), im2col, winograd2 or winograd4 forces one for every layer it
-applies to (others run im2col), overriding a recorded choice.
+default), im2col, im2col2, winograd2 or winograd4 forces one for every layer
+it applies to (others run im2col), overriding a recorded choice.
 
-Small layers (under ``MIN_MEASURED_FLOPS``) and layers with few channels run
-im2col unmeasured: timing them measures noise, and their Winograd transforms
-cost more than the multiplications they save.
+Small layers (under ``MIN_MEASURED_FLOPS``) run im2col unmeasured: timing them
+measures noise. Layers with few channels are not offered Winograd, whose
+transforms cost more than the multiplications they save there.
 """
 from __future__ import annotations
 
@@ -33,9 +39,9 @@ import warnings
 import numpy as np
 
 from mlp import parallel
-from mlp.kernels import im2col, winograd
+from mlp.kernels import im2col, im2col_tiles, winograd
 
-ALGORITHMS = ("im2col", "winograd2", "winograd4")
+ALGORITHMS = ("im2col", "im2col2", "winograd2", "winograd4")
 ALGORITHM_ENV = "NNX_CONV_ALGORITHM"
 MIN_MEASURED_FLOPS = 100e6     # direct-conv multiply-adds x 2 of the batch, forward
 MIN_WINOGRAD_CHANNELS = 16     # input and output channels both
@@ -55,6 +61,8 @@ def nchw(x: np.ndarray) -> np.ndarray:
 
 
 def applies(algorithm: str, kernel_size: int, stride: int, padding: int) -> bool:
+    if algorithm == "im2col2":
+        return kernel_size >= 3 and stride == 1 and padding < kernel_size
     return algorithm == "im2col" or (algorithm in _TILE and winograd.supports(
         kernel_size, stride, padding, _TILE[algorithm]))
 
@@ -79,52 +87,82 @@ def forced_algorithm() -> str | None:
     return None
 
 
-def algorithm_for(recorded: str | None, x, w, stride: int, padding: int, input_grad: bool) -> str:
+def algorithm_for(recorded: str | None, x, w, stride: int, padding: int, input_grad: bool,
+                  pooled: bool = False) -> str:
     """The algorithm a layer runs: the forced one where it applies (else im2col), else
-    the layer's recorded one, else the measured choice for this shape."""
+    the layer's recorded one, else the measured choice for this shape (``pooled``: with
+    the fused 2x2 max-pool after it, as it will run)."""
     K = w.shape[2]
     forced = forced_algorithm()
     if forced is not None:
         return forced if applies(forced, K, stride, padding) else "im2col"
     if recorded is not None:
         return recorded
-    return choose(x, w, stride, padding, input_grad)
+    return choose(x, w, stride, padding, input_grad, pooled)
 
 
-def choose(x, w, stride: int, padding: int, input_grad: bool = True) -> str:
+def choose(x, w, stride: int, padding: int, input_grad: bool = True, pooled: bool = False) -> str:
     """The fastest algorithm for a conv on inputs like x: (N, C, H, W), measured once per
-    shape (and thread count) in this process."""
+    shape (and thread count) in this process; ``pooled``: followed by a 2x2 max-pool it
+    fuses with where it can, which favours some algorithms (im2col2's tiles are the
+    pooling windows)."""
     F, C, K, _ = w.shape
     N, _, H, W = x.shape
-    if not winograd.supports(K, stride, padding) or min(C, F) < MIN_WINOGRAD_CHANNELS:
+    offered = tuple(name for name in candidates(K, stride, padding)
+                    if name not in _TILE or min(C, F) >= MIN_WINOGRAD_CHANNELS)
+    Ho, Wo = (H + 2 * padding - K) // stride + 1, (W + 2 * padding - K) // stride + 1
+    if offered == ("im2col",) or 2 * N * Ho * Wo * F * C * K * K < MIN_MEASURED_FLOPS:
         return "im2col"
-    Ho, Wo = H + 2 * padding - K + 1, W + 2 * padding - K + 1
-    if 2 * N * Ho * Wo * F * C * K * K < MIN_MEASURED_FLOPS:
-        return "im2col"
-    key = (x.shape, w.shape, stride, padding, x.dtype.str, input_grad, parallel.THREADS)
+    key = (x.shape, w.shape, stride, padding, x.dtype.str, input_grad, pooled, parallel.THREADS)
     if key not in _chosen:
-        _chosen[key] = fastest(x, w, stride, padding, input_grad, candidates(K, stride, padding))
+        _chosen[key] = fastest(x, w, stride, padding, input_grad, offered, pooled=pooled)
     return _chosen[key]
 
 
-def fastest(x, w, stride, padding, input_grad, candidates=ALGORITHMS, rounds: int = 3) -> str:
+def fastest(x, w, stride, padding, input_grad, candidates=ALGORITHMS, rounds: int = 3,
+            pooled: bool = False) -> str:
     """The candidate with the shortest forward + backward on x, timed in turns (so a
-    noisy neighbour slows all alike); the first round warms up, the best of the rest counts."""
+    noisy neighbour slows all alike); the first round warms up, the best of the rest
+    counts. ``pooled``: with the 2x2 max-pool after it, fused where the candidate fuses."""
+    seconds = timings(x, w, stride, padding, input_grad, candidates, rounds, pooled)
+    return min(candidates, key=lambda name: min(seconds[name][1:]))
+
+
+def timings(x, w, stride, padding, input_grad, candidates=ALGORITHMS, rounds: int = 3,
+            pooled: bool = False) -> dict[str, list[float]]:
+    """{candidate: seconds of each round} of a conv's forward + backward on x: (N, C, H,
+    W), the candidates in turns each round (as ``fastest`` measures them)."""
+    from mlp.kernels import pool as pool_kernels  # it imports this module's layout helpers
     F, _, K, _ = w.shape
     N, _, H, W = x.shape
     Ho, Wo = (H + 2 * padding - K) // stride + 1, (W + 2 * padding - K) // stride + 1
     b = np.zeros(F, w.dtype)
-    dout = nchw(np.random.default_rng(0).standard_normal((N, Ho, Wo, F)).astype(w.dtype))
+    rng = np.random.default_rng(0)
+    shape = (N, Ho // 2, Wo // 2, F) if pooled else (N, Ho, Wo, F)
+    dout = nchw(rng.standard_normal(shape).astype(w.dtype))
     workspaces = {name: {} for name in candidates}
     seconds = {name: [] for name in candidates}
+
+    def step(name):
+        if pooled and fuses(name, x.shape, w.shape, stride, padding, input_grad, w.dtype):
+            pool, _, pool_cache = pool_kernels.tournament_epilogue(N, Ho, Wo, F, w.dtype)
+            _, cache = forward(name, x, w, b, stride, padding, workspaces[name], epilogue=pool)
+            backward(None, cache, input_grad, pool_kernels.backward_prologue(dout, pool_cache))
+            return
+        out, cache = forward(name, x, w, b, stride, padding, workspaces[name])
+        d = dout
+        if pooled:
+            _, pool_cache = pool_kernels.maxpool_forward(out, 2, 2)
+            (d,) = pool_kernels.maxpool_backward(dout, pool_cache)
+        backward(d, cache, input_grad)
+
     with parallel.single_blas_thread():
         for _ in range(rounds):
             for name in candidates:
                 started = time.perf_counter()
-                _, cache = forward(name, x, w, b, stride, padding, workspaces[name])
-                backward(dout, cache, input_grad)
+                step(name)
                 seconds[name].append(time.perf_counter() - started)
-    return min(candidates, key=lambda name: min(seconds[name][1:]))
+    return seconds
 
 
 def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict, train: bool = True,
@@ -136,6 +174,8 @@ def forward(algorithm: str, x, w, b, stride: int, padding: int, workspace: dict,
     xt, kept = nhwc(x), None
     if algorithm == "im2col":
         out = im2col.forward(xt, w, b, stride, padding, workspace, epilogue)
+    elif algorithm == "im2col2":
+        out = im2col_tiles.forward(xt, w, b, padding, workspace, epilogue=epilogue)
     else:
         out, kept = winograd.forward(xt, w, b, padding, _TILE[algorithm], keep=train, workspace=workspace,
                                      epilogue=epilogue)
@@ -151,6 +191,9 @@ def backward(dout, cache, input_grad: bool = True, prologue=None):
     dt = None if dout is None else nhwc(dout)
     if algorithm == "im2col":
         dx, dw, db = im2col.backward(dt, xt.shape, w, stride, padding, workspace, input_grad, prologue)
+    elif algorithm == "im2col2":
+        dx, dw, db = im2col_tiles.backward(dt, xt.shape, w, padding, workspace, input_grad=input_grad,
+                                           prologue=prologue)
     else:
         dx, dw, db = winograd.backward(dt, xt, w, padding, _TILE[algorithm], input_grad, kept, prologue)
     return (None if dx is None else nchw(dx)), dw, db
@@ -177,6 +220,8 @@ def fuses(algorithm: str, x_shape, w_shape, stride: int, padding: int, input_gra
     Ho, Wo = (H + 2 * padding - K) // stride + 1, (W + 2 * padding - K) // stride + 1
     if algorithm == "im2col":
         images = im2col.images_per_block(Ho * Wo * K * K * C, dtype)
+    elif algorithm == "im2col2":
+        images = im2col_tiles.images_per_block(H, W, C, F, K, padding, dtype, input_grad=False)
     else:
         m = _TILE[algorithm]
         images = winograd.images_per_block(N, m + K - 1, winograd.tiles(Ho, m), winograd.tiles(Wo, m), C, F,

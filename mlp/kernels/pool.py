@@ -79,9 +79,12 @@ def tournament_epilogue(N: int, H: int, W: int, C: int, dtype):
     """The 2x2 max-pool of a conv's output, fused into the conv: the conv hands each
     block of its output, (n, H, W, C) channels-last, to ``pool(lo, hi, block)`` while it
     is in cache, and only the pooled numbers and the one-hot argmaxes are kept (the
-    conv's full output is never written out and read back).
+    conv's full output is never written out and read back). A conv that makes its
+    output as 2x2 tiles, (n, ceil(H/2), ceil(W/2), 2, 2, C) (im2col over tiles), hands
+    them to ``pool.tiles(lo, hi, tiles)`` instead: a tile is a pooling window, so they
+    need no reordering first.
     -> (pool, out: (N, C, Ho, Wo) as a view of NHWC memory filled block by block,
-    cache for ``maxpool_backward_block``)."""
+    cache for ``backward_prologue``)."""
     Ho, Wo = H // 2, W // 2
     out = np.empty((N, Ho, Wo, C), dtype)
     winner = np.empty((2, 2, N, Ho, Wo, C), bool)
@@ -89,12 +92,45 @@ def tournament_epilogue(N: int, H: int, W: int, C: int, dtype):
     # BLOCK_BYTES of output at a time (measured: 3-5 % of a conv6bn step faster).
     step = block_size(H * W * C * np.dtype(dtype).itemsize, BLOCK_BYTES)
 
-    def pool(lo, hi, block):
+    def over_steps(lo, hi, windows):
         for a in range(0, hi - lo, step):
             b = min(a + step, hi - lo)
-            _tournament(_tiled(block[a:b], Ho, Wo), out[lo + a:lo + b], winner[:, :, lo + a:lo + b])
+            _tournament(windows(a, b), out[lo + a:lo + b], winner[:, :, lo + a:lo + b])
 
+    def pool(lo, hi, block):
+        over_steps(lo, hi, lambda a, b: _tiled(block[a:b], Ho, Wo))
+
+    def tiles(lo, hi, y):
+        # a dropped odd last row or column of the output is a last row of tiles
+        over_steps(lo, hi, lambda a, b: y[a:b, :Ho, :Wo].transpose(0, 1, 3, 2, 4, 5))
+
+    pool.tiles = tiles
     return pool, nchw(out), ((N, C, H, W), winner)
+
+
+def backward_prologue(dout, cache):
+    """The fused conv's blocks of the 2x2 max-pool's input gradient, from dout: (N, C, Ho,
+    Wo) and ``tournament_epilogue``'s cache: ``prologue(lo, hi)`` -> (n, H, W, C)
+    channels-last; ``prologue.tiles(lo, hi)`` -> (n, ceil(H/2), ceil(W/2), 2, 2, C), the
+    same as 2x2 tiles (zeros past H, W), for a conv that works on tiles. Each block is
+    made when the conv's backward reaches it, and read in cache."""
+    (_, C, H, W), winner = cache
+    dt = nhwc(dout)
+
+    def prologue(lo, hi):
+        return maxpool_backward_block(dout, cache, lo, hi)
+
+    def tiles(lo, hi):
+        _, _, _, Ho, Wo, _ = winner.shape
+        d = np.empty((hi - lo, -(-H // 2), -(-W // 2), 2, 2, C), dout.dtype)
+        np.multiply(winner[:, :, lo:hi].transpose(2, 3, 4, 0, 1, 5), dt[lo:hi, :, :, None, None, :],
+                    out=d[:, :Ho, :Wo])
+        d[:, Ho:] = 0
+        d[:, :, Wo:] = 0
+        return d
+
+    prologue.tiles = tiles
+    return prologue
 
 
 def _route(dt, winner, dx):
