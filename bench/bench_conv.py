@@ -18,12 +18,15 @@ multiplications, so it can pass the GEMM peak, which is measured in the same
 run with one large float32 np.matmul on all BLAS threads.
 
     python bench/bench_conv.py [--quick] [--nets conv6bn airbench] [--one-thread] [--unfused]
-                               [--no-torch] [--reps 7] [--steps 2]
+                               [--versus-algorithm im2col] [--no-torch] [--reps 7] [--steps 2]
 
 ``--one-thread`` runs both on one thread and counts this thread's CPU time, not
 the wall clock: on a machine shared with other work, the comparison that a busy
 neighbour disturbs least. ``--unfused`` adds nnx with NNX_FUSION=off to the turns
 (every layer alone in training) and prints what the fused steps gain.
+``--versus-algorithm A`` adds nnx with NNX_CONV_ALGORITHM=A (a network of its own,
+every conv it applies to forced to A) and prints its time over nnx's: what nnx's
+own choice of algorithms gains over A.
 """
 from __future__ import annotations
 
@@ -95,18 +98,19 @@ def step_flops(net) -> float:
     return total * BATCH
 
 
-def unfused(step):
-    """``step`` with NNX_FUSION=off (every layer alone), the setting restored after."""
+def with_setting(step, name: str, value: str):
+    """``step`` with the environment variable ``name`` set to ``value`` (NNX_FUSION=off:
+    every layer alone), the setting restored after."""
     def run():
-        before = os.environ.get("NNX_FUSION")
-        os.environ["NNX_FUSION"] = "off"
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             step()
         finally:
             if before is None:
-                del os.environ["NNX_FUSION"]
+                del os.environ[name]
             else:
-                os.environ["NNX_FUSION"] = before
+                os.environ[name] = before
     return run
 
 
@@ -214,6 +218,8 @@ def main(argv=None):
                         help="both on one thread, timed by this thread's CPU time")
     parser.add_argument("--unfused", action="store_true",
                         help="also nnx with NNX_FUSION=off, in the same turns")
+    parser.add_argument("--versus-algorithm", metavar="ALGORITHM",
+                        help="also nnx with NNX_CONV_ALGORITHM=ALGORITHM, in the same turns")
     parser.add_argument("--no-torch", action="store_true", help="nnx alone (with --unfused: fusion's gain)")
     parser.add_argument("--reps", type=int, default=7, help="turns of each contender")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per turn")
@@ -248,13 +254,17 @@ def main(argv=None):
           f"{steps_per_rep} steps after {warmup} warm-up, in turns, each after an untimed step; "
           f"ratio = PyTorch's time / nnx's (> 1: nnx faster)")
     print(f"{'net':<15} {'nnx img/s':>9} {'NCHW img/s':>10} {'ratio':>6} {'ch-last img/s':>13} {'ratio':>6} "
-          f"{'nnx GFLOP/s':>11} {'of peak':>7}{'  fused gain' if args.unfused else ''}  conv algorithms")
+          f"{'nnx GFLOP/s':>11} {'of peak':>7}{'  fused gain' if args.unfused else ''}"
+          f"{f'  vs {args.versus_algorithm}' if args.versus_algorithm else ''}  conv algorithms")
     for name in args.nets:
         spec = resolve_arch(SPECS.get(name, name))
         net, step = nnx_step(spec, X, y)
         steps = {"nnx": step}
         if args.unfused:
-            steps["unfused"] = unfused(step)
+            steps["unfused"] = with_setting(step, "NNX_FUSION", "off")
+        if args.versus_algorithm:
+            steps["forced"] = with_setting(nnx_step(spec, X, y)[1], "NNX_CONV_ALGORITHM",
+                                           args.versus_algorithm)
         if torch is not None:
             steps["nchw"] = torch_step(net, X, y, torch, channels_last=False)
             steps["channels_last"] = torch_step(net, X, y, torch, channels_last=True)
@@ -265,6 +275,8 @@ def main(argv=None):
                   if torch is not None else f"{'-':>10} {'-':>6} {'-':>13} {'-':>6}")
         algorithms = ",".join(sorted(set(net.conv_algorithms().values())))
         gain = f" {ratios['unfused']:>11.2f}x" if args.unfused else ""
+        if args.versus_algorithm:
+            gain += f" {ratios['forced']:>{len(args.versus_algorithm) + 4}.2f}x"
         print(f"{name:<15} {BATCH / medians['nnx']:>9.0f} {theirs} {gflops:>11.0f} {gflops / peak:>7.0%}"
               f"{gain}  {algorithms}", flush=True)
 
