@@ -13,6 +13,7 @@ import numpy as np
 from mlp import reference
 from mlp.init import init_weight
 from mlp.kernels import elementwise, reference_kernels
+from mlp.kernels.conv import nchw, nhwc
 from mlp.parallel import matmul
 
 LAYER_TYPES: dict[str, type[Layer]] = {}
@@ -123,21 +124,35 @@ class Linear(Layer):
         if reference_kernels():
             out, self.cache = reference.linear_forward(x, self.params["W"], self.params["b"])
             return out
-        # The fast kernel: large products in fixed blocks of rows on all cores.
-        flat = x.reshape(x.shape[0], -1)
-        out = matmul(flat, self.params["W"])
+        # The fast kernel: large products in fixed blocks of rows on all cores. After a
+        # conv, x is NHWC memory: flattened in that order it is a view, and W's rows are
+        # put in the same order instead (D*M numbers, not N*D; the gradients likewise).
+        w = self.params["W"]
+        channels_last = x.ndim == 4 and not x.flags.c_contiguous and nhwc(x).flags.c_contiguous
+        if channels_last:
+            n, c, h, wd = x.shape
+            flat = nhwc(x).reshape(n, -1)
+            w = np.ascontiguousarray(w.reshape(c, h, wd, -1).transpose(1, 2, 0, 3)).reshape(w.shape)
+        else:
+            flat = x.reshape(x.shape[0], -1)
+        out = matmul(flat, w)
         out += self.params["b"]
-        self.cache = (x.shape, flat, self.params["W"])
+        self.cache = (x.shape, flat, w, channels_last)
         return out
 
     def backward(self, dout):
-        x_shape, flat, w = self.cache
         if reference_kernels():
             dx, self.grads["W"][...], self.grads["b"][...] = reference.linear_backward(dout, self.cache)
             return dx
-        matmul(flat.T, dout, out=self.grads["W"])
+        x_shape, flat, w, channels_last = self.cache
         np.sum(dout, axis=0, out=self.grads["b"])
-        return matmul(dout, w.T).reshape(x_shape)
+        if not channels_last:
+            matmul(flat.T, dout, out=self.grads["W"])
+            return matmul(dout, w.T).reshape(x_shape)
+        n, c, h, wd = x_shape
+        dw = matmul(flat.T, dout)                 # rows in (h, w, c) order, as flat's columns
+        np.copyto(self.grads["W"].reshape(c, h, wd, -1), dw.reshape(h, wd, c, -1).transpose(2, 0, 1, 3))
+        return nchw(matmul(dout, w.T).reshape(n, h, wd, c))
 
     def arguments(self):
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -257,12 +257,16 @@ def test_elementwise_kernels_match_the_reference(shape, dtype):
     assert_close(elementwise.gelu_backward(dout, slope), reference.gelu_backward(dout, ref_cache), rtol)
 
 
-def test_linear_kernel_matches_the_reference(monkeypatch):
+@pytest.mark.parametrize("layout", [np.ascontiguousarray, nhwc_memory])   # after a Linear, after a conv
+def test_linear_kernel_matches_the_reference(monkeypatch, layout):
+    """After a conv (NHWC memory) the kernel multiplies x flattened in memory order by W's
+    rows put in that order: the same sums in another order, and dx in x's memory order."""
     rng = np.random.default_rng(0)
     layer = Linear(300, 70, rng=rng)
     x, dout = rng.standard_normal((260, 3, 10, 10)), rng.standard_normal((260, 70))
-    out, dx = layer.forward(x), None
+    out = layer.forward(layout(x))
     dx = layer.backward(dout)
+    assert dx.strides == layout(x).strides        # the gradient in the input's memory order
     grads = {name: g.copy() for name, g in layer.grads.items()}
     monkeypatch.setenv("NNX_KERNELS", "reference")
     assert_close(layer.forward(x), out, 1e-13)
