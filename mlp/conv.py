@@ -132,15 +132,24 @@ class Conv2D(Layer):
         self.algorithm = conv_kernels.algorithm_for(self.algorithm, x, self.params["W"], self.stride,
                                                     self.padding, self.input_grad, pooled)
 
-    def forward_fused(self, x, following):
+    def absorbs(self, following, then):
+        """A ReLU after the fused max-pool: relu(max of a window) is the max with 0, and its
+        gradient goes to the window's argmax where that max is positive (the pool's one-hot
+        argmaxes, ANDed with it): no pass of its own either way."""
+        return type(then) is ReLU
+
+    def forward_fused(self, x, following, then=None):
         F, Ho, Wo = self._check_input(x)             # the conv's output, the pool's input
         following.output_shape((F, Ho, Wo))          # refuses a window that does not fit
-        self._choose_algorithm(x)
+        self._choose_algorithm(x, pooled=True)
         w, b, S, P = self.params["W"], self.params["b"], self.stride, self.padding
-        pool, out, pool_cache = pool_kernels.tournament_epilogue(len(x), Ho, Wo, F, w.dtype)
+        pool, out, pool_cache = pool_kernels.tournament_epilogue(len(x), Ho, Wo, F, w.dtype,
+                                                                relu=then is not None)
         _, cache = conv_kernels.forward(self.algorithm, x, w, b, S, P, self.workspace, True, epilogue=pool)
         self.cache = ("fused", cache, pool_cache)
         following.forget()
+        if then is not None:
+            then.forget()
         return out
 
     def backward_fused(self, dout):
@@ -279,7 +288,7 @@ class BatchNorm(Layer):
         over each block, its derivative used in the batch norm's first pass back."""
         return type(following) in (ReLU, GELU)
 
-    def forward_fused(self, x, following):
+    def forward_fused(self, x, following, then=None):
         self._check_input(x, True)
         out, cache = batchnorm_kernels.batchnorm_forward(
             x, self.params["gamma"], self.params["beta"], self.buffers["running_mean"],

@@ -54,10 +54,15 @@ class Layer:
         unless NNX_KERNELS=reference or NNX_FUSION=off."""
         return False
 
-    def forward_fused(self, x: np.ndarray, following: Layer) -> np.ndarray:
-        """This layer then ``following``, in training: ``following``'s output, the same
-        numbers as the two forwards. ``following`` keeps no cache: the backward of the
-        pair is this layer's ``backward_fused``."""
+    def absorbs(self, following: Layer, then: Layer) -> bool:
+        """Whether a step fused with ``following`` also takes ``then``, the layer after it
+        (``forward_fused(x, following, then)``)."""
+        return False
+
+    def forward_fused(self, x: np.ndarray, following: Layer, then: Layer | None = None) -> np.ndarray:
+        """This layer then ``following`` (then ``then``, if it ``absorbs`` it), in training:
+        the last one's output, the same numbers as the forwards one by one. The others keep
+        no cache: the backward of the step is this layer's ``backward_fused``."""
         raise NotImplementedError
 
     def backward_fused(self, dout: np.ndarray) -> np.ndarray:

@@ -75,16 +75,23 @@ class Network:
     # ---- forward / backward ---------------------------------------------------
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """x: (N, *input_shape) -> scores: (N, C). In training, a layer and the next run
-        as one fused step where the first ``fuses_with`` the second (mlp/kernels)."""
+        as one fused step where the first ``fuses_with`` the second (mlp/kernels), and
+        the one after too where it ``absorbs`` it."""
         fuse = train and fused_layers()
         steps, layers, i = [], self.layers, 0
         with single_blas_thread():  # the layers share the batch out among threads themselves
             while i < len(layers):
                 layer = layers[i]
                 fused = fuse and i + 1 < len(layers) and layer.fuses_with(layers[i + 1], x)
-                x = layer.forward_fused(x, layers[i + 1]) if fused else layer.forward(x, train)
+                if fused:
+                    then = layers[i + 2] if i + 2 < len(layers) else None
+                    then = then if then is not None and layer.absorbs(layers[i + 1], then) else None
+                    x = layer.forward_fused(x, layers[i + 1], then)
+                    i += 3 if then is not None else 2
+                else:
+                    x = layer.forward(x, train)
+                    i += 1
                 steps.append((layer, fused))
-                i += 2 if fused else 1
         self._steps = steps
         return x
 

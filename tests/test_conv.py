@@ -73,6 +73,26 @@ def test_a_network_with_fused_steps_matches_its_numerical_gradient(monkeypatch):
     assert fused == ["Conv2D", "BatchNorm", "Conv2D", "BatchNorm"], net._steps
 
 
+def test_a_conv_max_pool_and_relu_as_one_step_match_their_numerical_gradient(monkeypatch):
+    """A ReLU after a conv's fused max-pool is taken into the step (no pass of its own):
+    float64 gradients through it, for im2col and im2col2 (whose tiles go to the pool)."""
+    from mlp import parallel
+    from mlp.kernels import conv as conv_kernels
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 4_000)
+    monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", 0)
+    monkeypatch.delenv("NNX_FUSION", raising=False)
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((5, 2, 9, 9)), rng.integers(0, 3, 5)
+    for algorithm in ("im2col", "im2col2"):
+        monkeypatch.setenv("NNX_CONV_ALGORITHM", algorithm)
+        net = build_convnet("conv4x3-pool2-fc3", (2, 9, 9), 3, seed=2, dtype=np.float64, reg=1e-3)
+        errors = check_network(net, X, y)
+        assert max(errors.values()) < 1e-6, (algorithm, errors)
+        assert [(type(layer).__name__, fused) for layer, fused in net._steps] == \
+            [("Conv2D", True), ("Linear", False)], net._steps
+
+
 def test_fusion_changes_no_number_and_runs_in_training_only(monkeypatch):
     """NNX_FUSION=off runs every layer alone: the same loss and gradients, bit for bit;
     evaluation and the reference kernels never fuse; a bad value is named and ignored."""

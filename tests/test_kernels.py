@@ -89,11 +89,13 @@ def _pooled(shape, F, K, S, P):
 @pytest.mark.parametrize("shape, F, K, S, P, algorithm", [
     (*case, algorithm) for case in CONV_SHAPES for algorithm in conv_kernels.ALGORITHMS
     if conv_kernels.applies(algorithm, *case[2:]) and _pooled(*case)])
-def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P, algorithm, dtype):
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P, algorithm, dtype, relu):
     """The conv's output pooled block by block in cache (odd sizes drop their last row
     or column, as floor mode does), the pool's gradient made block by block for the
-    conv's backward: against the reference conv then max-pool; and the same numbers
-    as the unfused kernels, bit for bit (the same operations on the same blocks)."""
+    conv's backward, and with ``relu`` the ReLU after the pool taken into the step:
+    against the reference conv, max-pool (and ReLU); and the same numbers as the
+    unfused kernels, bit for bit (the same operations on the same blocks)."""
     rng = np.random.default_rng(sum(shape) + F + K)
     x = rng.standard_normal(shape).astype(dtype)
     conv = Conv2D(shape[1], F, K, S, P, rng=rng, dtype=dtype)
@@ -101,17 +103,21 @@ def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P,
     conv.algorithm = algorithm
     for input_grad in (True, False):
         conv.input_grad = input_grad
-        pool = MaxPool2D(2)
+        pool, act = MaxPool2D(2), ReLU() if relu else None
         if not conv.fuses_with(pool, nhwc_memory(x)):
             assert input_grad and S > 1   # col2im reads the whole upstream gradient
             continue
-        out = conv.forward_fused(nhwc_memory(x), pool)
+        assert conv.absorbs(pool, ReLU()) and not conv.absorbs(pool, GELU())
+        out = conv.forward_fused(nhwc_memory(x), pool, act)
         expected, ref_cache = reference.conv_forward(x, conv.params["W"], conv.params["b"], S, P)
         expected, pool_cache = reference.maxpool_forward(expected, 2, 2)
+        if relu:
+            expected, relu_mask = reference.relu_forward(expected)
         dout = rng.standard_normal(expected.shape).astype(dtype)
         dx = conv.backward_fused(nhwc_memory(dout))
         dw, db = conv.grads["W"].copy(), conv.grads["b"].copy()
-        ref_dx, ref_dw, ref_db = reference.conv_backward(reference.maxpool_backward(dout, pool_cache)[0],
+        ref_dpool = reference.relu_backward(dout, relu_mask) if relu else dout
+        ref_dx, ref_dw, ref_db = reference.conv_backward(reference.maxpool_backward(ref_dpool, pool_cache)[0],
                                                          ref_cache)
         rtol = A6_RTOL[dtype] if algorithm.startswith("winograd") and K == 5 else RTOL[algorithm, dtype]
         assert_close(out, expected, rtol, err_msg="pooled")
@@ -121,7 +127,10 @@ def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P,
         if input_grad:
             assert_close(dx, ref_dx, rtol, err_msg="dx")
         unfused = pool.forward(conv.forward(nhwc_memory(x), train=True), train=True)
-        unfused_dx = conv.backward(pool.backward(nhwc_memory(dout)))
+        if relu:
+            unfused = act.forward(unfused, train=True)
+        d_pool = act.backward(nhwc_memory(dout)) if relu else nhwc_memory(dout)
+        unfused_dx = conv.backward(pool.backward(d_pool))
         np.testing.assert_array_equal(out, unfused)
         np.testing.assert_array_equal(conv.grads["W"], dw)
         np.testing.assert_array_equal(conv.grads["b"], db)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlp.kernels.conv import nchw, nhwc
+from mlp.kernels.elementwise import relu_rows, zeros_like_rows
 from mlp.parallel import block_size, over_blocks
 
 # Bytes of input per block: a block's copies and comparisons stay in cache.
@@ -75,14 +76,16 @@ def _tournament(windows, out, winner):
     np.logical_and(lower, right_bottom, out=winner[1, 1])
 
 
-def tournament_epilogue(N: int, H: int, W: int, C: int, dtype):
+def tournament_epilogue(N: int, H: int, W: int, C: int, dtype, relu: bool = False):
     """The 2x2 max-pool of a conv's output, fused into the conv: the conv hands each
     block of its output, (n, H, W, C) channels-last, to ``pool(lo, hi, block)`` while it
     is in cache, and only the pooled numbers and the one-hot argmaxes are kept (the
     conv's full output is never written out and read back). A conv that makes its
     output as 2x2 tiles, (n, ceil(H/2), ceil(W/2), 2, 2, C) (im2col over tiles), hands
     them to ``pool.tiles(lo, hi, tiles)`` instead: a tile is a pooling window, so they
-    need no reordering first.
+    need no reordering first. With ``relu``, out is the ReLU of the pooled numbers, as
+    ``elementwise.relu_forward`` makes it, and a window whose max is not positive has no
+    argmax (its gradient is zero): the ReLU's forward and backward, fused.
     -> (pool, out: (N, C, Ho, Wo) as a view of NHWC memory filled block by block,
     cache for ``backward_prologue``)."""
     Ho, Wo = H // 2, W // 2
@@ -92,10 +95,17 @@ def tournament_epilogue(N: int, H: int, W: int, C: int, dtype):
     # BLOCK_BYTES of output at a time (measured: 3-5 % of a conv6bn step faster).
     step = block_size(H * W * C * np.dtype(dtype).itemsize, BLOCK_BYTES)
 
+    zeros = zeros_like_rows(out, min(N, step)) if relu else None
+
     def over_steps(lo, hi, windows):
         for a in range(0, hi - lo, step):
             b = min(a + step, hi - lo)
-            _tournament(windows(a, b), out[lo + a:lo + b], winner[:, :, lo + a:lo + b])
+            pooled, won = out[lo + a:lo + b], winner[:, :, lo + a:lo + b]
+            _tournament(windows(a, b), pooled, won)
+            if relu:
+                positive = np.empty(pooled.shape, bool)
+                relu_rows(pooled, pooled, positive, zeros)
+                won &= positive
 
     def pool(lo, hi, block):
         over_steps(lo, hi, lambda a, b: _tiled(block[a:b], Ho, Wo))
