@@ -1,15 +1,14 @@
 """Convolution as im2col over m x m tiles of outputs (stride 1): one row per tile.
 
 A conv with few channels makes a narrow product in im2col (``im2col.py``): F
-columns (16-32) against K*K*C numbers a row, which BLAS runs at 45-55 GFLOP/s a
-core here against 90+ for a wide one, and an im2col copy K*K times the size of
-the input. Here a row holds the A x A x C inputs (A = K + m - 1) that an m x m
+columns (16-32) against K*K*C numbers a row, which BLAS runs well below its
+peak, and an im2col copy K*K times the size of the input. Here a row holds the A x A x C inputs (A = K + m - 1) that an m x m
 tile of outputs reads, and the product's m*m*F columns are the tile's outputs:
 ``cols @ W_m``, W_m the kernel placed at each of the tile's m*m offsets in an
 (A*A*C, m*m*F) matrix, zeros elsewhere. That is (A/K)^2 times the
 multiplications (m = 2: 1.44x for 5x5, 1.78x for 3x3), in a product m*m times
 wider, from a copy m*m (K/A)^2 times smaller. Which one is faster depends on the
-layer; ``conv.choose`` measures (bench/bench_conv.py lists the choices).
+layer; ``conv.choose`` measures (``bench/profile_conv.py --algorithms`` shows both).
 
 Arrays are channels-last, as in im2col.py, whose ``im2col`` gathers the tiles'
 fields (an A x A kernel at stride m) and whose padded-input workspace this
