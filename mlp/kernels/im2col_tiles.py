@@ -2,8 +2,9 @@
 
 A conv with few channels makes a narrow product in im2col (``im2col.py``): F
 columns (16-32) against K*K*C numbers a row, which BLAS runs well below its
-peak, and an im2col copy K*K times the size of the input. Here a row holds the A x A x C inputs (A = K + m - 1) that an m x m
-tile of outputs reads, and the product's m*m*F columns are the tile's outputs:
+peak, and an im2col copy K*K times the size of the input. Here a row holds the
+A x A x C inputs (A = K + m - 1) that an m x m tile of outputs reads, and the
+product's m*m*F columns are the tile's outputs:
 ``cols @ W_m``, W_m the kernel placed at each of the tile's m*m offsets in an
 (A*A*C, m*m*F) matrix, zeros elsewhere. That is (A/K)^2 times the
 multiplications (m = 2: 1.44x for 5x5, 1.78x for 3x3), in a product m*m times
