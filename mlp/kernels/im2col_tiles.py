@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlp.kernels.im2col import im2col, with_ones, zero_bordered
+from mlp.kernels.im2col import im2col, put, with_ones, zero_bordered
 from mlp.parallel import block_size, over_blocks, sum_in_order
 
 TILE = 2
@@ -121,7 +121,7 @@ def forward(x, w, b, padding: int, workspace: dict, m: int = TILE, epilogue=None
     tiles_epilogue = getattr(epilogue, "tiles", None) if m == 2 else None
 
     def block(lo, hi):
-        xp[lo:hi, P:P + H, P:P + W, :] = x[lo:hi]
+        put(xp[lo:hi, P:P + H, P:P + W, :], x[lo:hi])
         y = _product(xp[lo:hi], w_big, A, m, Th, Tw)
         if tiles_epilogue:                  # a 2x2 max-pool takes the tiles as they are
             tiles_epilogue(lo, hi, y)

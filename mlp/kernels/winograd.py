@@ -47,7 +47,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from mlp.kernels.im2col import zero_bordered
+from mlp.kernels.im2col import put, zero_bordered
 from mlp.parallel import block_bounds, block_size, over_blocks, sum_in_order
 
 # Transform matrices (B^T: a x a, G: a x r, A^T: m x a). The a = 6 transforms use the
@@ -224,7 +224,7 @@ def forward(x, w, b, padding: int, m: int, keep: bool = False, workspace: dict |
 
     def block(lo, hi):
         n = hi - lo
-        xp[lo:hi, padding:padding + H, padding:padding + W] = x[lo:hi]
+        put(xp[lo:hi, padding:padding + H, padding:padding + W], x[lo:hi])
         V = input_transform(gather_tiles(xp[lo:hi], m, r, Th, Tw), m, r).reshape(a * a, -1, C)
         M = np.matmul(V, U)
         Y = output_transform(M.reshape(a, a, -1), m, r).reshape(m, m, n, Th, Tw, F)
@@ -267,7 +267,7 @@ def backward(dout, x, w, padding: int, m: int, input_grad: bool = True, kept=Non
             V = kept[index[lo]]
         else:
             xp = np.zeros((n, m * Th + r - 1, m * Tw + r - 1, C), x.dtype)
-            xp[:, padding:padding + H, padding:padding + W] = x[lo:hi]
+            put(xp[:, padding:padding + H, padding:padding + W], x[lo:hi])
             V = input_transform(gather_tiles(xp, m, r, Th, Tw), m, r).reshape(a * a, -1, C)
         d = prologue(lo, hi) if prologue else dout[lo:hi]
         dY = _output_tiles(d, m, Th, Tw)
