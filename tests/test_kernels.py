@@ -376,6 +376,27 @@ def test_the_fastest_candidate_is_chosen_by_timing(monkeypatch):
     assert twin.algorithm == "winograd2" and len(calls) == measured + 1   # the kept choice
 
 
+def test_close_candidates_are_timed_again(monkeypatch):
+    """The two best within CLOSE of each other get more rounds, and the best time of all
+    the rounds decides; a clear winner is not timed again."""
+    answers, asked = [], []
+
+    def timings(x, w, stride, padding, input_grad, candidates, rounds, pooled):
+        asked.append(tuple(candidates))
+        return answers.pop(0)
+
+    monkeypatch.setattr(conv_kernels, "timings", timings)
+    x, w = np.zeros((2, 3, 8, 8), np.float32), np.zeros((4, 3, 3, 3), np.float32)
+    names = ("im2col", "im2col2", "winograd2")
+    answers[:] = [{"im2col": [9, 1.0, 1.1], "im2col2": [9, 1.1, 1.05], "winograd2": [9, 2.0, 2.0]},
+                  {"im2col": [9, 1.2, 1.0], "im2col2": [9, 0.9, 1.3, 1.0]}]
+    assert conv_kernels.fastest(x, w, 1, 1, True, names) == "im2col2"
+    assert asked == [names, ("im2col", "im2col2")]
+    asked.clear()
+    answers[:] = [{"im2col": [9, 1.0, 1.1], "im2col2": [9, 1.2, 1.3], "winograd2": [9, 2.0, 2.0]}]
+    assert conv_kernels.fastest(x, w, 1, 1, True, names) == "im2col" and asked == [names]
+
+
 def test_a_conv_before_a_max_pool_is_measured_with_it_fused_or_not(monkeypatch):
     """The measurement times a conv as the network will run it: with its 2x2 max-pool,
     fused where the candidate fuses (im2col2's tiles go to the pool as they are)."""
