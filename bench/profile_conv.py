@@ -81,6 +81,8 @@ def nnx_profile(spec: str, X, y, steps: int, gelu: bool):
         if i + 1 < len(net.layers):
             # as a fused step, if the network runs one (NNX_FUSION=off times the layers apart)
             pair = f"{i:2d} {layer.kind}+{net.layers[i + 1].kind}"
+            if i + 2 < len(net.layers) and layer.absorbs(net.layers[i + 1], net.layers[i + 2]):
+                pair += f"+{net.layers[i + 2].kind}"      # the layer after joins the step too
             layer.forward_fused = timed(layer.forward_fused, f"{pair} forward", totals)
             layer.backward_fused = timed(layer.backward_fused, f"{pair} backward", totals)
     opt.step = timed(opt.step, "optimizer step", totals)
@@ -245,7 +247,7 @@ def main():
           f"training step (batch {BATCH}), {BATCH / step:,.0f} images/s; "
           f"conv algorithms {net.conv_algorithms()}")
     for name, seconds in sorted(nnx.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:28s} {seconds * 1e3:7.2f} ms")
+        print(f"  {name:34s} {seconds * 1e3:7.2f} ms")
     torch_ops = {}
     if not args.no_torch:
         try:
