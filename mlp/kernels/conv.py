@@ -17,12 +17,12 @@ Algorithms:
 A layer's algorithm is chosen the first time it runs, by timing the
 candidates on its real input (forward and backward, in turns, the best of
 two after a warm-up, and of more rounds for the two best where they are close),
-as the network will run it: with the 2x2 max-pool after
-it, fused, where it fuses with one (unpooled, im2col and im2col2 came out even
-on cs231n-3layer's 7x7 conv and either was chosen; pooled, im2col2's tiles go
-to the pool as they are and it won 6 times in 6); the choice is kept per layer
-shape for the process and recorded with the layer (``Conv2D.algorithm``, saved in model files and
-checkpoints, listed in a run's config.json), so a resumed run or a loaded
+as the network will run it: with the 2x2 max-pool after it, fused, where it
+fuses with one (unpooled, im2col and im2col2 came out even on cs231n-3layer's
+7x7 conv and either was chosen; pooled, im2col2's tiles go to the pool as they
+are and it won 6 times in 6). The choice is kept per layer shape for the
+process and recorded with the layer (``Conv2D.algorithm``, saved in model files
+and checkpoints, listed in a run's config.json), so a resumed run or a loaded
 model computes with the same rounding. ``NNX_CONV_ALGORITHM`` = auto (the
 default), im2col, im2col2, winograd2 or winograd4 forces one for every layer
 it applies to (others run im2col), overriding a recorded choice.
@@ -134,10 +134,10 @@ def fastest(x, w, stride, padding, input_grad, candidates=ALGORITHMS, rounds: in
     max-pool after it, fused where the candidate fuses."""
     seconds = timings(x, w, stride, padding, input_grad, candidates, rounds, pooled)
     best = {name: min(seconds[name][1:]) for name in candidates}
-    first, second = sorted(candidates, key=best.get)[:2] if len(candidates) > 1 else (candidates[0],) * 2
-    if first != second and best[second] < CLOSE * best[first]:
-        again = timings(x, w, stride, padding, input_grad, (first, second), rounds + 1, pooled)
-        for name in (first, second):
+    ranked = sorted(candidates, key=best.get)
+    if len(ranked) > 1 and best[ranked[1]] < CLOSE * best[ranked[0]]:
+        again = timings(x, w, stride, padding, input_grad, ranked[:2], rounds + 1, pooled)
+        for name in ranked[:2]:
             best[name] = min(best[name], *again[name][1:])
     return min(candidates, key=best.get)
 

@@ -125,13 +125,13 @@ def backward_prologue(dout, cache):
     same as 2x2 tiles (zeros past H, W), for a conv that works on tiles. Each block is
     made when the conv's backward reaches it, and read in cache."""
     (_, C, H, W), winner = cache
+    Ho, Wo = H // 2, W // 2
     dt = nhwc(dout)
 
     def prologue(lo, hi):
         return maxpool_backward_block(dout, cache, lo, hi)
 
     def tiles(lo, hi):
-        _, _, _, Ho, Wo, _ = winner.shape
         d = np.empty((hi - lo, -(-H // 2), -(-W // 2), 2, 2, C), dout.dtype)
         np.multiply(winner[:, :, lo:hi].transpose(2, 3, 4, 0, 1, 5), dt[lo:hi, :, :, None, None, :],
                     out=d[:, :Ho, :Wo])
