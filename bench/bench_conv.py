@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mlp._allocator import keep_freed_arrays_in_the_heap  # noqa: E402
 from mlp.arch import PRESETS, build_convnet, resolve_arch  # noqa: E402
 from mlp.optim import Momentum  # noqa: E402
+from mlp.shards import ShardedStep, shard_count, shardable  # noqa: E402
 
 BATCH, SHAPE, CLASSES = 128, (3, 32, 32), 10
 TORCH_THREADS = 2
@@ -114,14 +115,28 @@ def with_setting(step, name: str, value: str):
     return run
 
 
-def nnx_step(spec: str, X, y):
+def nnx_step(spec: str, X, y, sharded: bool = True):
+    """(net, step): a training step as ``nnx train`` runs it, in shards of the batch
+    (mlp/shards.py) unless ``sharded`` is False or NNX_SHARDS=1. A sharded step's
+    workers are stopped by ``close(step)``."""
     net = build_convnet(spec, SHAPE, CLASSES, seed=0, dtype=np.float32)
     opt = Momentum(lr=1e-3, mu=0.9)
+    shards = shard_count()
+    sharded = ShardedStep(net, BATCH, SHAPE, shards) if sharded and shardable(net, shards) else None
 
     def step():
-        _, grads = net.loss(X, y, train=True)
+        if sharded is None:
+            _, grads = net.loss(X, y, train=True)
+        else:
+            _, _, grads = sharded.loss_and_scores(X, y)
         opt.step(net.params, grads)
+    step.sharded = sharded
     return net, step
+
+
+def close(step) -> None:
+    if getattr(step, "sharded", None) is not None:
+        step.sharded.close()
 
 
 def torch_model(net, torch):
@@ -220,6 +235,9 @@ def main(argv=None):
                         help="also nnx with NNX_FUSION=off, in the same turns")
     parser.add_argument("--versus-algorithm", metavar="ALGORITHM",
                         help="also nnx with NNX_CONV_ALGORITHM=ALGORITHM, in the same turns")
+    parser.add_argument("--unsharded", action="store_true",
+                        help="also nnx with the whole batch in this process (NNX_SHARDS=1), in the "
+                             "same turns")
     parser.add_argument("--no-torch", action="store_true", help="nnx alone (with --unfused: fusion's gain)")
     parser.add_argument("--reps", type=int, default=7, help="turns of each contender")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per turn")
@@ -255,20 +273,28 @@ def main(argv=None):
           f"ratio = PyTorch's time / nnx's (> 1: nnx faster)")
     print(f"{'net':<15} {'nnx img/s':>9} {'NCHW img/s':>10} {'ratio':>6} {'ch-last img/s':>13} {'ratio':>6} "
           f"{'nnx GFLOP/s':>11} {'of peak':>7}{'  fused gain' if args.unfused else ''}"
+          f"{'  shard gain' if args.unsharded else ''}"
           f"{f'  vs {args.versus_algorithm}' if args.versus_algorithm else ''}  conv algorithms")
     for name in args.nets:
         spec = resolve_arch(SPECS.get(name, name))
-        net, step = nnx_step(spec, X, y)
+        # --one-thread times this thread's CPU time, which a shard's worker would escape
+        net, step = nnx_step(spec, X, y, sharded=not args.one_thread)
         steps = {"nnx": step}
         if args.unfused:
             steps["unfused"] = with_setting(step, "NNX_FUSION", "off")
         if args.versus_algorithm:
-            steps["forced"] = with_setting(nnx_step(spec, X, y)[1], "NNX_CONV_ALGORITHM",
-                                           args.versus_algorithm)
+            steps["forced"] = with_setting(nnx_step(spec, X, y, sharded=not args.one_thread)[1],
+                                           "NNX_CONV_ALGORITHM", args.versus_algorithm)
+        if args.unsharded:
+            steps["unsharded"] = nnx_step(spec, X, y, sharded=False)[1]
         if torch is not None:
             steps["nchw"] = torch_step(net, X, y, torch, channels_last=False)
             steps["channels_last"] = torch_step(net, X, y, torch, channels_last=True)
-        medians, ratios = interleaved(steps, warmup, reps, steps_per_rep)
+        try:
+            medians, ratios = interleaved(steps, warmup, reps, steps_per_rep)
+        finally:
+            for contender in steps.values():
+                close(contender)
         gflops = step_flops(net) / medians["nnx"] / 1e9
         theirs = (f"{BATCH / medians['nchw']:>10.0f} {ratios['nchw']:>5.2f}x "
                   f"{BATCH / medians['channels_last']:>13.0f} {ratios['channels_last']:>5.2f}x"
@@ -277,6 +303,8 @@ def main(argv=None):
         gain = f" {ratios['unfused']:>11.2f}x" if args.unfused else ""
         if args.versus_algorithm:
             gain += f" {ratios['forced']:>{len(args.versus_algorithm) + 4}.2f}x"
+        if args.unsharded:
+            gain += f" {ratios['unsharded']:>11.2f}x"
         print(f"{name:<15} {BATCH / medians['nnx']:>9.0f} {theirs} {gflops:>11.0f} {gflops / peak:>7.0%}"
               f"{gain}  {algorithms}", flush=True)
 

@@ -25,6 +25,7 @@ from experiments.runner import (
     start_run,
 )
 from mlp.network import ModelFileError
+from mlp.shards import ShardFailure
 from mlp.train import RUNAWAY_FACTOR
 
 app = typer.Typer(name="nnx", no_args_is_help=True, add_completion=False,
@@ -105,6 +106,11 @@ def train_and_save(config: TrainConfig, run_dir: Path, log_every: int) -> None:
         abandon_run(run_dir)
         fail("out of memory: the run needs more than this machine has free; try a smaller "
              "--batch-size or network")
+    except ShardFailure as exc:
+        abandon_run(run_dir)
+        kept = (run_dir / CHECKPOINT).exists()
+        fail(f"training stopped: {exc}" + ("; its last checkpoint is kept: continue it with --resume"
+                                           if kept else "") + " (NNX_SHARDS=1 trains without workers)")
     try:
         save_run(run_dir, outcome)
     except OSError as exc:

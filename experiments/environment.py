@@ -20,7 +20,8 @@ ENVIRONMENT_FIELDS = {
 }
 # The variables that change how nnx computes (kernels, conv algorithm, fused steps,
 # threads, allocator): README, "Environment variables".
-NNX_SETTINGS = ("NNX_KERNELS", "NNX_CONV_ALGORITHM", "NNX_FUSION", "NNX_THREADS", "NNX_MALLOC_TUNING")
+NNX_SETTINGS = ("NNX_KERNELS", "NNX_CONV_ALGORITHM", "NNX_FUSION", "NNX_THREADS", "NNX_SHARDS",
+                "NNX_MALLOC_TUNING")
 
 
 def environment() -> dict:

@@ -191,6 +191,18 @@ class single_blas_thread(contextlib.ContextDecorator):
                     lib.set_num_threads(n)
 
 
+_shard = threading.local()
+
+
+def across_shards(part: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """Inside a sharded training step (mlp/shards.py), the sum of ``part`` over every
+    shard of the batch, added in shard order, and the sum of ``count``; elsewhere
+    (part, count). A batch norm's statistics are sums over the whole batch: this is
+    where a shard's part meets the others'."""
+    peer = getattr(_shard, "peer", None)
+    return (part, count) if peer is None else peer.all_sum(part, count)
+
+
 def sum_in_order(parts: list) -> np.ndarray:
     """Arrays (the blocks' fresh results) summed in list order, into the first of them:
     a fixed order, so the same numbers every run and whatever the thread count."""

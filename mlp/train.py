@@ -24,6 +24,7 @@ from mlp.history import HISTORY_COLUMNS  # noqa: F401  the record's fields, name
 from mlp.network import Network
 from mlp.optim import Optimizer, Schedule
 from mlp.parallel import single_blas_thread
+from mlp.shards import ShardedStep, shard_count, shardable
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class Trainer:
         self.result = state if state is not None else TrainResult()
         self.params = net.params
         self.snapshot_every = snapshot_every
+        self.sharded: ShardedStep | None = None     # while ``train`` runs, for a shardable net
 
     def snapshot(self, epoch: int) -> None:
         """Keep a copy of the parameters after ``epoch`` epochs when the run asks for it."""
@@ -248,7 +250,10 @@ class Trainer:
                 xb = self.augment(xb, aug_rng, epoch=epoch, index=idx)
             if self.schedule is not None:
                 self.optimizer.lr = self.schedule(epoch + b / self.batches_per_epoch)
-            loss, scores, grads = self.net.loss_and_scores(xb, yb, train=True)
+            if self.sharded is not None:
+                loss, scores, grads = self.sharded.loss_and_scores(xb, yb)
+            else:
+                loss, scores, grads = self.net.loss_and_scores(xb, yb, train=True)
             if result.first_loss is None:
                 result.first_loss = loss
             if is_runaway(loss, result.first_loss):
@@ -299,6 +304,17 @@ class Trainer:
         limit = max(epochs, max_epochs or 0)
         plan, max_iterations = epochs, math.inf if iterations is None else iterations
         callback.on_train_begin(epochs, self.batches_per_epoch, result.epochs_run)
+        shards = shard_count()
+        if shardable(self.net, shards):
+            self.sharded = ShardedStep(self.net, self.batch_size, self.X.shape[1:], shards)
+        try:
+            return self._train(callback, result, plan, limit, max_iterations)
+        finally:
+            if self.sharded is not None:
+                self.sharded.close()
+                self.sharded = None
+
+    def _train(self, callback, result, plan, limit, max_iterations) -> TrainResult:
         epoch = result.epochs_run
         if epoch == 0:
             self.snapshot(0)

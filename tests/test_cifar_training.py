@@ -28,8 +28,9 @@ def test_train_convnetjs_with_augmentation_then_evaluate(data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["optimizer"] == "nesterov" and record["config"]["dtype"] == "float32"
-    # at batch 25, layers 0 and 6 (61 and 64 MFLOP): im2col unmeasured; layer 3 (102 MFLOP)
-    # is measured against im2col over 2x2 tiles and Winograd F(2x2, 5x5), and any may win
+    # at batch 25, trained in shards of 12 and 13 (mlp/shards.py): layers 0 and 6 under 100
+    # MFLOP, im2col unmeasured; layer 3 too, unless NNX_SHARDS=1 (102 MFLOP at 25: measured
+    # against im2col over 2x2 tiles and Winograd F(2x2, 5x5), and any may win)
     algorithms = record["conv_algorithms"]
     assert algorithms.pop("3") in ("im2col", "im2col2", "winograd2")
     assert algorithms == {"0": "im2col", "6": "im2col"}
@@ -105,3 +106,33 @@ def test_missing_cifar_data_says_what_to_run(tmp_path):
                                  "--epochs", "1", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and "nnx data download cifar10" in flat(result.output)
     assert "Traceback" not in result.output
+
+
+def test_a_shard_worker_lost_mid_run_stops_it_in_one_line_and_resume_finishes_it(data_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A worker of a sharded step that dies (the kernel's OOM killer, say) ends the run
+    with one line that says so, the last checkpoint kept; --resume finishes the run."""
+    from mlp.shards import ShardedStep, ShardFailure
+    real, calls = ShardedStep.loss_and_scores, []
+
+    def failing(self, X, y):
+        calls.append(1)
+        if len(calls) == 5:        # the second epoch's
+            raise ShardFailure("a shard's worker process ended unexpectedly")
+        return real(self, X, y)
+
+    monkeypatch.setattr(ShardedStep, "loss_and_scores", failing)
+    out = tmp_path / "run"
+    args = ["train", "--data", "cifar10", "--arch", "conv8x3-bn-pool2-fc10", "--data-dir", str(data_dir),
+            "--val-size", "20", "--epochs", "3", "--batch-size", "25", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("epoch 1/3") and len(lines) == 2      # the first epoch's line, then
+    line = lines[1]
+    assert line.startswith("Error: training stopped: a shard's worker process ended unexpectedly")
+    assert "its last checkpoint is kept: continue it with --resume" in line
+    monkeypatch.setattr(ShardedStep, "loss_and_scores", real)
+    result = runner.invoke(app, ["train", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3     # header, three epochs

@@ -38,7 +38,8 @@ def test_train_writes_model_metrics_and_config(tmp_path):
 def test_the_nnx_settings_a_run_ran_with_are_recorded(tmp_path, monkeypatch):
     """config.json's environment names the NNX_ variables that were set (NNX_KERNELS=
     reference rounds otherwise than the fast kernels), and says "none" when none was."""
-    for name in ("NNX_KERNELS", "NNX_CONV_ALGORITHM", "NNX_FUSION", "NNX_THREADS", "NNX_MALLOC_TUNING"):
+    for name in ("NNX_KERNELS", "NNX_CONV_ALGORITHM", "NNX_FUSION", "NNX_THREADS", "NNX_SHARDS",
+                 "NNX_MALLOC_TUNING"):
         monkeypatch.delenv(name, raising=False)
     assert invoke("train", *QUICK, "--out", tmp_path / "plain").exit_code == 0
     monkeypatch.setenv("NNX_FUSION", "off")

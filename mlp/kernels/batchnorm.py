@@ -17,7 +17,7 @@ import numpy as np
 
 from mlp.kernels.conv import nchw, nhwc
 from mlp.kernels.elementwise import gelu_rows, relu_rows, zeros_like_rows
-from mlp.parallel import block_size, over_blocks, sum_in_order
+from mlp.parallel import across_shards, block_size, over_blocks, sum_in_order
 
 
 def _views(x):
@@ -67,9 +67,12 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
             raise ValueError("a batch norm fuses its activation in training only")
         scale = gamma / np.sqrt(running_var + eps)
         return back(images * np.tile(scale, P) + np.tile(beta - running_mean * scale, P)), None
-    n, m = len(images), len(columns)
+    n = len(images)
     blocks = _blocks(n, images)
-    mean = sum_in_order(blocks(lambda lo, hi: np.ones((hi - lo) * P, x.dtype) @ columns[lo * P:hi * P])) / m
+    # m: the values per channel in the whole batch (every shard's, in a sharded step)
+    total, m = across_shards(sum_in_order(blocks(lambda lo, hi: np.ones((hi - lo) * P, x.dtype)
+                                                 @ columns[lo * P:hi * P])), len(columns))
+    mean = total / m
     centred = np.empty_like(images)     # x - mean, kept for the backward
     mean_t = np.tile(mean, P)
 
@@ -78,7 +81,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
         squares = np.square(centred[lo:hi])
         return np.ones((hi - lo) * P, x.dtype) @ squares.reshape(-1, C)
 
-    var = sum_in_order(blocks(centre)) / m
+    var = across_shards(sum_in_order(blocks(centre)), m)[0] / m
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
     scale_t, beta_t = np.tile(gamma * inv_std, P), np.tile(beta, P)
     out = np.empty_like(images)
@@ -114,7 +117,7 @@ def batchnorm_backward(dout, cache):
     centred, gamma, inv_std, P, factor = cache
     columns, dout_images, _, back = _views(dout)
     C = columns.shape[1]
-    n, m = len(dout_images), len(columns)
+    n = len(dout_images)
     blocks = _blocks(n, dout_images)
     dx = np.empty_like(dout_images)
     images = dout_images
@@ -129,8 +132,11 @@ def batchnorm_backward(dout, cache):
         return ones @ columns[lo * P:hi * P], ones @ products.reshape(-1, C)
 
     parts = blocks(sums)
-    dbeta = sum_in_order([p[0] for p in parts])
-    dgamma = sum_in_order([p[1] for p in parts]) * inv_std
+    own = np.stack([sum_in_order([p[0] for p in parts]), sum_in_order([p[1] for p in parts])])
+    # dx needs the sums over the whole batch; gamma's and beta's gradients are this
+    # shard's part of them (a sharded step adds the shards' parameter gradients)
+    both, m = across_shards(own, len(columns))
+    dbeta, dgamma = both[0], both[1] * inv_std
     k = gamma * inv_std
     k_t, shift_t, slope_t = np.tile(k, P), np.tile(k * dbeta / m, P), np.tile(k * inv_std * dgamma / m, P)
 
@@ -140,4 +146,6 @@ def batchnorm_backward(dout, cache):
         dx[lo:hi] -= centred[lo:hi] * slope_t
 
     blocks(rows_of_dx)
-    return back(dx), dgamma, dbeta
+    if both is own:
+        return back(dx), dgamma, dbeta
+    return back(dx), own[1] * inv_std, own[0]
