@@ -18,9 +18,14 @@ multiplications, so it can pass the GEMM peak, which is measured in the same
 run with one large float32 np.matmul on all BLAS threads.
 
     python bench/bench_conv.py [--quick] [--nets conv6bn airbench] [--one-thread] [--unfused]
-                               [--versus-algorithm im2col] [--no-torch] [--reps 7] [--steps 2]
+                               [--unsharded] [--versus-algorithm im2col] [--no-torch] [--reps 7]
+                               [--steps 2]
 
-``--one-thread`` runs both on one thread and counts this thread's CPU time, not
+nnx trains as ``nnx train`` does: in shards of the batch, the second in a worker
+process (mlp/shards.py; ``NNX_SHARDS=1``: the whole batch here). ``--unsharded``
+adds nnx training the whole batch in this process on its threads to the turns and
+prints the shards' gain. ``--one-thread`` runs both on one thread, nnx unsharded
+(a worker's time would escape the count), and counts this thread's CPU time, not
 the wall clock: on a machine shared with other work, the comparison that a busy
 neighbour disturbs least. ``--unfused`` adds nnx with NNX_FUSION=off to the turns
 (every layer alone in training) and prints what the fused steps gain.

@@ -3,7 +3,9 @@
 One step = forward + backward + SGD-momentum update at batch 128, float32, as
 bench_conv.py times it. nnx: each layer's forward and backward and the
 optimizer step, timed in place (a fused pair, conv+maxpool2d or batchnorm+relu,
-as one; NNX_FUSION=off times them apart). PyTorch (2 threads, channels_last unless
+as one; NNX_FUSION=off times them apart), on the whole batch in this process, its
+layers sharing the batch among threads (``nnx train`` trains in shards, each in a
+process of its own on one thread: --one-thread times the layers so). PyTorch (2 threads, channels_last unless
 --nchw): torch.profiler's self time per operator. Both summed by kind
 (conv forward, conv backward, pool, batch norm, ...) side by side.
 

@@ -4,10 +4,11 @@ Python threads share one interpreter lock, which every NumPy call takes on its
 way in and out. A layer's kernels make dozens of calls per block of images
 (mlp/parallel.py shares the blocks out among threads), and on this project's
 two-core machines the hand-offs of that lock cost the second thread much of its
-core: a conv6bn step on two threads ran 1.1-1.6x faster than on one, from run
-to run, where two processes each training half the batch on one thread ran
-1.9-2x as fast as one of them (``python bench/bench_conv.py --unsharded``). A
-process has a lock of its own.
+core: a whole conv6bn step ran 1.2-1.6x faster on two threads than on one, from
+run to run, where two processes each training half the batch on one thread ran
+as fast together as one alone. A process has a lock of its own. Whole steps in
+shards against the whole batch on two threads, in turns: 1.02-1.53x on the
+presets (``python bench/bench_conv.py --unsharded``, "shard gain").
 
 A ShardedStep cuts each batch into ``SHARDS`` shards of whole examples, sizes
 fixed by the batch size alone. Shard 0 runs here, on the network itself; every
