@@ -194,13 +194,16 @@ class single_blas_thread(contextlib.ContextDecorator):
 _shard = threading.local()
 
 
-def across_shards(part: np.ndarray, count: int) -> tuple[np.ndarray, int]:
-    """Inside a sharded training step (mlp/shards.py), the sum of ``part`` over every
-    shard of the batch, added in shard order, and the sum of ``count``; elsewhere
-    (part, count). A batch norm's statistics are sums over the whole batch: this is
-    where a shard's part meets the others'."""
+def across_shards(part: np.ndarray, count: int, combine=None) -> tuple[np.ndarray, int]:
+    """Inside a sharded training step (mlp/shards.py), every shard's ``part`` of the batch
+    combined, in shard order, and the sum of ``count``: ``combine(parts, counts)`` ->
+    (result, count), by default the parts' sum. Elsewhere the same of this part alone.
+    A batch norm's statistics are over the whole batch: this is where a shard's part
+    meets the others'."""
     peer = getattr(_shard, "peer", None)
-    return (part, count) if peer is None else peer.all_sum(part, count)
+    if peer is None:
+        return combine([part], [count]) if combine else (part, count)
+    return peer.combine(part, count, combine)
 
 
 def sum_in_order(parts: list) -> np.ndarray:

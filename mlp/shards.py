@@ -17,10 +17,10 @@ conv algorithms included, so every shard computes with the same kernels). Before
 each step the parameters and buffers go to the workers through shared memory,
 and the workers' gradients and scores come back the same way. The step's data
 loss and gradients are the shards' weighted by their sizes, added in shard
-order; L2 is added once. A batch norm sums its statistics over every shard
-(``parallel.across_shards``: each worker sends its partial sums here, this
-process adds them in shard order and sends the totals back), so it normalises
-over the whole batch, as without shards.
+order; L2 is added once. A batch norm takes its statistics over every shard
+(``parallel.across_shards``: each worker sends its part of them here, this
+process combines the parts in shard order and sends the result back), so it
+normalises over the whole batch, as without shards.
 
 The numbers depend on ``SHARDS``, never on where the shards run: with one
 thread (``NNX_THREADS=1``, a sweep worker, a daemonic process) the workers are
@@ -126,24 +126,24 @@ def _receive(conn, spin: float, alive=None, baton=None):
 
 
 class _Hub:
-    """Shard 0's side of ``across_shards``: the workers' parts, added to its own in shard
-    order, and the totals sent back."""
+    """Shard 0's side of ``across_shards``: the workers' parts, combined with its own in
+    shard order, and the result sent back."""
 
     def __init__(self, step: ShardedStep):
         self.step = step
 
-    def all_sum(self, part, count):
-        total, count = part.copy(), count
+    def combine(self, part, count, combine=None):
+        parts, counts = [part.copy()], [count]
         for worker in self.step.workers:
             kind, payload = self.step.receive(worker)
             if kind != "part":
                 raise ShardFailure(f"a shard's worker failed: {payload}")
-            other, other_count = payload
-            total += other
-            count += other_count
+            parts.append(payload[0])
+            counts.append(payload[1])
+        total = combine(parts, counts) if combine else (parallel.sum_in_order(parts), sum(counts))
         for worker in self.step.workers:
-            self.step.send(worker, ("total", (total, count)))
-        return total, count
+            self.step.send(worker, ("total", total))
+        return total
 
 
 class _Spoke:
@@ -152,7 +152,7 @@ class _Spoke:
     def __init__(self, conn, spin, baton):
         self.conn, self.spin, self.baton = conn, spin, baton
 
-    def all_sum(self, part, count):
+    def combine(self, part, count, combine=None):
         self.conn.send(("part", (part, count)))
         kind, payload = _receive(self.conn, self.spin, baton=self.baton)
         if kind != "total":

@@ -204,3 +204,19 @@ def test_a_workers_error_is_raised_here_with_its_message(monkeypatch, threads):
         with ShardedStep(net, 10, X.shape[1:], 2) as step, parallel.single_blas_thread():
             with pytest.raises(ShardFailure, match="IndexError"):
                 step.loss_and_scores(X, y)
+
+
+def test_moments_of_parts_combine_into_the_whole_batchs():
+    """Chan, Golub and LeVeque's pairwise formula: the parts' means and squared deviations
+    give the whole's, in float64 to rounding; a single part comes back as it is."""
+    from mlp.kernels.batchnorm import combine_moments
+    rng = np.random.default_rng(5)
+    parts = [rng.normal(3.0, 2.0, (n, 4)) for n in (7, 12, 5)]
+    moments = [np.stack([p.mean(0), ((p - p.mean(0)) ** 2).sum(0)]) for p in parts]
+    combined, m = combine_moments(moments, [len(p) for p in parts])
+    whole = np.concatenate(parts)
+    assert m == len(whole)
+    assert_close(combined[0], whole.mean(0), 1e-14)
+    assert_close(combined[1], ((whole - whole.mean(0)) ** 2).sum(0), 1e-13)
+    alone, count = combine_moments(moments[:1], [7])
+    assert alone is moments[0] and count == 7

@@ -67,23 +67,26 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
             raise ValueError("a batch norm fuses its activation in training only")
         scale = gamma / np.sqrt(running_var + eps)
         return back(images * np.tile(scale, P) + np.tile(beta - running_mean * scale, P)), None
-    n = len(images)
+    n, own = len(images), len(columns)
     blocks = _blocks(n, images)
-    # m: the values per channel in the whole batch (every shard's, in a sharded step)
-    total, m = across_shards(sum_in_order(blocks(lambda lo, hi: np.ones((hi - lo) * P, x.dtype)
-                                                 @ columns[lo * P:hi * P])), len(columns))
-    mean = total / m
-    centred = np.empty_like(images)     # x - mean, kept for the backward
-    mean_t = np.tile(mean, P)
+    own_mean = sum_in_order(blocks(lambda lo, hi: np.ones((hi - lo) * P, x.dtype)
+                                   @ columns[lo * P:hi * P])) / own
+    centred = np.empty_like(images)     # x - own_mean, kept for the backward
+    own_mean_t = np.tile(own_mean, P)
 
     def centre(lo, hi):
-        np.subtract(images[lo:hi], mean_t, out=centred[lo:hi])
+        np.subtract(images[lo:hi], own_mean_t, out=centred[lo:hi])
         squares = np.square(centred[lo:hi])
         return np.ones((hi - lo) * P, x.dtype) @ squares.reshape(-1, C)
 
-    var = across_shards(sum_in_order(blocks(centre)), m)[0] / m
+    # The batch's mean and variance: this shard's alone, or every shard's of a sharded
+    # step combined (m: the values per channel in the whole batch). ``offset`` = own_mean
+    # - mean (zero unsharded) turns this shard's centred values into x - mean.
+    moments, m = across_shards(np.stack([own_mean, sum_in_order(blocks(centre))]), own, combine_moments)
+    mean, var = moments[0], moments[1] / m
+    offset = own_mean - mean
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    scale_t, beta_t = np.tile(gamma * inv_std, P), np.tile(beta, P)
+    scale_t, beta_t = np.tile(gamma * inv_std, P), np.tile(beta + offset * (gamma * inv_std), P)
     out = np.empty_like(images)
     # d activation / d input, for the backward: the ReLU's mask, the GELU's slope
     factor = None if activation is None else np.empty(images.shape, bool if activation == "relu" else x.dtype)
@@ -103,7 +106,22 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, decay, eps, tra
     running_mean += (1 - decay) * mean
     running_var *= decay
     running_var += (1 - decay) * var * (m / max(m - 1, 1))
-    return back(out), (centred, gamma, inv_std, P, factor)
+    return back(out), (centred, offset, gamma, inv_std, P, factor)
+
+
+def combine_moments(parts: list[np.ndarray], counts: list[int]) -> tuple[np.ndarray, int]:
+    """Parts of a batch, each [its mean, its sum of squared deviations from that mean]
+    per channel with its count of values -> [the batch's mean, its sum of squared
+    deviations from it] and its count: Chan, Golub and LeVeque's pairwise formula,
+    added in part order. One part comes back as it is (its deviations from itself are
+    zero), so an unsharded batch norm is the two-pass one, bit for bit."""
+    if len(parts) == 1:
+        return parts[0], counts[0]
+    m = sum(counts)
+    mean = sum_in_order([part[0] * count for part, count in zip(parts, counts, strict=True)]) / m
+    squares = sum_in_order([part[1] + count * np.square(part[0] - mean)
+                            for part, count in zip(parts, counts, strict=True)])
+    return np.stack([mean, squares]), m
 
 
 def batchnorm_backward(dout, cache):
@@ -114,7 +132,7 @@ def batchnorm_backward(dout, cache):
     After a fused activation (the cache holds its derivative: the ReLU's mask, the
     GELU's slope), dout is the activation's upstream gradient: each block's
     dout * derivative is made into dx's rows and read there again."""
-    centred, gamma, inv_std, P, factor = cache
+    centred, offset, gamma, inv_std, P, factor = cache
     columns, dout_images, _, back = _views(dout)
     C = columns.shape[1]
     n = len(dout_images)
@@ -133,12 +151,14 @@ def batchnorm_backward(dout, cache):
 
     parts = blocks(sums)
     own = np.stack([sum_in_order([p[0] for p in parts]), sum_in_order([p[1] for p in parts])])
+    own[1] += offset * own[0]       # sum(dout * (x - mean)) from this shard's centred values
     # dx needs the sums over the whole batch; gamma's and beta's gradients are this
     # shard's part of them (a sharded step adds the shards' parameter gradients)
     both, m = across_shards(own, len(columns))
     dbeta, dgamma = both[0], both[1] * inv_std
     k = gamma * inv_std
-    k_t, shift_t, slope_t = np.tile(k, P), np.tile(k * dbeta / m, P), np.tile(k * inv_std * dgamma / m, P)
+    slope = k * inv_std * dgamma / m
+    k_t, shift_t, slope_t = np.tile(k, P), np.tile(k * dbeta / m + offset * slope, P), np.tile(slope, P)
 
     def rows_of_dx(lo, hi):
         np.multiply(images[lo:hi], k_t, out=dx[lo:hi])
