@@ -167,10 +167,16 @@ class _Spoke:
 
 def _serve(conn, net: Network, views: dict, spin: float, baton=None) -> None:
     """A worker's loop: train ``net``, the worker's own copy of the network, on a shard per
-    "step" message until "stop", reading its parameters and buffers and its shard from
-    ``views`` (shared memory) and writing its gradients and scores there. A worker in a
-    thread computes only while it holds ``baton``."""
-    state, grads = views["state"], views["grads"]
+    "step" message until "stop", reading its parameters, buffers and shard from ``views``
+    (shared memory) and writing its gradients and scores there. A worker in a thread
+    computes only while it holds ``baton``."""
+    state = views["state"]
+    # The layers read their parameters from the shared memory and write their gradients
+    # into it (every layer writes its gradients in place): no copies either way.
+    for i, layer in enumerate(net.layers):
+        for name in layer.params:
+            layer.params[name] = state[f"{i}.{layer.kind}.{name}"]
+            layer.grads[name] = views["grads"][f"{i}.{layer.kind}.{name}"]
     parallel._shard.peer = _Spoke(conn, spin, baton)
     if baton is not None:
         baton.acquire()
@@ -180,14 +186,12 @@ def _serve(conn, net: Network, views: dict, spin: float, baton=None) -> None:
                 kind, (n, share) = _receive(conn, spin, baton=baton)
                 if kind == "stop":
                     break
-                for name, array in {**net.params, **net.buffers}.items():
+                for name, array in net.buffers.items():
                     np.copyto(array, state[name])
                 out = net.forward(views["X"][:n], train=True)
                 loss, dscores = net.data_loss(out, views["y"][:n])
                 dscores *= share
                 net.backward(dscores)
-                for name, array in net.grads.items():
-                    np.copyto(grads[name], array)
                 views["scores"][:n] = out
                 conn.send(("done", loss))
     except ShardFailure:
