@@ -34,6 +34,7 @@ shard) and runs with the reference kernels train unsharded.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import multiprocessing
@@ -92,18 +93,23 @@ class ShardFailure(RuntimeError):
     """A worker of a sharded step failed or went away."""
 
 
-def _views(buffer, arrays: dict[str, np.ndarray], offset: int = 0) -> tuple[dict[str, np.ndarray], int]:
-    """Arrays shaped like ``arrays``, laid out one after another in ``buffer`` from
-    ``offset`` (each 64-byte aligned); and the offset after them."""
-    views = {}
+def _aligned(nbytes: int) -> int:
+    """nbytes rounded up to a whole number of 64-byte cache lines."""
+    return -(-nbytes // 64) * 64
+
+
+def _views(buffer, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays shaped like ``arrays``, laid out one after another in ``buffer``, each
+    starting on a cache line (``_layout_size`` bytes in all)."""
+    views, offset = {}, 0
     for name, array in arrays.items():
         views[name] = np.ndarray(array.shape, array.dtype, buffer=buffer, offset=offset)
-        offset += -(-array.nbytes // 64) * 64
-    return views, offset
+        offset += _aligned(array.nbytes)
+    return views
 
 
 def _layout_size(arrays: dict[str, np.ndarray]) -> int:
-    return sum(-(-a.nbytes // 64) * 64 for a in arrays.values())
+    return sum(_aligned(a.nbytes) for a in arrays.values())
 
 
 def _receive(conn, spin: float, alive=None, baton=None):
@@ -272,18 +278,18 @@ class ShardedStep:
             for name, array in net.buffers.items():
                 np.copyto(array, saved[name])
         state_arrays = {**net.params, **net.buffers}
-        x_bytes = -(-self.capacity * math.prod(self.example_shape) * net.dtype.itemsize // 64) * 64
+        x_bytes = _aligned(self.capacity * math.prod(self.example_shape) * net.dtype.itemsize)
         sizes = {"state": _layout_size(state_arrays), "grads": _layout_size(dict(net.params)),
                  "input": x_bytes + 8 * self.capacity,
                  "scores": self.capacity * net.num_classes * net.dtype.itemsize}
         self._state_segment = shared_memory.SharedMemory(create=True, size=max(1, sizes["state"]))
-        self._state = _views(self._state_segment.buf, state_arrays)[0]
+        self._state = _views(self._state_segment.buf, state_arrays)
         context = multiprocessing.get_context("fork") if self.in_processes else None
         for _ in range(1, self.shards):
             segments = {kind: shared_memory.SharedMemory(create=True, size=max(1, sizes[kind]))
                         for kind in ("grads", "input", "scores")}
             views = {"state": self._state,
-                     "grads": _views(segments["grads"].buf, dict(net.params))[0],
+                     "grads": _views(segments["grads"].buf, dict(net.params)),
                      "X": np.ndarray((self.capacity, *self.example_shape), net.dtype,
                                      buffer=segments["input"].buf),
                      "y": np.ndarray((self.capacity,), np.int64, buffer=segments["input"].buf,
@@ -344,18 +350,14 @@ class ShardedStep:
         self.close()
 
     # ---- a step --------------------------------------------------------------
+    @contextlib.contextmanager
     def _threads(self):
         """This process's thread count while shard 0 runs: its share of the cores."""
-        step = self
-
-        class _Hold:
-            def __enter__(self):
-                self.before = parallel.THREADS
-                parallel.THREADS = step.threads
-
-            def __exit__(self, *exc):
-                parallel.THREADS = self.before
-        return _Hold()
+        before, parallel.THREADS = parallel.THREADS, self.threads
+        try:
+            yield
+        finally:
+            parallel.THREADS = before
 
     def loss_and_scores(self, X: np.ndarray, y: np.ndarray):
         """As ``net.loss_and_scores(X, y, train=True)``, over the shards of the batch."""
