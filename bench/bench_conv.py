@@ -117,6 +117,7 @@ def with_setting(step, name: str, value: str):
                 del os.environ[name]
             else:
                 os.environ[name] = before
+    run.sharded = getattr(step, "sharded", None)     # what close() stops
     return run
 
 
