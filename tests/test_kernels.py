@@ -473,18 +473,19 @@ def test_a_model_file_with_a_bad_algorithm_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("C, K, S, Ho, Wo", [(3, 3, 1, 7, 5), (3, 7, 1, 4, 6), (3, 8, 2, 3, 4),
-                                             (2, 5, 2, 4, 3), (4, 8, 1, 2, 2), (16, 5, 1, 3, 4)])
+                                             (2, 5, 2, 4, 3), (4, 8, 1, 2, 2), (16, 5, 1, 3, 4),
+                                             (1, 3, 1, 5, 5), (3, 2, 1, 4, 4)])
 def test_im2col_gathers_each_field_by_either_path(monkeypatch, C, K, S, Ho, Wo):
-    """Short kernel rows (K*C <= SHORT_ROWS) are gathered in two stages, longer ones
-    directly: both copy exactly field (kh, kw, c) of output (i, j) to row (n, i, j)."""
+    """Inputs of few channels are gathered in two stages, others directly: both copy
+    exactly field (kh, kw, c) of output (i, j) to row (n, i, j)."""
     from mlp.kernels import im2col as im2col_kernels
     rng = np.random.default_rng(K * C)
     n, Hp, Wp = 2, S * (Ho - 1) + K, S * (Wo - 1) + K + 1     # a spare column: not read
     xp = rng.standard_normal((n, Hp, Wp, C)).astype(np.float32)
     expected = np.stack([xp[b, i * S:i * S + K, j * S:j * S + K, :].ravel()
                          for b in range(n) for i in range(Ho) for j in range(Wo)])
-    for short_rows in (0, 10_000):       # every row long, every row short
-        monkeypatch.setattr(im2col_kernels, "SHORT_ROWS", short_rows)
+    for few in (0, 10_000):       # every input directly, every input in two stages (K >= 3)
+        monkeypatch.setattr(im2col_kernels, "FEW_CHANNELS", few)
         cols = np.full((n * Ho * Wo, K * K * C + 1), np.nan, np.float32)
         im2col_kernels.im2col(xp, cols, K, S, Ho, Wo)
         assert np.array_equal(cols[:, :-1], expected)

@@ -42,10 +42,12 @@ def put(dest, x):
         dest[...] = x
 
 
-# Kernel rows of at most this many numbers (K*C) are gathered in two stages (below).
-# Measured here (float32, one thread, a block of 5-16 images): 1.24-1.73x faster for the
-# 3-channel first convs (K*C = 9-24), slower from K*C = 80 (0.77-0.92x, 16-20 channels).
-SHORT_ROWS = 32
+# Inputs of at most this many channels (an image's: 1-4) are gathered in two stages
+# (below) where kernels are 3 wide or more. Measured here (float32, one thread, blocks of
+# about 3 MiB of rows, as the kernels cut them): 1.16-2.03x faster for 1-4 channels and
+# kernels of 3-8 (3 channels: 1.30-1.53x), 0.93x for a 2x2 kernel (airbench's whitening
+# conv), 0.96x for 8 channels.
+FEW_CHANNELS = 4
 
 
 def im2col(xp, cols, K, S, Ho, Wo):
@@ -55,7 +57,7 @@ def im2col(xp, cols, K, S, Ho, Wo):
     xp[n, i*S + kh, j*S : j*S + K, :]."""
     n, Hp, _, C = xp.shape
     row, item = cols.strides
-    if K * C <= SHORT_ROWS:
+    if C <= FEW_CHANNELS and K >= 3:
         # A copy costs per contiguous run, and a first conv's runs are a few numbers
         # (K*C: 9-24 for 3 channels), K of them per field. First each column of
         # windows, kernel rows one after another: strip[n, j, h] = xp[n, h, j*S : j*S+K]
