@@ -1,0 +1,77 @@
+"""im2col's two ways of gathering receptive fields, timed on the shapes of first convs.
+
+``mlp.kernels.im2col.im2col`` copies each field's K kernel rows of K*C numbers
+directly, or, for inputs of at most ``FEW_CHANNELS`` channels and kernels 3 wide or
+more, in two stages (a strip of each output column's windows, then one run of K*K*C
+numbers per field). This times both on one block of images, as many as the kernels
+put in a block (about ``parallel.BLOCK_BYTES`` of rows), float32, one thread, in
+turns; medians. The rows are the same either way (tests/test_kernels.py).
+
+    python bench/bench_im2col.py [--reps 60]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.bench_conv import machine  # noqa: E402
+from mlp import parallel  # noqa: E402
+from mlp.kernels import im2col as im2col_kernels  # noqa: E402
+
+# (what, C, K, stride, output size): im2col's view of the layer (im2col2's 2x2 tiles are
+# an im2col of (K+1)x(K+1) fields at stride 2 over the tiles)
+SHAPES = [
+    ("whitening 2x2 (airbench)", 3, 2, 1, 31),
+    ("3x3 on RGB (conv6bn, im2col)", 3, 3, 1, 32),
+    ("5x5 on RGB (convnetjs, im2col)", 3, 5, 1, 32),
+    ("5x5 on RGB (convnetjs, im2col2)", 3, 6, 2, 16),
+    ("7x7 on RGB (cs231n-3layer, im2col)", 3, 7, 1, 32),
+    ("7x7 on RGB (cs231n-3layer, im2col2)", 3, 8, 2, 16),
+    ("3x3 on grey", 1, 3, 1, 32),
+    ("3x3 on 8 channels", 8, 3, 1, 32),
+    ("3x3 on 16 channels", 16, 3, 1, 32),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=60)
+    args = parser.parse_args()
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+    rng = np.random.default_rng(0)
+    print(machine())
+    print(f"one block of images (about {parallel.BLOCK_BYTES >> 20} MiB of rows), float32, one "
+          f"thread; median ms of {args.reps} in turns")
+    print(f"{'layer':38s} {'images':>6s} {'direct':>8s} {'two stages':>10s} {'gain':>6s}  nnx takes")
+    for what, C, K, S, out in SHAPES:
+        images = parallel.block_size(out * out * (K * K * C + 1) * 4)
+        size = S * (out - 1) + K
+        xp = rng.standard_normal((images, size, size, C)).astype(np.float32)
+        cols = np.empty((images * out * out, K * K * C + 1), np.float32)
+        few = im2col_kernels.FEW_CHANNELS
+        ways = {"direct": 0, "two stages": 1 << 30}      # FEW_CHANNELS for each way
+        times = {name: [] for name in ways}
+        try:
+            for _ in range(args.reps):
+                for name, channels in ways.items():
+                    im2col_kernels.FEW_CHANNELS = channels
+                    started = time.perf_counter()
+                    im2col_kernels.im2col(xp, cols, K, S, out, out)
+                    times[name].append(time.perf_counter() - started)
+        finally:
+            im2col_kernels.FEW_CHANNELS = few
+        direct, staged = (statistics.median(times[name]) * 1e3 for name in ways)
+        takes = "two stages" if C <= few and K >= 3 else "direct"
+        print(f"{what:38s} {images:6d} {direct:8.3f} {staged:10.3f} {direct / staged:5.2f}x  {takes}")
+
+
+if __name__ == "__main__":
+    main()
