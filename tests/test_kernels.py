@@ -480,7 +480,7 @@ def test_im2col_gathers_each_field_by_either_path(monkeypatch, C, K, S, Ho, Wo):
     exactly field (kh, kw, c) of output (i, j) to row (n, i, j)."""
     from mlp.kernels import im2col as im2col_kernels
     rng = np.random.default_rng(K * C)
-    n, Hp, Wp = 2, S * (Ho - 1) + K, S * (Wo - 1) + K + 1     # a spare column: not read
+    n, Hp, Wp = 2, S * (Ho - 1) + K + 1, S * (Wo - 1) + K + 1     # a spare row and column
     xp = rng.standard_normal((n, Hp, Wp, C)).astype(np.float32)
     expected = np.stack([xp[b, i * S:i * S + K, j * S:j * S + K, :].ravel()
                          for b in range(n) for i in range(Ho) for j in range(Wo)])

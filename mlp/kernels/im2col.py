@@ -55,23 +55,23 @@ def im2col(xp, cols, K, S, Ho, Wo):
     (n*Ho*Wo, K*K*C [+ 1]), one row per output position, columns in (kh, kw, c) order.
     Kernel row kh of output (i, j)'s field is the K*C contiguous numbers
     xp[n, i*S + kh, j*S : j*S + K, :]."""
-    n, Hp, _, C = xp.shape
+    n, _, _, C = xp.shape
+    sN, sH, sW, sC = xp.strides
     row, item = cols.strides
     if C <= FEW_CHANNELS and K >= 3:
         # A copy costs per contiguous run, and a first conv's runs are a few numbers
         # (K*C: 9-24 for 3 channels), K of them per field. First each column of
         # windows, kernel rows one after another: strip[n, j, h] = xp[n, h, j*S : j*S+K]
-        # (Hp runs of K*C per output column, not Ho*K); then output (i, j)'s whole
-        # field is the K*K*C contiguous numbers strip[n, j, i*S : i*S + K]: one run.
-        sN, sH, sW, sC = xp.strides
-        strip = np.empty((n, Wo, Hp, K * C), xp.dtype)
+        # (a run of K*C per input row and output column, not per kernel row of each
+        # output); then output (i, j)'s whole field is the K*K*C contiguous numbers
+        # strip[n, j, i*S : i*S + K]: one run.
+        strip = np.empty((n, Wo, S * (Ho - 1) + K, K * C), xp.dtype)
         strip[...] = as_strided(xp, strip.shape, (sN, S * sW, sH, sC), writeable=False)
         tN, tJ, tH, tC = strip.strides
         windows = as_strided(strip, (n, Ho, Wo, K * K * C), (tN, S * tH, tJ, tC), writeable=False)
         fields = as_strided(cols, (n, Ho, Wo, K * K * C), (Ho * Wo * row, Wo * row, row, item))
         fields[...] = windows
         return
-    sN, sH, sW, sC = xp.strides
     windows = as_strided(xp, (n, Ho, Wo, K, K * C), (sN, S * sH, S * sW, sH, sC), writeable=False)
     fields = as_strided(cols, (n, Ho, Wo, K, K * C), (Ho * Wo * row, Wo * row, row, K * C * item, item))
     fields[...] = windows
