@@ -14,8 +14,9 @@
         default sweep's other options (4,000 trials); wall and CPU time, peak memory,
         and its variance plot (DIR/variance.png)
     python bench/bench_sweep.py --stack-sizes
-        per trial, the time of an epoch in one stack of 4 to 64 spiral nets (hidden 3, 20,
-        100): the measurement behind the default stack size (experiments/stacks.py)
+        per trial, the time of an epoch in one stack of 1 to 64 spiral nets (hidden 3, 6,
+        20, 100, the default sweep's): the measurement behind the default stack size
+        (experiments/stacks.py), and what a stack gains each width over a stack of one
     python bench/bench_sweep.py --padding
         the width groups of a sweep of dense hidden sizes and the work padding adds
     python bench/bench_sweep.py --products [--seeds 1000]
@@ -218,7 +219,7 @@ def stack_sizes() -> None:
     from mlp.optim import SGD
     from mlp.stack_trainer import StackTrainer
     data = make_2d("spiral", 100, 3, None, 0, 0.2)
-    sizes, hidden = (4, 8, 16, 32, 64), (3, 20, 100)
+    sizes, hidden = (1, 4, 8, 16, 32, 64), (3, 6, 20, 100)
 
     def per_trial_epoch(h: int, t: int) -> float:
         epochs = max(40, 2000 // t // (4 if h > 50 else 1))
@@ -266,7 +267,7 @@ def main() -> None:
                         "1 and Trainer in this process")
     parser.add_argument("--seeds", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="where the study's sweep goes (default: a temporary folder)")
-    parser.add_argument("--stack-sizes", action="store_true", help="only time stacks of 4 to 64 trials")
+    parser.add_argument("--stack-sizes", action="store_true", help="only time stacks of 1 to 64 trials")
     parser.add_argument("--padding", action="store_true", help="only show what padding adds to a "
                         "sweep of dense hidden sizes")
     parser.add_argument("--products", action="store_true", help="only time the variance study's "
