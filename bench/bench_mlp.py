@@ -6,7 +6,8 @@ what `nnx train` runs: a stack of one (mlp/stack_trainer.py); "nnx solo Trainer"
 is the layer-by-layer Trainer (mlp/train.py) that trained it before stacks, and
 still trains ConvNets, for reference. The contenders are timed in turns, several
 repetitions each, in one process; medians of wall time and of this process's CPU
-time (the latter unmoved by other processes sharing the cores).
+time (the latter unmoved by other processes sharing the cores), and the speed ratio
+as the median of each turn's ratio.
 
     python bench/bench_mlp.py [--epochs 2000] [--repeats 5]
 """
@@ -98,8 +99,11 @@ def main():
         per_iter[name] = [statistics.median(v[i] for v in values) / args.epochs * 1e3 for i in (0, 1)]
         print(f"{name:18s}{per_iter[name][0]:16.4f}{per_iter[name][1]:16.4f}")
     if "sklearn" in per_iter:
-        wall, cpu = (per_iter["sklearn"][i] / per_iter["nnx"][i] for i in (0, 1))
-        print(f"speed ratio (sklearn time / nnx time): {wall:.2f}x wall, {cpu:.2f}x CPU")
+        # each turn's ratio, then their median: drift between turns moves both alike
+        wall, cpu = (statistics.median(theirs[i] / ours[i] for theirs, ours in
+                                       zip(times["sklearn"], times["nnx"], strict=True)) for i in (0, 1))
+        print(f"speed ratio (sklearn time / nnx time, median of the turns' ratios): {wall:.2f}x wall, "
+              f"{cpu:.2f}x CPU")
     else:
         print("scikit-learn is not installed (pip install -e '.[bench]'): nnx only")
 
