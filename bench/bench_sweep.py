@@ -9,7 +9,7 @@
         --stack-size 1 (each trial a stack of one, as nnx train runs it) and each trial
         through the layer-by-layer Trainer (nnx's loop before stacks); CPU time, which
         other work on a shared machine moves least
-    python bench/bench_sweep.py --study [--seeds 1000] [--out DIR]
+    python bench/bench_sweep.py --study [--seeds 1000] [--dtype float64] [--out DIR]
         the seed-variance study: hidden 3 and 100 x reg 1e-3 and 1e-2 x 1,000 seeds, the
         default sweep's other options (4,000 trials); wall and CPU time, peak memory,
         and its variance plot (DIR/variance.png)
@@ -125,9 +125,10 @@ def in_process_bench(repeats: int) -> None:
         print(f"  {name:15s} {cpu:7.1f} s CPU{ratio}")
 
 
-def variance_study(seeds: int, workers: int, out: Path | None) -> None:
+def variance_study(seeds: int, workers: int, out: Path | None, dtype: str = "float64") -> None:
     sweep = default_sweep()
     sweep.grid = {"hidden": [[3], [100]], "reg": [1e-3, 1e-2], "seed": list(range(seeds))}
+    sweep.fixed["dtype"] = dtype
     sweep.name = f"variance-{seeds}-seeds"
     with tempfile.TemporaryDirectory() as folder:
         out = out or Path(folder) / "study"
@@ -139,7 +140,8 @@ def variance_study(seeds: int, workers: int, out: Path | None) -> None:
         from experiments.plots import plot_variance
         plot_variance(out, out / "variance.png")
         ok = sum(row["status"] == "ok" for row in rows.values())
-        print(f"variance study: {len(rows)} trials ({ok} ok) of 4,000 epochs, {workers} workers; {machine()}")
+        print(f"variance study: {len(rows)} trials ({ok} ok) of 4,000 epochs, {dtype}, {workers} workers; "
+              f"{machine()}")
         print(f"  {wall:.1f} s wall ({wall / 60:.2f} min), {cpu:.1f} s CPU")
         print(f"  peak RSS: driver {driver:.0f} MiB, largest worker {worker:.0f} MiB; together at most "
               f"{driver + workers * worker:.0f} MiB")
@@ -266,6 +268,8 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="only compare stacked, stack size "
                         "1 and Trainer in this process")
     parser.add_argument("--seeds", type=int, default=1000)
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                        help="the study's dtype (--study)")
     parser.add_argument("--out", type=Path, help="where the study's sweep goes (default: a temporary folder)")
     parser.add_argument("--stack-sizes", action="store_true", help="only time stacks of 1 to 64 trials")
     parser.add_argument("--padding", action="store_true", help="only show what padding adds to a "
@@ -287,7 +291,7 @@ def main() -> None:
         return
     default_sweep_bench(args.workers, args.repeats)
     if args.study:
-        variance_study(args.seeds, args.workers, args.out)
+        variance_study(args.seeds, args.workers, args.out, args.dtype)
 
 
 if __name__ == "__main__":
