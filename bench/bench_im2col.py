@@ -69,7 +69,7 @@ def main():
         finally:
             im2col_kernels.FEW_CHANNELS = few
         direct, staged = (statistics.median(times[name]) * 1e3 for name in ways)
-        takes = "two stages" if C <= few and K >= 3 else "direct"
+        takes = "two stages" if im2col_kernels.in_two_stages(C, K) else "direct"
         print(f"{what:38s} {images:6d} {direct:8.3f} {staged:10.3f} {direct / staged:5.2f}x  {takes}")
 
 

@@ -50,6 +50,11 @@ def put(dest, x):
 FEW_CHANNELS = 4
 
 
+def in_two_stages(C: int, K: int) -> bool:
+    """Whether ``im2col`` gathers an input of C channels for a K x K kernel in two stages."""
+    return C <= FEW_CHANNELS and K >= 3
+
+
 def im2col(xp, cols, K, S, Ho, Wo):
     """Receptive fields of xp: (n, Hp, Wp, C) into the first K*K*C columns of cols:
     (n*Ho*Wo, K*K*C [+ 1]), one row per output position, columns in (kh, kw, c) order.
@@ -58,7 +63,7 @@ def im2col(xp, cols, K, S, Ho, Wo):
     n, _, _, C = xp.shape
     sN, sH, sW, sC = xp.strides
     row, item = cols.strides
-    if C <= FEW_CHANNELS and K >= 3:
+    if in_two_stages(C, K):
         # A copy costs per contiguous run, and a first conv's runs are a few numbers
         # (K*C: 9-24 for 3 channels), K of them per field. First each column of
         # windows, kernel rows one after another: strip[n, j, h] = xp[n, h, j*S : j*S+K]
