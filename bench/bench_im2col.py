@@ -7,7 +7,11 @@ numbers per field). This times both on one block of images, as many as the kerne
 put in a block (about ``parallel.BLOCK_BYTES`` of rows), float32, one thread, in
 turns; medians. The rows are the same either way (tests/test_kernels.py).
 
-    python bench/bench_im2col.py [--reps 60]
+``--weight-grad`` times instead the two ways of computing a block's weight gradient,
+cols^T d (fields + 1 by F), that ``mlp.kernels.im2col.weight_grad`` chooses between:
+as written, or as (d^T cols)^T, which OpenBLAS packs differently.
+
+    python bench/bench_im2col.py [--reps 60] [--weight-grad]
 """
 from __future__ import annotations
 
@@ -40,14 +44,57 @@ SHAPES = [
 ]
 
 
+# (what, fields of a row, F: the product's columns, outputs (or 2x2 tiles) per image side):
+# the weight gradient's product of each preset's conv layers, as im2col and im2col2 make it
+WEIGHT_GRAD_SHAPES = [
+    ("whitening 2x2 (airbench)", 2 * 2 * 3, 24, 31),
+    ("3x3 RGB -> 64 (conv6bn, im2col)", 3 * 3 * 3, 64, 32),
+    ("5x5 3 -> 16 (convnetjs, im2col)", 5 * 5 * 3, 16, 32),
+    ("5x5 3 -> 16 (convnetjs, im2col2)", 6 * 6 * 3, 4 * 16, 16),
+    ("7x7 3 -> 32 (cs231n-3layer, im2col)", 7 * 7 * 3, 32, 32),
+    ("7x7 3 -> 32 (cs231n-3layer, im2col2)", 8 * 8 * 3, 4 * 32, 16),
+    ("5x5 16 -> 20 (convnetjs, im2col)", 5 * 5 * 16, 20, 16),
+    ("5x5 16 -> 20 (convnetjs, im2col2)", 6 * 6 * 16, 4 * 20, 8),
+    ("5x5 20 -> 20 (convnetjs, im2col)", 5 * 5 * 20, 20, 8),
+    ("5x5 32 -> 64 (wide5x5, im2col)", 5 * 5 * 32, 64, 16),
+    ("3x3 64 -> 128 (conv6bn, im2col)", 3 * 3 * 64, 128, 16),
+]
+
+
+def weight_grad(reps: int, rng) -> None:
+    """cols^T d against (d^T cols)^T on one block of rows, as the kernels cut them."""
+    print(f"weight gradient of one block (about {parallel.BLOCK_BYTES >> 20} MiB of rows), float32, "
+          f"one thread; median ms of {reps} in turns")
+    print(f"{'layer':40s} {'rows':>6s} {'cols^T d':>9s} {'(d^T cols)^T':>12s} {'gain':>6s}  nnx takes")
+    for what, fields, F, side in WEIGHT_GRAD_SHAPES:
+        rows = parallel.block_size(side * side * (fields + 1) * 4) * side * side
+        cols = rng.standard_normal((rows, fields + 1)).astype(np.float32)
+        d = rng.standard_normal((rows, F)).astype(np.float32)
+        ways = {"cols^T d": lambda: cols.T @ d, "(d^T cols)^T": lambda: (d.T @ cols).T}
+        times = {name: [] for name in ways}
+        for _ in range(reps):
+            for name, product in ways.items():
+                started = time.perf_counter()
+                product()
+                times[name].append(time.perf_counter() - started)
+        plain, transposed = (statistics.median(times[name]) * 1e3 for name in ways)
+        takes = "(d^T cols)^T" if fields + 1 >= im2col_kernels.TRANSPOSED_WEIGHT_GRAD_FIELDS else "cols^T d"
+        print(f"{what:40s} {rows:6d} {plain:9.3f} {transposed:12.3f} {plain / transposed:5.2f}x  {takes}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=60)
+    parser.add_argument("--weight-grad", action="store_true", help="time the weight gradient's two "
+                        "products instead")
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
     rng = np.random.default_rng(0)
     print(machine())
+    if args.weight_grad:
+        weight_grad(args.reps, rng)
+        return
     print(f"one block of images (about {parallel.BLOCK_BYTES >> 20} MiB of rows), float32, one "
           f"thread; median ms of {args.reps} in turns")
     print(f"{'layer':38s} {'images':>6s} {'direct':>8s} {'two stages':>10s} {'gain':>6s}  nnx takes")

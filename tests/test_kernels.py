@@ -490,3 +490,18 @@ def test_im2col_gathers_each_field_by_either_path(monkeypatch, C, K, S, Ho, Wo):
         im2col_kernels.im2col(xp, cols, K, S, Ho, Wo)
         assert np.array_equal(cols[:, :-1], expected)
         assert np.isnan(cols[:, -1]).all()           # the ones column is the caller's
+
+
+@pytest.mark.parametrize("fields, F", [(13, 24), (76, 16), (148, 32), (401, 20), (577, 80)])
+def test_weight_grad_is_cols_transposed_times_d_either_way(monkeypatch, fields, F):
+    """A block's weight gradient, cols^T d, whichever of the two products computes it."""
+    from mlp.kernels import im2col as im2col_kernels
+    rng = np.random.default_rng(fields)
+    cols = rng.standard_normal((300, fields)).astype(np.float32)
+    d = rng.standard_normal((300, F)).astype(np.float32)
+    expected = cols.astype(np.float64).T @ d.astype(np.float64)
+    for threshold in (0, 10_000):       # every product transposed, none transposed
+        monkeypatch.setattr(im2col_kernels, "TRANSPOSED_WEIGHT_GRAD_FIELDS", threshold)
+        product = im2col_kernels.weight_grad(cols, d)
+        assert product.shape == (fields, F)
+        assert_close(product, expected, rtol=1e-5)

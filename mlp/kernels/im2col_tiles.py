@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlp.kernels.im2col import im2col, put, with_ones, zero_bordered
+from mlp.kernels.im2col import im2col, put, weight_grad, with_ones, zero_bordered
 from mlp.parallel import block_size, over_blocks, sum_in_order
 
 TILE = 2
@@ -161,9 +161,9 @@ def backward(dout, x_shape, w, padding: int, workspace: dict, m: int = TILE, inp
         cols = with_ones((hi - lo) * Th * Tw, A * A * C, w.dtype)
         im2col(xp[lo:hi], cols, A, m, Th, Tw)
         if tiles_prologue and not input_grad:       # a 2x2 max-pool's gradient, made as tiles
-            return cols.T @ tiles_prologue(lo, hi).reshape(-1, m * m * F)
+            return weight_grad(cols, tiles_prologue(lo, hi).reshape(-1, m * m * F))
         d = prologue(lo, hi) if prologue else dout[lo:hi]
-        grads = cols.T @ _tile(d, m, Th, Tw)         # [dW_m; db per offset]
+        grads = weight_grad(cols, _tile(d, m, Th, Tw))   # [dW_m; db per offset]
         if input_grad:
             dp[lo:hi, Q:Q + Ho, Q:Q + Wo, :] = d
             y = _product(dp[lo:hi], flipped, A, m, Hx, Wx)
