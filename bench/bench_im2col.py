@@ -70,7 +70,8 @@ def weight_grad(reps: int, rng) -> None:
         rows = parallel.block_size(side * side * (fields + 1) * 4) * side * side
         cols = rng.standard_normal((rows, fields + 1)).astype(np.float32)
         d = rng.standard_normal((rows, F)).astype(np.float32)
-        ways = {"cols^T d": lambda: cols.T @ d, "(d^T cols)^T": lambda: (d.T @ cols).T}
+        ways = {"cols^T d": lambda cols=cols, d=d: cols.T @ d,
+                "(d^T cols)^T": lambda cols=cols, d=d: (d.T @ cols).T}
         times = {name: [] for name in ways}
         for _ in range(reps):
             for name, product in ways.items():
