@@ -70,10 +70,10 @@ def step_seconds(step, steps: int) -> float:
     return (CLOCK() - start) / steps
 
 
-def interleaved(steps: dict, warmup: int, reps: int, steps_per_rep: int) -> tuple[dict, dict]:
+def interleaved(steps: dict, warmup: int, reps: int, steps_per_rep: int) -> tuple[dict, dict, dict]:
     """Median seconds per step of each contender, timed in turns within every
-    repetition; and, for each contender but "nnx", the median over repetitions of
-    its time over nnx's (nnx's speed relative to it)."""
+    repetition; for each contender but "nnx", the median over repetitions of its time
+    over nnx's (nnx's speed relative to it); and those ratios turn by turn."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -83,9 +83,9 @@ def interleaved(steps: dict, warmup: int, reps: int, steps_per_rep: int) -> tupl
             step()      # untimed: each is timed in its own steady state, as in training,
             times[name].append(step_seconds(step, steps_per_rep))   # not in the last one's caches
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    ratios = {name: float(np.median(np.array(t) / np.array(times["nnx"])))
-              for name, t in times.items() if name != "nnx"}
-    return medians, ratios
+    turns = {name: np.array(t) / np.array(times["nnx"]) for name, t in times.items() if name != "nnx"}
+    ratios = {name: float(np.median(r)) for name, r in turns.items()}
+    return medians, ratios, turns
 
 
 def step_flops(net) -> float:
@@ -281,6 +281,7 @@ def main(argv=None):
           f"{'nnx GFLOP/s':>11} {'of peak':>7}{'  fused gain' if args.unfused else ''}"
           f"{'  shard gain' if args.unsharded else ''}"
           f"{f'  vs {args.versus_algorithm}' if args.versus_algorithm else ''}  conv algorithms")
+    spread = []
     for name in args.nets:
         spec = resolve_arch(SPECS.get(name, name))
         # --one-thread times this thread's CPU time, which a shard's worker would escape
@@ -297,7 +298,7 @@ def main(argv=None):
             steps["nchw"] = torch_step(net, X, y, torch, channels_last=False)
             steps["channels_last"] = torch_step(net, X, y, torch, channels_last=True)
         try:
-            medians, ratios = interleaved(steps, warmup, reps, steps_per_rep)
+            medians, ratios, turns = interleaved(steps, warmup, reps, steps_per_rep)
         finally:
             for contender in steps.values():
                 close(contender)
@@ -313,6 +314,14 @@ def main(argv=None):
             gain += f" {ratios['unsharded']:>11.2f}x"
         print(f"{name:<15} {BATCH / medians['nnx']:>9.0f} {theirs} {gflops:>11.0f} {gflops / peak:>7.0%}"
               f"{gain}  {algorithms}", flush=True)
+        spread.append((name, turns))
+    if torch is not None:
+        # one run's median hides how its turns went: on a shared machine they move
+        print("turn by turn, PyTorch's time / nnx's: the range, and in how many turns nnx was faster")
+        for name, turns in spread:
+            print(f"  {name:<15} " + "   ".join(
+                f"{memory} {turns[key].min():.2f}-{turns[key].max():.2f}x, {np.sum(turns[key] > 1)} of "
+                f"{len(turns[key])}" for memory, key in (("NCHW", "nchw"), ("channels_last", "channels_last"))))
 
 
 if __name__ == "__main__":
