@@ -320,8 +320,8 @@ def main(argv=None):
         print("turn by turn, PyTorch's time / nnx's: the range, and in how many turns nnx was faster")
         for name, turns in spread:
             print(f"  {name:<15} " + "   ".join(
-                f"{memory} {turns[key].min():.2f}-{turns[key].max():.2f}x, {np.sum(turns[key] > 1)} of "
-                f"{len(turns[key])}" for memory, key in (("NCHW", "nchw"), ("channels_last", "channels_last"))))
+                f"{key} {turns[key].min():.2f}-{turns[key].max():.2f}x, {np.sum(turns[key] > 1)} of "
+                f"{len(turns[key])}" for key in ("nchw", "channels_last")))
 
 
 if __name__ == "__main__":
