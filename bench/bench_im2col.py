@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.bench_conv import machine  # noqa: E402
+from bench.bench_fusion import turns  # noqa: E402
 from mlp import parallel  # noqa: E402
 from mlp.kernels import im2col as im2col_kernels  # noqa: E402
 
@@ -70,15 +69,9 @@ def weight_grad(reps: int, rng) -> None:
         rows = parallel.block_size(side * side * (fields + 1) * 4) * side * side
         cols = rng.standard_normal((rows, fields + 1)).astype(np.float32)
         d = rng.standard_normal((rows, F)).astype(np.float32)
-        ways = {"cols^T d": lambda cols=cols, d=d: cols.T @ d,
-                "(d^T cols)^T": lambda cols=cols, d=d: (d.T @ cols).T}
-        times = {name: [] for name in ways}
-        for _ in range(reps):
-            for name, product in ways.items():
-                started = time.perf_counter()
-                product()
-                times[name].append(time.perf_counter() - started)
-        plain, transposed = (statistics.median(times[name]) * 1e3 for name in ways)
+        ms = turns({"cols^T d": lambda cols=cols, d=d: cols.T @ d,
+                    "(d^T cols)^T": lambda cols=cols, d=d: (d.T @ cols).T}, reps)
+        plain, transposed = ms["cols^T d"][0], ms["(d^T cols)^T"][0]
         takes = "(d^T cols)^T" if fields + 1 >= im2col_kernels.TRANSPOSED_WEIGHT_GRAD_FIELDS else "cols^T d"
         print(f"{what:40s} {rows:6d} {plain:9.3f} {transposed:12.3f} {plain / transposed:5.2f}x  {takes}")
 
@@ -105,18 +98,15 @@ def main():
         xp = rng.standard_normal((images, size, size, C)).astype(np.float32)
         cols = np.empty((images * out * out, K * K * C + 1), np.float32)
         few = im2col_kernels.FEW_CHANNELS
-        ways = {"direct": 0, "two stages": 1 << 30}      # FEW_CHANNELS for each way
-        times = {name: [] for name in ways}
+
+        def gather(channels, xp=xp, cols=cols, K=K, S=S, out=out):
+            im2col_kernels.FEW_CHANNELS = channels      # the FEW_CHANNELS of each way
+            im2col_kernels.im2col(xp, cols, K, S, out, out)
         try:
-            for _ in range(args.reps):
-                for name, channels in ways.items():
-                    im2col_kernels.FEW_CHANNELS = channels
-                    started = time.perf_counter()
-                    im2col_kernels.im2col(xp, cols, K, S, out, out)
-                    times[name].append(time.perf_counter() - started)
+            ms = turns({"direct": lambda: gather(0), "two stages": lambda: gather(1 << 30)}, args.reps)
         finally:
             im2col_kernels.FEW_CHANNELS = few
-        direct, staged = (statistics.median(times[name]) * 1e3 for name in ways)
+        direct, staged = ms["direct"][0], ms["two stages"][0]
         takes = "two stages" if im2col_kernels.in_two_stages(C, K) else "direct"
         print(f"{what:38s} {images:6d} {direct:8.3f} {staged:10.3f} {direct / staged:5.2f}x  {takes}")
 
