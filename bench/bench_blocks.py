@@ -1,9 +1,10 @@
 """Block budgets of the conv kernels, timed as training runs them: whole sharded steps.
 
-im2col and im2col over 2x2 tiles (``im2col2``) go through the batch a block of
-images at a time, about a budget of bytes of im2col rows per block
-(``parallel.BLOCK_BYTES`` for im2col, ``im2col_tiles.BLOCK_BYTES`` for tiles), so
-that a block's copy and the product that reads it meet in cache. The best budget
+im2col, im2col over 2x2 tiles (``im2col2``) and Winograd go through the batch a
+block of images at a time, about a budget of bytes per block (of im2col rows:
+``parallel.BLOCK_BYTES`` for im2col, ``im2col_tiles.BLOCK_BYTES`` for tiles; of
+transformed tiles: ``winograd.BLOCK_BYTES``), so that a block's copies and the
+products that read them meet in cache. The best budget
 depends on the CPU's caches and on what else runs beside it (in training, a second
 shard in another process), so this times whole training steps at batch 128 in
 shards, as ``nnx train`` and ``bench_conv.py`` run them, one network per budget, all
@@ -12,7 +13,7 @@ by the first network, and shared (a budget is compared on the same algorithms), 
 with ``--own-choice`` by each network under its own budget, as a run with that
 budget would choose them (``NNX_CONV_ALGORITHM`` forces them for all).
 
-    python bench/bench_blocks.py [--kernel tiles|im2col] [--sizes 3072,1536] [--own-choice]
+    python bench/bench_blocks.py [--kernel tiles|im2col|winograd] [--sizes 3072,1536] [--own-choice]
                                  [--nets convnetjs cs231n-3layer] [--reps 11]
 """
 from __future__ import annotations
@@ -30,9 +31,10 @@ from mlp import parallel  # noqa: E402
 from mlp._allocator import keep_freed_arrays_in_the_heap  # noqa: E402
 from mlp.arch import resolve_arch  # noqa: E402
 from mlp.kernels import conv as conv_kernels  # noqa: E402
-from mlp.kernels import im2col_tiles  # noqa: E402
+from mlp.kernels import im2col_tiles, winograd  # noqa: E402
 
-BUDGETS = {"im2col": parallel, "tiles": im2col_tiles}     # the module whose BLOCK_BYTES it is
+# the module whose BLOCK_BYTES each kernel's blocks follow
+BUDGETS = {"im2col": parallel, "tiles": im2col_tiles, "winograd": winograd}
 
 
 def with_budget(step, module, size: int):
