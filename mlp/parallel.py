@@ -60,7 +60,9 @@ def _executor() -> ThreadPoolExecutor:
 
 # Work on a few MiB of im2col rows at a time: they stay in cache between the copy
 # that writes them and the product that reads them (measured here: 8 images of a
-# CIFAR-sized layer ran 1.4-2x faster than the whole batch at once).
+# CIFAR-sized layer ran 1.4-2x faster than the whole batch at once). im2col's budget;
+# im2col over tiles and Winograd keep their own (``BLOCK_BYTES`` in their modules;
+# bench/bench_blocks.py times any of them).
 BLOCK_BYTES = 3 << 20
 
 
