@@ -27,10 +27,10 @@ from mlp.parallel import block_size, over_blocks, sum_in_order
 TILE = 2
 # Bytes of im2col rows per block: half of im2col's (parallel.BLOCK_BYTES). A block's tiled
 # product is wider than its rows' share of the copy (m*m*F columns), so more of its
-# working set is output; measured here (forward + backward of a conv with the 2x2
-# max-pool fused, 64 images, one thread, in turns; a one-off script): 1.04-1.15x faster
-# at 1.5 MiB than at 3 MiB on convnetjs's first two convs and cs231n-3layer's, 1.53x on
-# convnetjs's 20 -> 20 conv at 8x8 (whose 64 images were one block at 3 MiB).
+# working set is output, and two shards' blocks share the last-level cache. Measured
+# here, whole sharded training steps at 1.5 against 3 MiB, in turns (bench/bench_blocks.py
+# with NNX_CONV_ALGORITHM=im2col2): convnetjs 1.07-1.08x, cs231n-3layer 1.11-1.13x faster;
+# 1, 1.5 and 2 MiB within 3 % of each other.
 BLOCK_BYTES = 3 << 19
 
 
