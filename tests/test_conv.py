@@ -7,6 +7,7 @@ from torch_twin import torch_twin, twin_grads
 from mlp.arch import PRESETS, build_convnet, parse_arch, resolve_arch
 from mlp.conv import BatchNorm, Conv2D, MaxPool2D, gradcheck_cases
 from mlp.gradcheck import check_layer, check_network, run_all_checks
+from mlp.kernels import im2col_tiles
 from mlp.layers import Linear, ReLU, layer_from_spec
 from mlp.network import Network
 
@@ -57,6 +58,7 @@ def test_a_network_with_fused_steps_matches_its_numerical_gradient(monkeypatch):
     from mlp.kernels import conv as conv_kernels
     monkeypatch.setattr(parallel, "THREADS", 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 4_000)
+    monkeypatch.setattr(im2col_tiles, "BLOCK_BYTES", 4_000)
     monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", 0)
     monkeypatch.delenv("NNX_FUSION", raising=False)
     net = build_convnet("conv4x3-pool2-bn-conv6x3-pool2-bn-conv5x2s2-fc3", (2, 9, 9), 3, seed=2,
@@ -80,6 +82,7 @@ def test_a_conv_max_pool_and_relu_as_one_step_match_their_numerical_gradient(mon
     from mlp.kernels import conv as conv_kernels
     monkeypatch.setattr(parallel, "THREADS", 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 4_000)
+    monkeypatch.setattr(im2col_tiles, "BLOCK_BYTES", 4_000)
     monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", 0)
     monkeypatch.delenv("NNX_FUSION", raising=False)
     rng = np.random.default_rng(3)
@@ -100,6 +103,7 @@ def test_fusion_changes_no_number_and_runs_in_training_only(monkeypatch):
     from mlp.kernels import conv as conv_kernels
     monkeypatch.setattr(parallel, "THREADS", 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 50_000)
+    monkeypatch.setattr(im2col_tiles, "BLOCK_BYTES", 50_000)
     monkeypatch.setattr(conv_kernels, "MIN_FUSED_BLOCK_BYTES", 0)
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((16, 3, 16, 16)).astype(np.float32), rng.integers(0, 10, 16)
@@ -449,6 +453,7 @@ def test_a_whole_network_step_matches_its_torch_twin(monkeypatch, spec):
     from mlp import parallel
     monkeypatch.setattr(parallel, "THREADS", 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 50_000)    # many blocks per layer
+    monkeypatch.setattr(im2col_tiles, "BLOCK_BYTES", 50_000)
     handed_off = parallel_hand_offs(monkeypatch)
     rng = np.random.default_rng(0)
     size = 32 if spec == "convnetjs" else 16

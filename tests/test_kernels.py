@@ -8,7 +8,7 @@ from mlp import parallel, reference
 from mlp.conv import BatchNorm, Conv2D, MaxPool2D
 from mlp.kernels import batchnorm as batchnorm_kernels
 from mlp.kernels import conv as conv_kernels
-from mlp.kernels import elementwise, winograd
+from mlp.kernels import elementwise, im2col_tiles, winograd
 from mlp.kernels import pool as pool_kernels
 from mlp.layers import GELU, Linear, ReLU
 from mlp.network import ModelFileError, Network
@@ -38,6 +38,7 @@ def small_blocks(monkeypatch):
     """Several blocks and two threads even on these small shapes."""
     monkeypatch.setattr(parallel, "THREADS", 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 40_000)
+    monkeypatch.setattr(im2col_tiles, "BLOCK_BYTES", 40_000)
     monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
     monkeypatch.setattr(winograd, "BLOCK_BYTES", 40_000)
     monkeypatch.setattr(winograd, "MIN_ROWS", 4)

@@ -91,7 +91,7 @@ def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch,
     """Blocks have fixed boundaries and sums over them a fixed order, so the
     number of threads cannot change a single bit of the loss or the gradients,
     whichever algorithm the 3x3 and 5x5 convs run."""
-    from mlp.kernels import winograd
+    from mlp.kernels import im2col_tiles, winograd
     rng = np.random.default_rng(0)
     x = rng.standard_normal((37, 3, 16, 16)).astype(np.float32)  # odd batch: uneven blocks
     y = rng.integers(0, 10, 37)
@@ -105,6 +105,7 @@ def test_a_training_step_is_bit_identical_whatever_the_thread_count(monkeypatch,
     def step(n):
         monkeypatch.setattr(parallel, "THREADS", n)
         monkeypatch.setattr(parallel, "BLOCK_BYTES", 20_000)  # several blocks per layer
+        monkeypatch.setattr(im2col_tiles, "BLOCK_BYTES", 20_000)
         monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1)
         net = build_convnet(spec, (3, 16, 16), 10, seed=1)
         loss, grads = net.loss(x, y)
