@@ -27,6 +27,7 @@ from bench.bench_conv import machine  # noqa: E402
 from bench.bench_fusion import turns  # noqa: E402
 from mlp import parallel  # noqa: E402
 from mlp.kernels import im2col as im2col_kernels  # noqa: E402
+from mlp.kernels import im2col_tiles  # noqa: E402
 
 # (what, C, K, stride, output size): im2col's view of the layer (im2col2's 2x2 tiles are
 # an im2col of (K+1)x(K+1) fields at stride 2 over the tiles)
@@ -62,11 +63,13 @@ WEIGHT_GRAD_SHAPES = [
 
 def weight_grad(reps: int, rng) -> None:
     """cols^T d against (d^T cols)^T on one block of rows, as the kernels cut them."""
-    print(f"weight gradient of one block (about {parallel.BLOCK_BYTES >> 20} MiB of rows), float32, "
-          f"one thread; median ms of {reps} in turns")
+    print(f"weight gradient of one block (about {parallel.BLOCK_BYTES / 2**20:g} MiB of rows for im2col, "
+          f"{im2col_tiles.BLOCK_BYTES / 2**20:g} MiB for im2col2), float32, one thread; median ms of {reps} "
+          f"in turns")
     print(f"{'layer':40s} {'rows':>6s} {'cols^T d':>9s} {'(d^T cols)^T':>12s} {'gain':>6s}  nnx takes")
     for what, fields, F, side in WEIGHT_GRAD_SHAPES:
-        rows = parallel.block_size(side * side * (fields + 1) * 4) * side * side
+        budget = im2col_tiles.BLOCK_BYTES if "im2col2" in what else parallel.BLOCK_BYTES
+        rows = parallel.block_size(side * side * (fields + 1) * 4, budget) * side * side
         cols = rng.standard_normal((rows, fields + 1)).astype(np.float32)
         d = rng.standard_normal((rows, F)).astype(np.float32)
         ms = turns({"cols^T d": lambda cols=cols, d=d: cols.T @ d,

@@ -94,9 +94,9 @@ def with_ones(rows: int, fields: int, dtype) -> np.ndarray:
 
 # From this many columns of im2col rows on, the weight gradient's product cols^T d runs
 # faster computed as (d^T cols)^T: OpenBLAS packs the two ways differently. Measured
-# here (float32, one thread, blocks of the kernels' sizes, two runs of
-# bench/bench_im2col.py --weight-grad): 1.03-1.25x faster on the preset convs of 148-1153
-# columns, 0.84-1.09x on those of 13-109.
+# here (float32, one thread, blocks of the kernels' sizes, three runs of
+# bench/bench_im2col.py --weight-grad): 1.02-1.21x faster on the preset convs of 401-1153
+# columns, even (0.97-1.02x) on cs231n-3layer's 148 and 193, 0.78-0.94x on those of 13-109.
 TRANSPOSED_WEIGHT_GRAD_FIELDS = 128
 
 
