@@ -4,8 +4,9 @@
 directly, or, for inputs of at most ``FEW_CHANNELS`` channels and kernels 3 wide or
 more, in two stages (a strip of each output column's windows, then one run of K*K*C
 numbers per field). This times both on one block of images, as many as the kernels
-put in a block (about ``parallel.BLOCK_BYTES`` of rows), float32, one thread, in
-turns; medians. The rows are the same either way (tests/test_kernels.py).
+put in a block (about ``parallel.BLOCK_BYTES`` of rows for im2col,
+``im2col_tiles.BLOCK_BYTES`` for im2col2), float32, one thread, in turns; medians.
+The rows are the same either way (tests/test_kernels.py).
 
 ``--weight-grad`` times instead the two ways of computing a block's weight gradient,
 cols^T d (fields + 1 by F), that ``mlp.kernels.im2col.weight_grad`` chooses between:
@@ -61,6 +62,11 @@ WEIGHT_GRAD_SHAPES = [
 ]
 
 
+def budget(what: str) -> int:
+    """The block budget of the kernel that makes a shape's rows (named in ``what``)."""
+    return im2col_tiles.BLOCK_BYTES if "im2col2" in what else parallel.BLOCK_BYTES
+
+
 def weight_grad(reps: int, rng) -> None:
     """cols^T d against (d^T cols)^T on one block of rows, as the kernels cut them."""
     print(f"weight gradient of one block (about {parallel.BLOCK_BYTES / 2**20:g} MiB of rows for im2col, "
@@ -68,8 +74,7 @@ def weight_grad(reps: int, rng) -> None:
           f"in turns")
     print(f"{'layer':40s} {'rows':>6s} {'cols^T d':>9s} {'(d^T cols)^T':>12s} {'gain':>6s}  nnx takes")
     for what, fields, F, side in WEIGHT_GRAD_SHAPES:
-        budget = im2col_tiles.BLOCK_BYTES if "im2col2" in what else parallel.BLOCK_BYTES
-        rows = parallel.block_size(side * side * (fields + 1) * 4, budget) * side * side
+        rows = parallel.block_size(side * side * (fields + 1) * 4, budget(what)) * side * side
         cols = rng.standard_normal((rows, fields + 1)).astype(np.float32)
         d = rng.standard_normal((rows, F)).astype(np.float32)
         ms = turns({"cols^T d": lambda cols=cols, d=d: cols.T @ d,
@@ -92,11 +97,12 @@ def main():
     if args.weight_grad:
         weight_grad(args.reps, rng)
         return
-    print(f"one block of images (about {parallel.BLOCK_BYTES >> 20} MiB of rows), float32, one "
-          f"thread; median ms of {args.reps} in turns")
+    print(f"one block of images (about {parallel.BLOCK_BYTES / 2**20:g} MiB of rows for im2col, "
+          f"{im2col_tiles.BLOCK_BYTES / 2**20:g} MiB for im2col2), float32, one thread; median ms of "
+          f"{args.reps} in turns")
     print(f"{'layer':38s} {'images':>6s} {'direct':>8s} {'two stages':>10s} {'gain':>6s}  nnx takes")
     for what, C, K, S, out in SHAPES:
-        images = parallel.block_size(out * out * (K * K * C + 1) * 4)
+        images = parallel.block_size(out * out * (K * K * C + 1) * 4, budget(what))
         size = S * (out - 1) + K
         xp = rng.standard_normal((images, size, size, C)).astype(np.float32)
         cols = np.empty((images * out * out, K * K * C + 1), np.float32)
