@@ -4,7 +4,7 @@ For each 3x3 layer of conv6bn and airbench, each 5x5 layer of the bench's
 wide5x5 net and of convnetjs, and cs231n-3layer's 7x7 (batch 16): inputs like
 a trained net's (ReLU of unit normals), He-initialised weights, a unit-normal
 upstream gradient; forward, input gradient and weight gradient from im2col,
-im2col over 2x2 tiles and Winograd (F(2x2, 3x3) / F(4x4, 3x3); F(2x2, 5x5)) in
+im2col over 2x2 tiles and Winograd (F(2x2, 3x3) / F(4x4, 3x3); F(2x2, 5x5) / F(4x4, 5x5)) in
 float32, against the direct convolution in float64. The error is
 max |ours - exact| / max |exact| over the whole array (the tolerance
 tests/helpers.assert_close applies).

@@ -19,13 +19,15 @@ pytestmark = pytest.mark.numerics
 
 # Different summation orders: tolerances scaled to each array's largest entry.
 # Winograd's a = 6 transforms (F(4x4, 3x3) and F(2x2, 5x5), which winograd2 runs on a 5x5
-# conv) round more than im2col (they hold 1/24 and 8 or 16). Measured worst errors against
+# conv) round more than im2col (they hold 1/24 and 8 or 16), and so do the a = 8 ones of
+# F(4x4, 5x5) (winograd4 on a 5x5 conv: 1/90, 21/4 and 8). Measured worst errors against
 # float64 on these shapes: im2col 7e-7, F(2x2, 3x3) 6e-7, F(4x4, 3x3) 3e-6 in float32;
-# 7e-16, 1e-15, 6e-15 in float64.
+# 7e-16, 1e-15, 6e-15 in float64; against the reference in the same dtype, five seeds
+# of each shape: F(2x2, 5x5) 5.0e-6 and 9.9e-15, F(4x4, 5x5) 5.1e-6 and 8.4e-15.
 RTOL = {("im2col", np.float32): 4e-6, ("winograd2", np.float32): 4e-6, ("winograd4", np.float32): 2e-5,
         ("im2col", np.float64): 1e-14, ("winograd2", np.float64): 1e-14, ("winograd4", np.float64): 5e-14}
 RTOL.update({("im2col2", dtype): RTOL["im2col", dtype] for dtype in (np.float32, np.float64)})
-A6_RTOL = {np.float32: 2e-5, np.float64: 5e-14}    # the a = 6 transforms, whichever the tile
+WIDE_RTOL = {np.float32: 2e-5, np.float64: 5e-14}   # the a = 6 and a = 8 transforms, whichever the tile
 
 
 def nhwc_memory(x):
@@ -73,7 +75,7 @@ def test_conv_kernels_match_the_reference(shape, F, K, S, P, algorithm, dtype):
     dout = rng.standard_normal(expected.shape).astype(dtype)
     dx, dw, db = conv_kernels.backward(nhwc_memory(dout), cache, input_grad=True)
     ref_dx, ref_dw, ref_db = reference.conv_backward(dout, ref_cache)
-    rtol = A6_RTOL[dtype] if algorithm.startswith("winograd") and K == 5 else RTOL[algorithm, dtype]
+    rtol = WIDE_RTOL[dtype] if algorithm.startswith("winograd") and K == 5 else RTOL[algorithm, dtype]
     for name, ours, theirs in (("out", out, expected), ("dx", dx, ref_dx), ("dw", dw, ref_dw),
                                ("db", db, ref_db)):
         assert ours.dtype == dtype, name
@@ -120,7 +122,7 @@ def test_a_conv_fused_with_its_max_pool_matches_the_reference(shape, F, K, S, P,
         ref_dpool = reference.relu_backward(dout, relu_mask) if relu else dout
         ref_dx, ref_dw, ref_db = reference.conv_backward(reference.maxpool_backward(ref_dpool, pool_cache)[0],
                                                          ref_cache)
-        rtol = A6_RTOL[dtype] if algorithm.startswith("winograd") and K == 5 else RTOL[algorithm, dtype]
+        rtol = WIDE_RTOL[dtype] if algorithm.startswith("winograd") and K == 5 else RTOL[algorithm, dtype]
         assert_close(out, expected, rtol, err_msg="pooled")
         assert_close(dw, ref_dw, rtol, err_msg="dw")
         assert_close(db, ref_db, rtol, err_msg="db")
@@ -182,7 +184,27 @@ def test_batchnorm_fused_with_its_activation_matches_the_reference(shape, activa
                                             0.9, 1e-5, False, activation=act.kind)
 
 
-@pytest.mark.parametrize("tile, K", [(2, 3), (4, 3), (2, 5)])
+@pytest.mark.parametrize("m, r", sorted(winograd.MATRICES))
+def test_each_winograd_form_is_a_minimal_filtering_algorithm(m, r):
+    """A^T [(G g) . (B^T d)] is the correlation of g with d, y_i = sum_k g_k d_(i+k), for
+    every form's matrices (the 2D form is this along both axes), to float64's rounding;
+    and it uses a = m + r - 1 multiplications, B^T's a x a, G's a x r, A^T's m x a."""
+    BT, G, AT = winograd.MATRICES[m, r]
+    a = m + r - 1
+    assert BT.shape == (a, a) and G.shape == (a, r) and AT.shape == (m, a)
+    # the identity on every pair of unit vectors, i.e. exactly the correlation's coefficients
+    product = np.einsum("ij,jk,jl->ikl", AT, G, BT)                # (output i, tap k, input l)
+    expected = np.zeros((m, r, a))
+    for i in range(m):
+        for k in range(r):
+            expected[i, k, i + k] = 1
+    np.testing.assert_allclose(product, expected, rtol=0, atol=1e-14)
+    rng = np.random.default_rng(m * r)
+    g, d = rng.standard_normal(r), rng.standard_normal(a)
+    np.testing.assert_allclose(AT @ ((G @ g) * (BT @ d)), np.correlate(d, g, "valid"), rtol=1e-13)
+
+
+@pytest.mark.parametrize("tile, K", [(2, 3), (4, 3), (2, 5), (4, 5)])
 def test_winograd_on_cifar_sized_layers_within_a_float32_tolerance(tile, K):
     """A realistic layer (64 -> 64 channels on 16x16, as in conv6bn) against the
     direct conv computed in float64: the worst error relative to the largest entry."""
@@ -196,8 +218,9 @@ def test_winograd_on_cifar_sized_layers_within_a_float32_tolerance(tile, K):
     dout = rng.standard_normal(exact.shape)
     dx, dw, _ = conv_kernels.backward(nhwc_memory(dout.astype(np.float32)), cache)
     exact_dx, exact_dw, _ = reference.conv_backward(dout, exact_cache)
-    # measured here: at most 7e-7 (F(2x2, 3x3)), 5e-6 (F(4x4, 3x3)), 7e-6 (F(2x2, 5x5))
-    bound = {(2, 3): 2e-6, (4, 3): 2e-5, (2, 5): 2e-5}[tile, K]
+    # measured here (four seeds): at most 7e-7 (F(2x2, 3x3)), 8e-6 (F(4x4, 3x3)), 1.1e-5
+    # (F(2x2, 5x5)), 8e-6 (F(4x4, 5x5))
+    bound = {(2, 3): 2e-6, (4, 3): 2e-5, (2, 5): 2e-5, (4, 5): 2e-5}[tile, K]
     assert_close(out, exact, bound)
     assert_close(dx, exact_dx, bound)
     assert_close(dw, exact_dw, bound)
@@ -333,10 +356,10 @@ def test_nnx_conv_algorithm_forces_the_algorithm_where_it_applies(monkeypatch, f
     out = three.forward(x, train=True)
     five.forward(x, train=True)
     seven.forward(x, train=True)
-    # F(2x2) has 3x3 and 5x5 forms, F(4x4) only 3x3; 7x7 has none; im2col2 takes them all.
+    # F(2x2) and F(4x4) have 3x3 and 5x5 forms; 7x7 has none; im2col2 takes them all.
     assert three.algorithm == forced
     assert seven.algorithm == (forced if forced.startswith("im2col") else "im2col")
-    assert five.algorithm == ("im2col" if forced == "winograd4" else forced)
+    assert five.algorithm == forced
     expected, _ = conv_kernels.forward(forced, x, three.params["W"], three.params["b"], 1, 1, {})
     np.testing.assert_array_equal(out, expected)
 
@@ -466,8 +489,8 @@ def test_the_algorithm_is_saved_with_the_model_and_honoured_on_load(tmp_path):
 
 def test_a_model_file_with_a_bad_algorithm_is_refused(tmp_path):
     from mlp.arch import build_convnet
-    net = build_convnet("conv4x5-fc10", (3, 8, 8), 10)
-    net.layers[0]._algorithm = "winograd4"            # past the setter: a 5x5 conv has no Winograd form
+    net = build_convnet("conv4x7-fc10", (3, 8, 8), 10)
+    net.layers[0]._algorithm = "winograd4"            # past the setter: a 7x7 conv has no Winograd form
     net.save(tmp_path / "bad.npz")
     with pytest.raises(ModelFileError, match="corrupt nnx model spec .*winograd4"):
         Network.load(tmp_path / "bad.npz")

@@ -1,5 +1,5 @@
 """Winograd convolution F(m x m, r x r) (Lavin and Gray, 2015): F(2x2, 3x3),
-F(4x4, 3x3) and F(2x2, 5x5).
+F(4x4, 3x3), F(2x2, 5x5) and F(4x4, 5x5).
 
 An r x r stride-1 convolution computes each m x m tile of output from an
 a x a tile of the padded input (a = m + r - 1, neighbouring tiles overlapping
@@ -17,8 +17,12 @@ of a tile, one matrix product over channels:
 so a layer is an input transform, a*a GEMMs and an output transform.
 F(2x2, 3x3) needs 16 multiplications per 4 outputs (2.25x fewer than
 direct), F(4x4, 3x3) 36 per 16 (4x fewer), F(2x2, 5x5) 36 per 4 (2.8x
-fewer), paid for by the transforms (memory-bound) and by float32 rounding
-that grows with a (the a = 6 matrices hold 1/24 and 8, or 16).
+fewer), F(4x4, 5x5) 64 per 16 (6.25x fewer), paid for by the transforms
+(memory-bound) and by float32 rounding that grows with a (the a = 6 matrices
+hold 1/24 and 8, or 16; the a = 8 ones 1/90, 21/4 and 8). The transforms'
+work per output falls with m too: an a x a input tile serves m*m outputs (9
+numbers per output for F(2x2, 5x5), 4 for F(4x4, 5x5)), which is where a 5x5
+layer of 16-20 channels spends its time.
 
 The gradients are the exact gradients of this forward (so a float64
 gradient check passes through it):
@@ -68,7 +72,28 @@ _F2_5 = (_BT6,
                    [-1 / 6, 1 / 6, -1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6, 1 / 3, 2 / 3],
                    [1 / 24, -1 / 12, 1 / 6, -1 / 3, 2 / 3], [0, 0, 0, 0, 1]]),
          np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1]], float))
-MATRICES = {(2, 3): _F2, (4, 3): _F4, (2, 5): _F2_5}   # (m, r): (B^T, G, A^T)
+# The a = 8 transform of F(4x4, 5x5): the points 0, 1, -1, 2, -2, 1/2, -1/2 and infinity (the
+# usual ones for a = 8, which keep the entries within 1/90 and 8), B^T's rows the coefficients
+# of the products of (x - p) over the other points, G's rows the powers of each point over
+# its Lagrange denominator (made exactly with fractions; tests/test_kernels.py checks the
+# identity A^T [(G g) . (B^T d)] = g correlated with d to float64's rounding).
+_BT8 = np.array([[1, 0, -21 / 4, 0, 21 / 4, 0, -1, 0],
+                 [0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0],
+                 [0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0],
+                 [0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0],
+                 [0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0],
+                 [0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0],
+                 [0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0],
+                 [0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1]])
+_F4_5 = (_BT8,
+         np.array([[1, 0, 0, 0, 0], [-2 / 9, -2 / 9, -2 / 9, -2 / 9, -2 / 9],
+                   [-2 / 9, 2 / 9, -2 / 9, 2 / 9, -2 / 9],
+                   [1 / 90, 1 / 45, 2 / 45, 4 / 45, 8 / 45], [1 / 90, -1 / 45, 2 / 45, -4 / 45, 8 / 45],
+                   [32 / 45, 16 / 45, 8 / 45, 4 / 45, 2 / 45], [32 / 45, -16 / 45, 8 / 45, -4 / 45, 2 / 45],
+                   [0, 0, 0, 0, 1]]),
+         np.array([[1, 1, 1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0],
+                   [0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0], [0, 1, -1, 8, -8, 1 / 8, -1 / 8, 1]]))
+MATRICES = {(2, 3): _F2, (4, 3): _F4, (2, 5): _F2_5, (4, 5): _F4_5}   # (m, r): (B^T, G, A^T)
 
 # Bytes of transformed input and output (V and M) per block of images. Smaller
 # blocks keep the transforms in cache, larger ones make taller GEMMs; measured
