@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.bench_conv import BATCH, CLASSES, SHAPE, close, interleaved, machine, nnx_step  # noqa: E402
+from bench.bench_conv import BATCH, CLASSES, SHAPE, SPECS, close, interleaved, machine, nnx_step  # noqa: E402
 from mlp import parallel  # noqa: E402
 from mlp._allocator import keep_freed_arrays_in_the_heap  # noqa: E402
 from mlp.arch import resolve_arch  # noqa: E402
@@ -53,7 +53,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", choices=sorted(BUDGETS), default="tiles")
     parser.add_argument("--sizes", default="3072,1536", help="budgets in KiB, the first the reference")
-    parser.add_argument("--nets", nargs="*", default=["convnetjs", "cs231n-3layer"])
+    parser.add_argument("--nets", nargs="*", default=["convnetjs", "cs231n-3layer"],
+                        help="presets, bench_conv.SPECS names (wide5x5) or specs")
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--own-choice", action="store_true", help="each budget's network chooses its "
                         "conv algorithms itself")
@@ -69,7 +70,7 @@ def main(argv=None):
           f"median of {args.reps} x 3 steps; ratio = this budget's time / the first's (< 1: faster)")
     default = module.BLOCK_BYTES
     for name in args.nets:
-        spec = resolve_arch(name)
+        spec = resolve_arch(SPECS.get(name, name))
         steps, nets = {}, []
         try:
             for i, size in enumerate(sizes):

@@ -97,7 +97,9 @@ MATRICES = {(2, 3): _F2, (4, 3): _F4, (2, 5): _F2_5, (4, 5): _F4_5}   # (m, r): 
 
 # Bytes of transformed input and output (V and M) per block of images. Smaller
 # blocks keep the transforms in cache, larger ones make taller GEMMs; measured
-# on conv6bn's and airbench's layers (see bench/profile_conv.py).
+# on conv6bn's and airbench's layers (see bench/profile_conv.py). F(4x4, 5x5) on
+# convnetjs and wide5x5: 1, 2 and 4 MiB within the order effect of whole sharded steps
+# (bench/bench_blocks.py --kernel winograd, both orders; 0.96-1.05x).
 BLOCK_BYTES = 2 << 20
 MIN_ROWS = 128     # GEMM rows per block at least (tiles x images), cache or not
 
