@@ -391,6 +391,8 @@ def gradcheck_cases(rng: np.random.Generator):
          _winograd(Conv2D(2, 3, 5, 1, 2, rng=rng, dtype=f64), 2), rng.standard_normal((2, 2, 7, 5)), None),
         ("Conv2D 5x5 Winograd F(2x2), pad 1",
          _winograd(Conv2D(2, 2, 5, 1, 1, rng=rng, dtype=f64), 2), rng.standard_normal((1, 2, 6, 8)), None),
+        ("Conv2D 5x5 Winograd F(4x4), pad 2, odd sizes",
+         _winograd(Conv2D(2, 3, 5, 1, 2, rng=rng, dtype=f64), 4), rng.standard_normal((2, 2, 7, 6)), None),
         ("Whiten 2x2 (fitted), no pad", _fitted_whiten(rng), rng.standard_normal((2, 2, 4, 5)), None),
         ("MaxPool2D 2x2", MaxPool2D(2), _distinct(rng, (2, 2, 4, 6)), None),
         ("MaxPool2D 2x2 on odd sizes", MaxPool2D(2), _distinct(rng, (2, 2, 5, 7)), None),
