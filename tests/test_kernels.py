@@ -466,6 +466,12 @@ def test_small_layers_run_im2col_unmeasured_and_few_channels_are_not_offered_win
     strided = Conv2D(3, 64, 3, stride=2, padding=1, rng=rng)      # nothing else applies
     strided.forward(rng.standard_normal((64, 3, 65, 65)).astype(np.float32))
     assert strided.algorithm == "im2col" and len(offered) == 1
+    # from MIN_WINOGRAD_CHANNELS (8) channels in and out, both Winograd tiles are offered
+    for C, winograd_too in ((7, False), (8, True)):
+        layer = Conv2D(C, 8, 5, padding=2, rng=rng)
+        layer.forward(rng.standard_normal((64, C, 32, 32)).astype(np.float32))
+        expected = ("im2col", "im2col2") + (("winograd2", "winograd4") if winograd_too else ())
+        assert offered[-1] == expected and layer.algorithm == expected[-1]
 
 
 def test_the_algorithm_is_saved_with_the_model_and_honoured_on_load(tmp_path):

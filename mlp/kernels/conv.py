@@ -51,7 +51,12 @@ ALGORITHM_ENV = "NNX_CONV_ALGORITHM"
 # im2col it ran unmeasured under the old 100 MFLOP; at 41 and 20 MFLOP, 8 of 8 too (1.6x,
 # 1.3x: a one-off script). Below this, little is at stake and timing measures noise.
 MIN_MEASURED_FLOPS = 40e6
-MIN_WINOGRAD_CHANNELS = 16     # input and output channels both
+# Input and output channels both. With F(4x4, 5x5) Winograd pays from 8 channels:
+# forward + backward with the pool, 64 images on one thread (a one-off script), 8 -> 16
+# 5x5 at 16x16 6.7 ms against im2col2's 8.9, 12 -> 24 11.0 against 17.3, 8 -> 16 3x3
+# F(4x4, 3x3) 4.1 against 4.8; even at 6 -> 16 and 8 -> 8 at 32x32; on 3 channels
+# (convnetjs's first conv) 22.9 against 17.3 ms.
+MIN_WINOGRAD_CHANNELS = 8
 _TILE = {"winograd2": 2, "winograd4": 4}
 _chosen: dict[tuple, str] = {}
 _warned: set[str] = set()
