@@ -75,7 +75,8 @@ _F2_5 = (_BT6,
 # The a = 8 transform of F(4x4, 5x5): the points 0, 1, -1, 2, -2, 1/2, -1/2 and infinity (the
 # usual ones for a = 8, which keep the entries within 1/90 and 8), B^T's rows the coefficients
 # of the products of (x - p) over the other points, G's rows the powers of each point over
-# its Lagrange denominator (made exactly with fractions; tests/test_kernels.py checks the
+# its Lagrange denominator, the first row of both negated (the point 0's denominator is -1;
+# the product is the same) (made exactly with fractions; tests/test_kernels.py checks the
 # identity A^T [(G g) . (B^T d)] = g correlated with d to float64's rounding).
 _BT8 = np.array([[1, 0, -21 / 4, 0, 21 / 4, 0, -1, 0],
                  [0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0],
