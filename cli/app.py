@@ -13,7 +13,7 @@ from cli.common import console, fail, usage_error
 from cli.options import config_from_options, config_option, parse_option, with_config_options
 from cli.progress import TrainingProgress, fmt
 from experiments.checkpoint import CHECKPOINT
-from experiments.config import RUN, TrainConfig, resolve
+from experiments.config import RUN, TrainConfig, format_conv_algorithms, resolve
 from experiments.errors import BusyError, ConfigError, DataError
 from experiments.resources import check_memory
 from experiments.runner import (
@@ -144,6 +144,9 @@ def show_run_summary(outcome, run_dir: Path) -> None:
             table.add_row(f"{split} loss / accuracy",
                           f"{fmt(outcome.final[f'final_{split}_loss'])} / {acc:.2%}")
     table.add_row("parameters", f"{outcome.network.num_params:,}")
+    algorithms = outcome.network.conv_algorithms()
+    if algorithms:      # how each conv computed, as --conv-algorithms takes it
+        table.add_row("conv algorithms", format_conv_algorithms(algorithms))
     table.add_row("seconds", f"{outcome.seconds:.2f}")
     table.add_row("output", str(run_dir))
     console.print(table)

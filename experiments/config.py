@@ -21,6 +21,7 @@ from experiments.datasets import FIXED_CLASSES, GENERATORS
 from experiments.errors import ConfigError
 from mlp.arch import parse_arch, resolve_arch
 from mlp.init import INIT_SCHEMES
+from mlp.kernels.conv import ALGORITHMS as CONV_ALGORITHMS
 from mlp.layers import ACTIVATIONS
 from mlp.losses import LOSSES
 from mlp.optim import OPTIMIZERS, SCHEDULES
@@ -272,6 +273,11 @@ class TrainConfig:
     arch: str | None = option(None, "ConvNet architecture: a preset or a spec such as "
                               "conv16x5-pool2-fc10 (see README).", MODEL,
                               default_help="convnetjs for cifar10; an MLP otherwise", metavar="ARCH")
+    conv_algorithms: str = option("auto", "ConvNets: auto (each conv's algorithm chosen by timing) or "
+                                  "layers pinned, such as 0:im2col2,3:winograd4 (numbered as "
+                                  "config.json numbers them; the rest auto). A run's recorded "
+                                  "command pins what it chose, to give its numbers again.", MODEL,
+                                  metavar="PINS")
     hidden: list[int] | None = option(None, "MLP hidden sizes: 100, 64x64 (two layers), or none for "
                                       "a linear classifier.", MODEL, kind="hidden",
                                       default_help="100", metavar="SIZES")
@@ -479,11 +485,40 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return resolved
 
 
+def conv_algorithm_pins(text: str) -> dict[int, str]:
+    """--conv-algorithms as {layer index: algorithm}: {} for auto; ConfigError naming the
+    option for anything else that is not LAYER:ALGORITHM pairs, comma-separated."""
+    if text.strip().lower() == "auto":
+        return {}
+    pins = {}
+    for pair in text.split(","):
+        layer, colon, algorithm = pair.strip().partition(":")
+        layer, algorithm = layer.strip(), algorithm.strip().lower()
+        if not colon or not layer.isdigit():
+            raise ConfigError("conv_algorithms", f"{pair.strip()!r} is not LAYER:ALGORITHM (write auto, "
+                                                 "or pairs such as 0:im2col2,3:winograd4)")
+        if algorithm not in CONV_ALGORITHMS:
+            raise ConfigError("conv_algorithms", f"{algorithm!r} is not one of {', '.join(CONV_ALGORITHMS)}")
+        if int(layer) in pins:
+            raise ConfigError("conv_algorithms", f"layer {int(layer)} is pinned twice")
+        pins[int(layer)] = algorithm
+    return pins
+
+
+def format_conv_algorithms(algorithms: dict) -> str:
+    """{layer index: algorithm} (as ``Network.conv_algorithms()`` gives them) as the text
+    --conv-algorithms reads back; auto for none."""
+    return ",".join(f"{layer}:{name}" for layer, name in algorithms.items()) or "auto"
+
+
 def validate(c: TrainConfig) -> None:
     """Raise ConfigError naming the first bad option: each field's own bounds, then
     the rules that tie fields together."""
     for name, opt in OPTIONS.items():
         opt.check(name, getattr(c, name))
+    if conv_algorithm_pins(c.conv_algorithms) and c.arch is None:
+        raise ConfigError("conv_algorithms", "pins the conv layers of a ConvNet; this run trains an "
+                                             "MLP (give --arch)")
     if c.arch is not None:
         if not c.is_image:
             raise ConfigError("arch", "ConvNets need image data (--data cifar10); use --hidden for "

@@ -25,7 +25,7 @@ import pandas as pd
 import mlp
 from experiments import plots
 from experiments.boundary import NotDrawableError
-from experiments.config import OPTIONS, format_option
+from experiments.config import OPTIONS, format_conv_algorithms, format_option
 from experiments.environment import ENVIRONMENT_FIELDS
 from experiments.errors import DataError
 from experiments.store import ENVIRONMENT, GROUP_COLUMNS
@@ -153,6 +153,9 @@ def run_page(folder: Path, log=None) -> str:
         "status", "epochs_run", "stopped_early", "seconds", "final_train_loss", "final_train_acc",
         "final_val_loss", "final_val_acc", "best_epoch", "best_val_acc", "best_val_loss", "finished")
         if name in record}
+    if record.get("conv_algorithms"):
+        # how each conv computed (and so rounded), as --conv-algorithms takes it
+        outcome["conv_algorithms"] = format_conv_algorithms(record["conv_algorithms"])
     sections = [section("Rerun", command_block(rerun, "the run records no command (written by an "
                                                "older nnx); its config is below")),
                 section("Outcome", key_value_table(outcome) if outcome else

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -23,7 +24,14 @@ from experiments.checkpoint import (
     load_checkpoint,
     snapshot_arrays,
 )
-from experiments.config import TrainConfig, format_hidden, format_option, resolve
+from experiments.config import (
+    TrainConfig,
+    conv_algorithm_pins,
+    format_conv_algorithms,
+    format_hidden,
+    format_option,
+    resolve,
+)
 from experiments.datasets import Dataset, make_2d
 from experiments.environment import environment
 from experiments.errors import ConfigError
@@ -31,7 +39,7 @@ from experiments.files import history_csv, make_dir
 from experiments.locks import directory_lock
 from experiments.resources import check_memory
 from experiments.stacks import stack_key
-from mlp.conv import BatchNorm, Whiten
+from mlp.conv import BatchNorm, Conv2D, Whiten
 from mlp.network import Network, atomic_write_bytes, build_mlp
 from mlp.optim import Optimizer, Schedule, make_optimizer
 from mlp.stack_trainer import StackTrainer
@@ -79,6 +87,7 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
         for layer in net.layers:
             if isinstance(layer, Whiten):      # from training images only, never validation
                 layer.fit(data.X_train[:WHITEN_IMAGES])
+        pin_conv_algorithms(net, conv_algorithm_pins(config.conv_algorithms))
     else:
         net = build_mlp(int(np.prod(data.input_shape)), config.hidden, data.num_classes,
                         activation=config.activation, init=config.init,
@@ -89,6 +98,21 @@ def build_network(config: TrainConfig, data: Dataset) -> Network:
     net.metadata.update({"data": config.data, "class_names": data.class_names,
                          "config": config.to_dict(), **data.metadata})
     return net
+
+
+def pin_conv_algorithms(net: Network, pins: dict[int, str]) -> None:
+    """Set the pinned conv layers' algorithms (--conv-algorithms); ConfigError naming the
+    option where a pin names no conv layer, or an algorithm that does not apply to it."""
+    convs = [i for i, layer in enumerate(net.layers) if isinstance(layer, Conv2D)]
+    for index, algorithm in pins.items():
+        if index not in convs:
+            what = f"a {net.layers[index].kind} layer" if index < len(net.layers) else "no layer"
+            raise ConfigError("conv_algorithms", f"layer {index} is {what}; this network's conv layers "
+                                                 f"are {', '.join(map(str, convs))}")
+        try:
+            net.layers[index].algorithm = algorithm
+        except ValueError as exc:
+            raise ConfigError("conv_algorithms", f"layer {index}: {exc}") from None
 
 
 # airbench fits its whitening layer to 5,000 training images: plenty for a 12x12 covariance.
@@ -358,9 +382,13 @@ def snapshots_bytes(result: TrainResult) -> bytes | None:
 
 
 def run_record(outcome: RunOutcome) -> dict:
-    """Everything config.json holds: the resolved config, the command to rerun it, the outcome."""
+    """Everything config.json holds: the resolved config, the command to rerun it, the
+    outcome. The command pins the conv algorithms the run chose (--conv-algorithms): a
+    rerun measuring afresh could choose others, which round differently."""
+    chosen = format_conv_algorithms(outcome.network.conv_algorithms())   # auto for an MLP
+    rerun = dataclasses.replace(outcome.config, conv_algorithms=chosen)
     return {"nnx_version": mlp.__version__, "config": outcome.config.to_dict(),
-            "command": rerun_command(outcome.config), "status": outcome.status,
+            "command": rerun_command(rerun), "status": outcome.status,
             "epochs_run": outcome.result.epochs_run, "stopped_early": outcome.result.stopped_early,
             "seconds": outcome.seconds, **outcome.final, **best_metrics(outcome.result),
             "conv_algorithms": outcome.network.conv_algorithms(),   # {layer index: algorithm}

@@ -58,10 +58,18 @@ RESULT_SCHEMA_VERSION = 3
 KEY_LENGTH = 16
 
 
+# Options added since sweeps were first stored, left out of the key at the value that
+# computes as before, so the trials of a sweep stored earlier keep their keys (and
+# re-running its command resumes it).
+KEYLESS_DEFAULTS = {"conv_algorithms": "auto"}
+
+
 def trial_key(config) -> str:
     """The hash of a resolved config (a TrainConfig) and the result schema: equal keys,
     equal results. It names the trial's row (the trial_key column) and its files."""
-    payload = {"schema": RESULT_SCHEMA_VERSION, "config": config.to_dict()}
+    values = {name: value for name, value in config.to_dict().items()
+              if not (name in KEYLESS_DEFAULTS and value == KEYLESS_DEFAULTS[name])}
+    payload = {"schema": RESULT_SCHEMA_VERSION, "config": values}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
@@ -139,8 +147,9 @@ class SweepStore:
         return len(data) - keep
 
     def upgrade(self) -> bool:
-        """Rewrite a results.csv of an older nnx (0.1, or schema 2 without the best_*
-        columns) in today's columns; False when the file is not one. Each kept row gets
+        """Rewrite a results.csv of an older nnx (0.1, schema 2 without the best_*
+        columns, or schema 3 without options added since) in today's columns; False
+        when the file is not one. Each kept row gets
         its new trial key, its best_* from its curve, and its curve, model and snapshots
         are renamed to match (files first: a kill in between leaves the old results.csv,
         which is upgraded again, finding the files already renamed)."""
@@ -152,8 +161,12 @@ class SweepStore:
         except (OSError, UnicodeDecodeError, csv.Error):
             return False
         key_column = "trial" if "trial" in columns else "trial_key"
-        if not {key_column, "status", *FINAL_COLUMNS} <= columns or set(BEST_COLUMNS) <= columns:
+        if not {key_column, "status", *FINAL_COLUMNS} <= columns:
             return False
+        if set(BEST_COLUMNS) <= columns and not columns < set(RESULT_COLUMNS):
+            return False    # today's schema with columns this nnx does not write
+        # Today's schema less the options added since (--conv-algorithms): their
+        # defaults compute as the file's nnx did, and are left out of the keys.
         try:
             pairs = [(row[key_column], upgrade_row(row)) for row in old
                      if None not in row.values() and row["status"] in STATUSES]

@@ -78,6 +78,14 @@ CASES = [
     (["train", "--epochs", "100000000000"], 2, "--epochs", "<="),
     (["train", "--lr", "inf"], 2, "--lr", "finite"),
     (["train", "--lr", "nan"], 2, "--lr", "finite"),
+    # conv algorithm pins, refused before any data is read
+    (["train", "--data", "cifar10", "--conv-algorithms", "0:fft"], 2, "--conv-algorithms",
+     "'fft' is not one of im2col, im2col2, winograd2, winograd4"),
+    (["train", "--data", "cifar10", "--conv-algorithms", "0=im2col"], 2, "--conv-algorithms",
+     "'0=im2col' is not LAYER:ALGORITHM"),
+    (["train", "--data", "cifar10", "--conv-algorithms", "0:im2col,0:im2col2"], 2, "--conv-algorithms",
+     "layer 0 is pinned twice"),
+    (["train", "--conv-algorithms", "0:im2col"], 2, "--conv-algorithms", "this run trains an MLP"),
     (["sweep", "--seeds", "0-99999999999", "--dry-run"], 2, "--seeds", "more than"),
     # files that are not what they should be: run-time failures naming the file
     (["sweep", "--config", "{root}/binary.toml"], 2, "--config", "not a text file"),

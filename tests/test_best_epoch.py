@@ -109,3 +109,37 @@ def test_an_upgrade_killed_after_renaming_the_files_finds_them_renamed(tmp_path)
     store.results_path.write_bytes(original)      # the kill: files renamed, results.csv not yet
     assert store.upgrade()
     assert store.results_path.read_bytes() == upgraded
+
+
+def test_a_sweep_written_before_an_option_existed_resumes_without_running_again(sweep_dir, tmp_path):
+    """A results.csv of schema 3 without a column for an option added since
+    (--conv-algorithms, whose default computes as before and is left out of the trial
+    key): its rows carry over under the same keys, the file gains the column, nothing
+    runs again."""
+    from experiments.store import KEYLESS_DEFAULTS
+    old = tmp_path / "old"
+    shutil.copytree(sweep_dir, old)
+    before = pd.read_csv(old / "results.csv", dtype=str, keep_default_na=False)
+    assert set(KEYLESS_DEFAULTS) <= set(before.columns)
+    before.drop(columns=list(KEYLESS_DEFAULTS)).to_csv(old / "results.csv", index=False)
+    (old / "summary.csv").unlink()
+    result = runner.invoke(app, ["sweep", "--config", str(old / "sweep.toml"), "--out", str(old),
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"skipping {len(before)} finished trial(s) of {len(before)}; 0 to run" in flat(result.output)
+    after = pd.read_csv(old / "results.csv", dtype=str, keep_default_na=False)
+    assert tuple(after.columns) == RESULT_COLUMNS
+    pd.testing.assert_frame_equal(after, before)          # the same rows, keys and numbers
+    assert (old / "summary.csv").exists()
+
+
+def test_an_option_at_its_keyless_default_leaves_the_trial_keys_as_they_were():
+    """The key of the default config is the one nnx computed before --conv-algorithms
+    existed (commit e3b1f0a): existing sweeps keep their trials. Pinned, it is another."""
+    import dataclasses
+
+    from experiments.config import TrainConfig, resolve
+    from experiments.store import trial_key
+    config = resolve(TrainConfig())
+    assert config.conv_algorithms == "auto" and trial_key(config) == "fe41ef14e9fdf1a0"
+    assert trial_key(dataclasses.replace(config, conv_algorithms="0:im2col")) != trial_key(config)

@@ -32,6 +32,8 @@ def test_train_convnetjs_with_augmentation_then_evaluate(data_dir, tmp_path):
     # MFLOP (32 and 17), im2col unmeasured; layer 3 (53 MFLOP) measured against im2col over
     # 2x2 tiles and Winograd F(2x2, 5x5) and F(4x4, 5x5), and any may win
     algorithms = record["conv_algorithms"]
+    listed = ",".join(f"{layer}:{name}" for layer, name in algorithms.items())
+    assert f"conv algorithms {listed}" in flat(result.output)    # the run summary says them too
     assert algorithms.pop("3") in ("im2col", "im2col2", "winograd2", "winograd4")
     assert algorithms == {"0": "im2col", "6": "im2col"}
     assert (out / "checkpoint.npz").exists()
@@ -93,6 +95,67 @@ def test_a_resumed_run_computes_with_the_recorded_conv_algorithm(data_dir, tmp_p
     other = run(config)                    # im2col from the start: other numbers
     assert other.network.conv_algorithms() == {"0": "im2col", "4": "im2col"}
     assert not np.array_equal(other.network.params["0.conv2d.W"], whole.network.params["0.conv2d.W"])
+
+
+def test_the_recorded_command_pins_the_chosen_conv_algorithms_and_reruns_the_same_numbers(
+        data_dir, tmp_path, monkeypatch):
+    """A run's command in config.json carries --conv-algorithms with what its layers chose:
+    rerun where a fresh measurement would choose otherwise (another process, another
+    machine), it computes with the run's algorithms and gives its numbers bit for bit;
+    the config keeps what was asked (auto)."""
+    import shlex
+
+    from mlp.kernels import conv as conv_kernels
+    measured = {"choice": "winograd2"}
+    monkeypatch.setattr(conv_kernels, "choose", lambda *args, **kwargs: measured["choice"])
+    arch = "conv8x3-pool2-conv8x3-pool2-fc10"
+
+    def train(args, out):
+        result = runner.invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "config.json").read_text()), (out / "metrics.csv").read_text()
+
+    first, curve = train(["train", "--data", "cifar10", "--arch", arch, "--data-dir", str(data_dir),
+                          "--val-size", "20", "--epochs", "2", "--batch-size", "25"], tmp_path / "first")
+    assert first["conv_algorithms"] == {"0": "winograd2", "3": "winograd2"}
+    assert first["config"]["conv_algorithms"] == "auto"
+    command = shlex.split(first["command"])
+    assert command[:2] == ["nnx", "train"]
+    assert command[command.index("--conv-algorithms") + 1] == "0:winograd2,3:winograd2"
+    measured["choice"] = "im2col"                      # what a fresh measurement says now
+    assert "--out" not in command                     # where it goes is the rerun's to say
+    again, again_curve = train(command[1:], tmp_path / "again")
+    assert again["conv_algorithms"] == first["conv_algorithms"]
+    assert without_seconds_csv(again_curve) == without_seconds_csv(curve)
+    auto = command[1:]
+    auto[auto.index("--conv-algorithms") + 1] = "auto"
+    other, _ = train(auto, tmp_path / "other")          # the control: measured afresh
+    assert other["conv_algorithms"] == {"0": "im2col", "3": "im2col"}
+    pinned, _ = train([*auto[:auto.index("--conv-algorithms")], "--conv-algorithms", "3:im2col2",
+                       *auto[auto.index("--conv-algorithms") + 2:]], tmp_path / "pinned")
+    assert pinned["conv_algorithms"] == {"0": "im2col", "3": "im2col2"}   # the unpinned one measured
+
+
+def without_seconds_csv(text: str) -> list[list[str]]:
+    """metrics.csv's cells, its timing column left out."""
+    rows = [line.split(",") for line in text.splitlines()]
+    column = rows[0].index("seconds")
+    return [row[:column] + row[column + 1:] for row in rows]
+
+
+@pytest.mark.parametrize("arch, pins, words", [
+    ("conv8x3-pool2-fc10", "1:im2col", "layer 1 is a maxpool2d layer; this network's conv layers are 0"),
+    ("conv8x3-pool2-fc10", "7:im2col", "layer 7 is no layer"),
+    ("conv8x7-pool2-fc10", "0:winograd4", "layer 0: conv algorithm 'winograd4' does not apply to a 7x7"),
+])
+def test_a_pin_that_fits_no_conv_layer_is_a_usage_error(data_dir, tmp_path, arch, pins, words):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", "cifar10", "--arch", arch, "--data-dir", str(data_dir),
+                                 "--val-size", "20", "--epochs", "1", "--conv-algorithms", pins,
+                                 "--out", str(out)])
+    text = flat(result.output)
+    assert result.exit_code == 2 and "Invalid value for '--conv-algorithms'" in text and words in text, text
+    assert "Traceback" not in result.output and not (out / "config.json").exists()   # free to run again
 
 
 def test_a_bad_architecture_is_a_usage_error_before_any_data_is_read(tmp_path):

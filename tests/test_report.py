@@ -189,6 +189,7 @@ def test_a_cifar_run_report_has_its_filters_and_says_why_no_regions(tmp_path):
             "--out", str(tmp_path / "run")]
     assert runner.invoke(app, args).exit_code == 0
     text, page = report(tmp_path / "run")
+    assert "<th>conv_algorithms</th><td>0:im2col</td>" in text    # as --conv-algorithms takes it
     assert {"Learning curves", "First-layer filters"} <= set(page.headings)
     assert "Decision regions" not in page.headings and "nnx evaluate" in text
     assert len(page.images) == 2
