@@ -480,6 +480,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         values["dtype"] = "float32" if values.get("arch") else "float64"
     if config.data in FIXED_CLASSES:
         values["classes"] = FIXED_CLASSES[config.data]
+    pins = conv_algorithm_pins(config.conv_algorithms)
+    if pins and values.get("arch") is None:     # known once the data set's default arch is in
+        raise ConfigError("conv_algorithms", "pins the conv layers of a ConvNet; this run trains an "
+                                             "MLP (give --arch)")
+    values["conv_algorithms"] = format_conv_algorithms(pins)    # one spelling, one trial key
     resolved = TrainConfig(**values)
     validate(resolved)
     return resolved
@@ -516,9 +521,7 @@ def validate(c: TrainConfig) -> None:
     the rules that tie fields together."""
     for name, opt in OPTIONS.items():
         opt.check(name, getattr(c, name))
-    if conv_algorithm_pins(c.conv_algorithms) and c.arch is None:
-        raise ConfigError("conv_algorithms", "pins the conv layers of a ConvNet; this run trains an "
-                                             "MLP (give --arch)")
+    conv_algorithm_pins(c.conv_algorithms)
     if c.arch is not None:
         if not c.is_image:
             raise ConfigError("arch", "ConvNets need image data (--data cifar10); use --hidden for "

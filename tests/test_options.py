@@ -138,3 +138,13 @@ def test_cli_restates_no_option_of_the_config():
         declared |= {"--" + name.replace("_", "-")
                      for name in re.findall(r"^\s+(\w+):[^=\n]*=\s*typer\.Option\(", text, re.M)}
         assert not declared & flags, f"{path.name} restates {sorted(declared & flags)}"
+
+
+def test_conv_algorithm_pins_resolve_to_one_spelling_and_need_a_convnet():
+    """Pins are read as given (spaces, capitals) and stored in the one spelling a run's
+    command writes; on cifar10 the default ConvNet takes them, --hidden refuses them."""
+    resolved = resolve(TrainConfig(data="cifar10", conv_algorithms=" 3: WINOGRAD4 , 0:im2col2"))
+    assert resolved.arch == "convnetjs" and resolved.conv_algorithms == "3:winograd4,0:im2col2"
+    assert resolve(TrainConfig(data="cifar10", conv_algorithms="AUTO")).conv_algorithms == "auto"
+    with pytest.raises(ConfigError, match="this run trains an MLP"):
+        resolve(TrainConfig(data="cifar10", hidden=[8], conv_algorithms="0:im2col"))
