@@ -385,13 +385,13 @@ def run_record(outcome: RunOutcome) -> dict:
     """Everything config.json holds: the resolved config, the command to rerun it, the
     outcome. The command pins the conv algorithms the run chose (--conv-algorithms): a
     rerun measuring afresh could choose others, which round differently."""
-    chosen = format_conv_algorithms(outcome.network.conv_algorithms())   # auto for an MLP
-    rerun = dataclasses.replace(outcome.config, conv_algorithms=chosen)
+    algorithms = outcome.network.conv_algorithms()
+    rerun = dataclasses.replace(outcome.config, conv_algorithms=format_conv_algorithms(algorithms))
     return {"nnx_version": mlp.__version__, "config": outcome.config.to_dict(),
             "command": rerun_command(rerun), "status": outcome.status,
             "epochs_run": outcome.result.epochs_run, "stopped_early": outcome.result.stopped_early,
             "seconds": outcome.seconds, **outcome.final, **best_metrics(outcome.result),
-            "conv_algorithms": outcome.network.conv_algorithms(),   # {layer index: algorithm}
+            "conv_algorithms": algorithms,   # {layer index: algorithm}
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "environment": environment()}
 

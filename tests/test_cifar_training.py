@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from experiments.config import TrainConfig
 from experiments.evaluate import evaluate
+from experiments.files import read_history_csv
 from experiments.runner import run
 from mlp.network import Network
 
@@ -126,7 +127,7 @@ def test_the_recorded_command_pins_the_chosen_conv_algorithms_and_reruns_the_sam
     assert "--out" not in command                     # where it goes is the rerun's to say
     again, again_curve = train(command[1:], tmp_path / "again")
     assert again["conv_algorithms"] == first["conv_algorithms"]
-    assert without_seconds_csv(again_curve) == without_seconds_csv(curve)
+    assert without_seconds(read_history_csv(again_curve)) == without_seconds(read_history_csv(curve))
     auto = command[1:]
     auto[auto.index("--conv-algorithms") + 1] = "auto"
     other, _ = train(auto, tmp_path / "other")          # the control: measured afresh
@@ -134,13 +135,6 @@ def test_the_recorded_command_pins_the_chosen_conv_algorithms_and_reruns_the_sam
     pinned, _ = train([*auto[:auto.index("--conv-algorithms")], "--conv-algorithms", "3:im2col2",
                        *auto[auto.index("--conv-algorithms") + 2:]], tmp_path / "pinned")
     assert pinned["conv_algorithms"] == {"0": "im2col", "3": "im2col2"}   # the unpinned one measured
-
-
-def without_seconds_csv(text: str) -> list[list[str]]:
-    """metrics.csv's cells, its timing column left out."""
-    rows = [line.split(",") for line in text.splitlines()]
-    column = rows[0].index("seconds")
-    return [row[:column] + row[column + 1:] for row in rows]
 
 
 @pytest.mark.parametrize("arch, pins, words", [
